@@ -1,0 +1,97 @@
+"""Pruning: criteria (one file each), schedules (plain functions), masks as buffers, exact counts."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from qpexp.core.prune.criteria import Target
+from qpexp.core.prune.masks import (
+    MaskKeeper,
+    apply_masks_,
+    ensure_masks,
+    get_mask,
+    prunable_layers,
+    set_mask,
+    strip_masks,
+)
+from qpexp.core.prune.schedules import schedule
+from qpexp.core.prune.spec import CRITERIA, PruneConfig
+from qpexp.core.prune.unstructured import global_masks, layer_masks
+from qpexp.core.resolve import resolve
+
+
+def make_criterion(cfg: PruneConfig):
+    """Instantiate ``cfg.criterion``, passing the options its constructor accepts."""
+    cls = resolve(cfg.criterion, CRITERIA, "prune.criterion")
+    options = {"mode": cfg.taylor_mode, "seed": cfg.seed}
+    params = inspect.signature(cls).parameters
+    return cls(**{k: v for k, v in options.items() if k in params})
+
+
+def layer_ratios(names: list[str], cfg: PruneConfig, target: float) -> dict[str, float | None]:
+    """Each layer's own ratio (first/last when set), or None for the shared pool at ``target``."""
+    out: dict[str, float | None] = dict.fromkeys(names)
+    if not names or cfg.ratio == 0:
+        return out
+    scale = target / cfg.ratio  # the schedule's progress, applied to own ratios too
+    if cfg.first_ratio is not None:
+        out[names[0]] = cfg.first_ratio * scale
+    if cfg.last_ratio is not None:
+        out[names[-1]] = cfg.last_ratio * scale
+    return out
+
+
+@torch.no_grad()
+def prune_step(
+    model: nn.Module,
+    cfg: PruneConfig,
+    target: float,
+    criterion=None,
+    grads: dict[str, list[torch.Tensor]] | None = None,
+) -> dict[str, float]:
+    """Set unstructured masks so that a fraction ``target`` of prunable weights is zero.
+
+    Already-pruned weights score lowest, so masks only grow. Returns each layer's realized sparsity.
+    Channel pruning lives in :mod:`qpexp.core.prune.channel`.
+    """
+    criterion = criterion or make_criterion(cfg)
+    layers = prunable_layers(model)
+    names = [n for n, _ in layers]
+    own = layer_ratios(names, cfg, target)
+    scores = {}
+    for name, m in layers:
+        s = criterion(Target(name, m.weight, (grads or {}).get(name, []))).float()
+        mask = get_mask(m)
+        if mask is not None:
+            s = torch.where(mask == 0, torch.full_like(s, -torch.inf), s)
+        scores[name] = s
+    pool = [n for n in names if own[n] is None]
+    masks = {}
+    if cfg.scope == "global" and pool:
+        masks.update(global_masks({n: scores[n] for n in pool}, target, cfg.min_keep_frac))
+    else:
+        masks.update(layer_masks({n: scores[n] for n in pool}, dict.fromkeys(pool, target), cfg.min_keep_frac))
+    fixed = [n for n in names if own[n] is not None]
+    masks.update(layer_masks({n: scores[n] for n in fixed}, {n: own[n] for n in fixed}, cfg.min_keep_frac))
+    for name, m in layers:
+        set_mask(m, masks[name])
+    return {name: float((m.weight == 0).float().mean()) for name, m in layers}
+
+
+__all__ = [
+    "PruneConfig",
+    "Target",
+    "MaskKeeper",
+    "apply_masks_",
+    "ensure_masks",
+    "get_mask",
+    "set_mask",
+    "strip_masks",
+    "prunable_layers",
+    "prune_step",
+    "make_criterion",
+    "schedule",
+]

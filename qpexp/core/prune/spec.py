@@ -1,0 +1,63 @@
+"""Flat pruning settings for the core (training settings such as fine-tune epochs live in configs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CRITERIA = {
+    "l1": "qpexp.core.prune.criteria.magnitude.L1",
+    "l2": "qpexp.core.prune.criteria.magnitude.L2",
+    "taylor": "qpexp.core.prune.criteria.taylor.Taylor",
+    "random": "qpexp.core.prune.criteria.random.Random",
+    "fpgm": "qpexp.core.prune.criteria.fpgm.FPGM",
+}
+SCOPES = ("global", "layer")
+STRUCTURES = ("unstructured", "channel")
+SCHEDULES = ("oneshot", "geometric", "linear", "agp")
+
+
+@dataclass
+class PruneConfig:
+    """``ratio``: the fraction of prunable parameters (conv/linear weights) to remove, for every
+    structure. ``first_ratio``/``last_ratio``: own ratio for the first/last layer (0 excludes it;
+    None: it is part of the ordinary pool). No layer keeps fewer than ``min_keep_frac`` of its
+    weights (at least one) or fewer than ``min_keep_channels`` channels."""
+
+    ratio: float = 0.5
+    scope: str = "global"
+    criterion: str = "l1"
+    structure: str = "unstructured"
+    schedule: str = "geometric"
+    steps: int = 3
+    min_keep_frac: float = 0.01
+    min_keep_channels: int = 1
+    first_ratio: float | None = None
+    last_ratio: float | None = None
+    taylor_batches: int = 8
+    taylor_mode: str = "squared"
+    seed: int = 0
+
+    def validate(self) -> None:
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:
+            raise ValueError(f"prune.ratio={self.ratio!r} must be a number in [0, 1)")
+        for key, r in (("prune.first_ratio", self.first_ratio), ("prune.last_ratio", self.last_ratio)):
+            if r is not None and not 0 <= r < 1:
+                raise ValueError(f"{key}={r!r} must be null or a number in [0, 1)")
+        if self.scope not in SCOPES:
+            raise ValueError(f"prune.scope={self.scope!r} is unknown: use one of {SCOPES}")
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"prune.structure={self.structure!r} is unknown: use one of {STRUCTURES}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"prune.schedule={self.schedule!r} is unknown: use one of {SCHEDULES}")
+        if self.criterion not in CRITERIA and "." not in self.criterion:
+            raise ValueError(f"prune.criterion={self.criterion!r} is unknown: use one of {sorted(CRITERIA)}")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"prune.steps={self.steps!r} must be an integer >= 1")
+        if not 0 <= self.min_keep_frac <= 1:
+            raise ValueError(f"prune.min_keep_frac={self.min_keep_frac!r} must lie in [0, 1]")
+        if self.min_keep_channels < 1:
+            raise ValueError(f"prune.min_keep_channels={self.min_keep_channels!r} must be >= 1")
+        if self.taylor_mode not in ("squared", "abs"):
+            raise ValueError(f"prune.taylor_mode={self.taylor_mode!r} must be 'squared' or 'abs'")
+        if self.taylor_batches < 1:
+            raise ValueError(f"prune.taylor_batches={self.taylor_batches!r} must be >= 1")

@@ -1,0 +1,56 @@
+"""Unstructured masks with exact counts: global (one threshold) or layer-wise (same fraction each)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def keep_minimum(n: int, min_keep_frac: float) -> int:
+    """Weights a layer always keeps: at least one, at least ``min_keep_frac`` of them."""
+    return min(n, max(1, math.ceil(min_keep_frac * n)))
+
+
+def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    mask = torch.ones(scores.numel())
+    if k > 0:
+        mask[torch.topk(scores.reshape(-1), k=k, largest=False).indices] = 0
+    return mask.reshape(scores.shape)
+
+
+def layer_masks(scores: dict[str, torch.Tensor], ratios: dict[str, float], min_keep_frac: float):
+    """Prune exactly ``round(ratio * n)`` lowest-scored weights of each layer (torch's rounding)."""
+    out = {}
+    for name, s in scores.items():
+        n = s.numel()
+        k = min(round(ratios[name] * n), n - keep_minimum(n, min_keep_frac))
+        out[name] = _prune_lowest(s, k)
+    return out
+
+
+def global_masks(scores: dict[str, torch.Tensor], ratio: float, min_keep_frac: float):
+    """Prune exactly ``round(ratio * N)`` lowest scores across all layers, ranked on one scale.
+
+    Scores are compared as they are (for magnitude: |w|, as in Han et al. and torch's
+    ``global_unstructured``; for Taylor: the estimated loss change, already on one scale). Each
+    layer's top ``keep_minimum`` weights are protected so that no layer is ever emptied.
+    """
+    names = list(scores)
+    flat = []
+    for name in names:
+        s = scores[name].reshape(-1).clone().float()
+        keep = keep_minimum(s.numel(), min_keep_frac)
+        s[torch.topk(s, k=keep).indices] = math.inf
+        flat.append(s)
+    allv = torch.cat(flat)
+    total = allv.numel()
+    protected = int(torch.isinf(allv).sum())
+    k = min(round(ratio * total), total - protected)
+    mask = _prune_lowest(allv, k)
+    out, i = {}, 0
+    for name in names:
+        n = scores[name].numel()
+        out[name] = mask[i : i + n].reshape(scores[name].shape)
+        i += n
+    return out

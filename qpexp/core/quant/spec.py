@@ -1,0 +1,82 @@
+"""Flat, sweepable quantization settings (torchao style: one dataclass plus one verb)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
+FLOAT_BITS = 32
+SCHEMES = {
+    "linear": "qpexp.core.quant.linear.LinearQuantizer",
+    "log": "qpexp.core.quant.log.Pow2Quantizer",
+    "companding": "qpexp.core.quant.log.CompandingQuantizer",
+}
+GRANULARITIES = ("tensor", "channel")
+RANGES = ("minmax", "ema", "lsq")
+
+
+@dataclass
+class QuantSpec:
+    """One quantizer: ``r = S (q - Z)`` for the linear scheme.
+
+    ``bits`` 2..8 or 16 (32 means: leave in float). ``range``: ``minmax`` (weights: the tensor's own
+    range; activations: running min/max over everything observed), ``ema`` (exponential moving
+    average of batch min/max), ``lsq`` (learned step size, Esser et al. 2020).
+    """
+
+    bits: int = 8
+    scheme: str = "linear"
+    granularity: str = "tensor"
+    symmetric: bool = False
+    range: str = "minmax"
+    ema_decay: float = 0.9
+
+    def validate(self, key: str) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int):
+            raise ValueError(f"{key}.bits must be an integer in {ALLOWED_BITS} or 32, got {self.bits!r}")
+        if self.bits not in ALLOWED_BITS and self.bits != FLOAT_BITS:
+            raise ValueError(f"{key}.bits={self.bits} is not allowed: use one of {ALLOWED_BITS} or 32 (float)")
+        if self.scheme not in SCHEMES and "." not in self.scheme:
+            raise ValueError(f"{key}.scheme={self.scheme!r} is unknown: use one of {sorted(SCHEMES)}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"{key}.granularity={self.granularity!r} is unknown: use one of {GRANULARITIES}")
+        if self.range not in RANGES:
+            raise ValueError(f"{key}.range={self.range!r} is unknown: use one of {RANGES}")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"{key}.ema_decay={self.ema_decay} must lie in (0, 1)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits != FLOAT_BITS
+
+
+@dataclass
+class QuantConfig:
+    """What to quantize and how. ``quantize_(model, QuantConfig(...))`` prepares a model for QAT/PTQ.
+
+    ``first_bits`` / ``last_bits`` give the first and last quantized layer their own weight width
+    (None: same as ``weight.bits``). ``overrides`` maps module-name patterns (fnmatch) to a weight
+    width (mixed precision); a pattern that matches no layer is an error.
+    """
+
+    weight: QuantSpec = field(
+        default_factory=lambda: QuantSpec(bits=4, granularity="channel", symmetric=True, range="minmax")
+    )
+    act: QuantSpec = field(
+        default_factory=lambda: QuantSpec(bits=8, granularity="tensor", symmetric=False, range="minmax")
+    )
+    first_bits: int | None = None
+    last_bits: int | None = None
+    overrides: dict[str, int] = field(default_factory=dict)
+    fold_bn: bool = True
+
+    def validate(self) -> None:
+        self.weight.validate("quant.weight")
+        self.act.validate("quant.act")
+        if self.act.granularity == "channel":
+            raise ValueError("quant.act.granularity='channel' is not supported: activations are per-tensor")
+        for name, b in (("quant.first_bits", self.first_bits), ("quant.last_bits", self.last_bits)):
+            if b is not None:
+                QuantSpec(bits=b).validate(name.rsplit(".bits", 1)[0])
+        for pat, b in self.overrides.items():
+            QuantSpec(bits=b).validate(f"quant.overrides[{pat!r}]")

@@ -1,0 +1,351 @@
+"""The pipeline: baseline -> iterative prune-and-finetune -> QAT, each stage cached, one record per run.
+
+``run(cfg, run_dir)`` validates the config, checks the data, runs the enabled stages (reusing any
+stage the cache already holds), measures the final model and writes ``record.json`` atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import subprocess
+import time
+import warnings
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from qpexp import __version__
+from qpexp.cache import StageCache, cache_key
+from qpexp.core.accounting import count_params, layer_sparsity, layer_views, model_macs, size_bits, sparsity
+from qpexp.core.prune import ensure_masks
+from qpexp.core.quant import quantize_
+from qpexp.io import atomic_write_json, read_json
+from qpexp.schema import prune_config, quant_config, validate
+from qpexp.stages import BaselineStage, PruneStage, QATStage
+
+log = logging.getLogger("qpexp")
+CACHE_VERSION = 1  # bump when a stage's training code changes what it produces
+
+
+# -- helpers --------------------------------------------------------------------------------------
+def set_threads(threads: int | None) -> int:
+    n = threads or int(os.environ.get("QPEXP_THREADS", 0)) or (os.cpu_count() or 1)
+    torch.set_num_threads(n)
+    return n
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader) -> float:
+    was = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        correct += int((model(x).argmax(1) == y).sum())
+        total += len(y)
+    model.train(was)
+    return correct / max(total, 1)
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "qpexp": __version__}
+    for pkg in ("torch", "lightning", "hydra-core", "wandb", "torchmetrics", "torch-pruning", "onnxruntime"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+@contextmanager
+def quiet_lightning():
+    names = ["lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"]
+    old = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*is not a `torch.utils.data.DataLoader`.*")
+        warnings.filterwarnings("ignore", ".*LightningDataModule.*")
+        warnings.filterwarnings("ignore", ".*sanity.*")
+        warnings.filterwarnings("ignore", ".*log_every_n_steps.*")
+        warnings.filterwarnings("ignore", ".*LeafSpec.*")
+        try:
+            yield
+        finally:
+            for n, lvl in old.items():
+                logging.getLogger(n).setLevel(lvl)
+
+
+def fit(module, dm, epochs: int, work_dir: Path, logger, trainer_cfg: dict) -> float:
+    """Train ``module`` for ``epochs`` (resuming from ``work_dir/last.ckpt``), keep its best epoch."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    start = time.perf_counter()
+    ckpt = ModelCheckpoint(dirpath=work_dir, save_last=True, save_top_k=0, enable_version_counter=False)
+    last = work_dir / "last.ckpt"
+    opts = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "log_every_n_steps": 1,
+        **trainer_cfg,
+    }
+    with quiet_lightning():
+        trainer = L.Trainer(max_epochs=epochs, logger=logger or False, callbacks=[ckpt], **opts)
+        trainer.fit(module, datamodule=dm, ckpt_path=str(last) if last.exists() else None)
+    module.select_best()
+    return time.perf_counter() - start
+
+
+def make_model(cfg: DictConfig, dm):
+    return instantiate(cfg.model)(dm.input_shape, dm.num_classes)
+
+
+# -- the pipeline ---------------------------------------------------------------------------------
+class Pipeline:
+    def __init__(self, cfg: DictConfig, run_dir: str | Path, logger=None):
+        self.raw = cfg
+        self.cfg = validate(cfg)  # typed; raises ConfigError before anything else happens
+        self.run_dir = Path(run_dir)
+        self.logger = logger
+        c = self.cfg
+        self.cache = StageCache(Path(c.cache_dir) if c.cache else None, self.run_dir)
+        trainer = OmegaConf.to_container(c.trainer) if c.trainer is not None else {}
+        self.trainer_cfg = {k: v for k, v in trainer.items() if k != "_target_"}
+        base = {
+            "v": CACHE_VERSION,
+            "data": OmegaConf.to_container(c.data),
+            "model": OmegaConf.to_container(c.model),
+            "baseline": OmegaConf.to_container(c.baseline),
+            "trainer": self.trainer_cfg,
+            "seed": c.seed,
+        }
+        self.keys = {"baseline": cache_key(base)}
+        self.keys["prune"] = cache_key({"base": self.keys["baseline"], "prune": OmegaConf.to_container(c.prune)})
+        after = self.keys["prune"] if self.prune_on else self.keys["baseline"]
+        self.keys["qat"] = cache_key({"base": after, "quant": OmegaConf.to_container(c.quant)})
+
+    @property
+    def prune_on(self) -> bool:
+        return self.cfg.prune.ratio > 0
+
+    @property
+    def quant_on(self) -> bool:
+        return self.cfg.quant.bits_w != 32
+
+    def _fail_hook(self, stage: str) -> None:
+        if self.cfg.fail_at == stage:
+            raise RuntimeError(f"fail_at={stage}: deliberate failure (test hook)")
+
+    # each stage: reuse the cache entry, else train it and fill the entry
+    def _stage(self, name: str, module_fn, epochs: int, dm, model, record: dict) -> dict:
+        start = time.perf_counter()
+        with self.cache.entry(name, self.keys[name]) as entry:
+            hit = entry.complete
+            if hit:
+                state, meta = entry.load()
+                ensure_masks(model, state["model"])
+                model.load_state_dict(state["model"])
+            else:
+                self._fail_hook(name)
+                module = module_fn()
+                train_s = fit(module, dm, epochs, entry.work, self.logger, self.trainer_cfg) if epochs > 0 else 0.0
+                if epochs == 0 and hasattr(module, "calibrate"):
+                    module.calibrate(dm.loader("train", shuffle=False))
+                meta = {
+                    "val_acc": evaluate(model, dm.loader("val")),
+                    "test_acc": evaluate(model, dm.loader("test")),
+                    "best_epoch": module.best_epoch if epochs > 0 else -1,
+                    "train_seconds": train_s,
+                    "epochs": epochs,
+                    **getattr(module, "stage_meta", lambda: {})(),
+                }
+                state = {"model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+                state.update(getattr(module, "stage_state", lambda: {})())
+                entry.save(state, meta)
+                for f in entry.work.glob("*.ckpt"):
+                    f.unlink()
+        record[f"{name}/val_acc"] = meta["val_acc"]
+        record[f"{name}/test_acc"] = meta["test_acc"]
+        record[f"{name}/best_epoch"] = meta["best_epoch"]
+        record[f"cache/{name}_hit"] = hit
+        record[f"train_seconds/{name}"] = meta["train_seconds"]
+        record[f"seconds/{name}"] = time.perf_counter() - start
+        record[f"artifacts/{name}"] = str(entry.path)
+        if self.logger is not None:
+            self.logger.log_metrics({f"{name}/val_acc": meta["val_acc"], f"{name}/test_acc": meta["test_acc"]})
+        return {"state": state, "meta": meta}
+
+    def run(self) -> dict:
+        c = self.cfg
+        t0 = time.perf_counter()
+        threads = set_threads(c.threads)
+        dm = instantiate(c.data)
+        dm.prepare()  # data errors surface here, before any training
+        import lightning as L
+
+        L.seed_everything(c.seed, workers=False, verbose=False)
+        model = make_model(c, dm)
+        example = dm.splits["val"][0][:1]
+        dense_bits = size_bits(model)
+        record: dict = {"status": "running", "seed": c.seed, "threads": threads}
+
+        base = self._stage(
+            "baseline",
+            lambda: BaselineStage(
+                model,
+                dm.num_classes,
+                lr=c.baseline.lr,
+                epochs=c.baseline.epochs,
+                weight_decay=c.baseline.weight_decay,
+                min_lr_frac=c.baseline.min_lr_frac,
+                rewind_epoch=c.baseline.rewind_epoch,
+            ),
+            c.baseline.epochs if c.baseline.enabled else 0,
+            dm,
+            model,
+            record,
+        )
+        if self.prune_on:
+            pc = prune_config(c.prune)
+            pc.seed = c.seed
+            rewind = base["state"].get("rewind", {}).get(c.prune.rewind) if c.prune.rewind else None
+            steps = 1 if pc.schedule == "oneshot" else pc.steps
+            epochs = steps * c.prune.finetune_epochs
+            holder = {}
+
+            def make_prune():
+                holder["m"] = PruneStage(
+                    model,
+                    dm.num_classes,
+                    lr=c.prune.lr,
+                    epochs=epochs,
+                    weight_decay=c.prune.weight_decay,
+                    prune=pc,
+                    finetune_epochs=c.prune.finetune_epochs,
+                    max_acc_drop=c.prune.max_acc_drop,
+                    reference_val=record["baseline/val_acc"],
+                    rewind_state=rewind,
+                    agp_dt=c.prune.agp_dt,
+                )
+                return holder["m"]
+
+            pr = self._stage("prune", make_prune, epochs, dm, model, record)
+            for k in ("stopped_at_step", "stop_reason", "steps_planned", "targets"):
+                if k in pr["meta"]:
+                    record[f"prune/{k}"] = pr["meta"][k]
+            record["prune/target_ratio"] = c.prune.ratio
+        if self.quant_on:
+            quantize_(model, quant_config(c.quant))
+            qat = self._stage(
+                "qat",
+                lambda: QATStage(
+                    model,
+                    dm.num_classes,
+                    lr=c.quant.lr,
+                    epochs=max(c.quant.epochs, 1),
+                    weight_decay=c.quant.weight_decay,
+                    calib_batches=c.quant.calib_batches,
+                ),
+                c.quant.epochs,
+                dm,
+                model,
+                record,
+            )
+            record["final/quant_mode"] = "qat" if c.quant.epochs > 0 else "ptq"
+            del qat
+        last = "qat" if self.quant_on else "prune" if self.prune_on else "baseline"
+        record["final/val_acc"] = record[f"{last}/val_acc"]
+        record["final/test_acc"] = record[f"{last}/test_acc"]
+        record.update(self.measure(model, example, dense_bits))
+        if self.quant_on and c.export.enabled:
+            from qpexp.deploy import deploy
+
+            record.update(deploy(model, dm, self.run_dir / "deploy", c.export, record))
+        record["seconds/total"] = time.perf_counter() - t0
+        record["status"] = "ok"
+        return record
+
+    @torch.no_grad()
+    def measure(self, model, example, dense_bits: int) -> dict:
+        total, rows, other = size_bits(model, detail=True)
+        params, nonzero = count_params(model)
+        macs = model_macs(model, example)
+        views = layer_views(model)
+        bw = {v.bits_w for v in views}
+        ba = {v.bits_a for v in views}
+        weights = {v.name: v.layer.weight.numel() for v in views}
+        n = sum(weights.values())
+        out = {
+            "final/sparsity": sparsity(model),
+            "final/params": params,
+            "final/nonzero_params": nonzero,
+            "final/bits_w": bw.pop() if len(bw) == 1 else sum(v.bits_w * weights[v.name] for v in views) / n,
+            "final/bits_a": ba.pop() if len(ba) == 1 else max(ba),
+            "final/size_bits": total,
+            "dense/size_bits": dense_bits,
+            "final/compression_ratio": dense_bits / total,
+            "final/macs": macs["macs"],
+            "final/bops": macs["bops"],
+            "size/other_bits": other,
+        }
+        for name, s in layer_sparsity(model).items():
+            out[f"layers/{name}/sparsity"] = s
+        for name, r in rows.items():
+            out[f"layers/{name}/format"] = r["format"]
+            out[f"layers/{name}/bits_w"] = next(v.bits_w for v in views if v.name == name)
+            out[f"size/{name}/weight_bits"] = r["weight_bits"]
+            out[f"size/{name}/qparam_bits"] = r["qparam_bits"]
+            out[f"size/{name}/bias_bits"] = r["bias_bits"]
+        return out
+
+
+def config_hash(cfg: DictConfig) -> str:
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("hydra", None)
+    return cache_key(plain)
+
+
+def complete_record(run_dir: Path, cfg: DictConfig) -> dict | None:
+    """The run's record if it completed with this exact config (a re-run then trains nothing)."""
+    path = Path(run_dir) / "record.json"
+    if not path.exists():
+        return None
+    try:
+        rec = read_json(path)
+    except ValueError:
+        return None
+    return rec if rec.get("status") == "ok" and rec.get("config_hash") == config_hash(cfg) else None
+
+
+def write_record(run_dir: Path, record: dict) -> None:
+    atomic_write_json(Path(run_dir) / "record.json", record)
+
+
+def base_record(cfg: DictConfig) -> dict:
+    return {
+        "config": OmegaConf.to_container(cfg, resolve=True) if cfg is not None else None,
+        "config_hash": config_hash(cfg),
+        "git_sha": git_sha(),
+        "versions": versions(),
+        "hostname": platform.node(),
+    }

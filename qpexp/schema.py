@@ -1,0 +1,170 @@
+"""Typed schema of the run config, checked before anything trains.
+
+Unknown keys (a typo like ``prune.ration``), wrong types and out-of-range values raise
+:class:`ConfigError` naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from qpexp.core.prune import PruneConfig
+from qpexp.core.quant import QuantConfig, QuantSpec
+
+
+class ConfigError(ValueError):
+    """A config value that cannot run; the message names the key."""
+
+
+@dataclass
+class BaselineSchema:
+    enabled: bool = True
+    epochs: int = 150
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    min_lr_frac: float = 0.0
+    rewind_epoch: int = 1
+
+
+@dataclass
+class PruneSchema:
+    ratio: float = 0.5
+    scope: str = "global"
+    criterion: str = "l1"
+    structure: str = "unstructured"
+    schedule: str = "geometric"
+    steps: int = 3
+    min_keep_frac: float = 0.01
+    min_keep_channels: int = 1
+    first_ratio: float | None = None
+    last_ratio: float | None = None
+    taylor_batches: int = 8
+    taylor_mode: str = "squared"
+    finetune_epochs: int = 30
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_acc_drop: float | None = None
+    rewind: str | None = None
+    agp_dt: int = 35
+
+
+@dataclass
+class ActSchema:
+    scheme: str = "linear"
+    granularity: str = "tensor"
+    symmetric: bool = False
+    range: str = "minmax"
+    ema_decay: float = 0.9
+
+
+@dataclass
+class QuantSchema:
+    bits_w: int = 4
+    bits_a: int = 8
+    scheme: str = "linear"
+    granularity: str = "channel"
+    symmetric: bool = True
+    range: str = "minmax"
+    ema_decay: float = 0.9
+    act: ActSchema = field(default_factory=ActSchema)
+    first_bits: int | None = None
+    last_bits: int | None = None
+    overrides: dict[str, int] = field(default_factory=dict)
+    fold_bn: bool = True
+    epochs: int = 20
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    calib_batches: int = 10
+
+
+@dataclass
+class ExportSchema:
+    enabled: bool = True
+    onnx: bool = True
+    latency_batches: int = 50
+
+
+@dataclass
+class RootSchema:
+    seed: int = 0
+    threads: int | None = None
+    cache: bool = True
+    cache_dir: str = "outputs/cache"
+    name: str = "qpexp"
+    data: Any = None
+    model: Any = None
+    baseline: BaselineSchema = field(default_factory=BaselineSchema)
+    prune: PruneSchema = field(default_factory=PruneSchema)
+    quant: QuantSchema = field(default_factory=QuantSchema)
+    export: ExportSchema = field(default_factory=ExportSchema)
+    logger: Any = None
+    trainer: Any = None
+    fail_at: str | None = None  # test hook: raise inside the named stage
+
+
+def _err(e: OmegaConfBaseException) -> ConfigError:
+    key = getattr(e, "full_key", None) or ""
+    msg = str(e).split("\n")[0]
+    return ConfigError(f"config key {key!r}: {msg}" if key else f"config: {msg}")
+
+
+def typed(cfg: DictConfig) -> DictConfig:
+    """Merge ``cfg`` (without its hydra node) into the typed schema."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("hydra", None)
+    for k in ("sweep", "experiment"):
+        plain.pop(k, None)
+    try:
+        return OmegaConf.merge(OmegaConf.structured(RootSchema), plain)
+    except OmegaConfBaseException as e:
+        raise _err(e) from None
+
+
+def prune_config(p) -> PruneConfig:
+    names = {f.name for f in fields(PruneConfig)}
+    return PruneConfig(**{k: v for k, v in OmegaConf.to_container(p).items() if k in names})
+
+
+def quant_config(q) -> QuantConfig:
+    weight = QuantSpec(q.bits_w, q.scheme, q.granularity, q.symmetric, q.range, q.ema_decay)
+    act = QuantSpec(q.bits_a, q.act.scheme, q.act.granularity, q.act.symmetric, q.act.range, q.act.ema_decay)
+    return QuantConfig(weight, act, q.first_bits, q.last_bits, dict(q.overrides), q.fold_bn)
+
+
+def _positive(key: str, value, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Check everything that can be checked without data; return the typed config."""
+    t = typed(cfg)
+    try:
+        prune_config(t.prune).validate()
+        quant_config(t.quant).validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if t.quant.bits_a != 32 and t.quant.bits_w == 32:
+        pass  # activation-only quantization is not a stage of its own: QAT is off when bits_w=32
+    _positive("baseline.epochs", t.baseline.epochs)
+    _positive("baseline.lr", t.baseline.lr)
+    _positive("prune.finetune_epochs", t.prune.finetune_epochs)
+    _positive("prune.lr", t.prune.lr)
+    _positive("quant.epochs", t.quant.epochs, allow_zero=True)
+    _positive("quant.lr", t.quant.lr)
+    _positive("quant.calib_batches", t.quant.calib_batches)
+    if t.prune.rewind not in (None, "init", "epoch"):
+        raise ConfigError(f"prune.rewind={t.prune.rewind!r} must be null, 'init' or 'epoch'")
+    if t.prune.max_acc_drop is not None:
+        _positive("prune.max_acc_drop", t.prune.max_acc_drop, allow_zero=True)
+    if t.threads is not None:
+        _positive("threads", t.threads)
+    for key in ("data", "model"):
+        node = t[key]
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            raise ConfigError(f"{key}: needs a config with _target_ (choose one with {key}=NAME)")
+    return t

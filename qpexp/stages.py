@@ -1,0 +1,323 @@
+"""The three stages as LightningModules: baseline training, iterative prune-and-finetune, QAT.
+
+They share :class:`Stage` (training/validation/test steps, one torchmetrics object per split,
+best-epoch selection on validation, masks kept after every optimizer step); each subclass adds
+only what its stage does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from qpexp.core.prune import MaskKeeper, PruneConfig, ensure_masks, make_criterion, prune_step, schedule
+from qpexp.core.prune.masks import prunable_layers
+
+
+class DivergenceError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def _state(model: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class Stage(L.LightningModule):
+    """Trains ``model`` with Adam and a cosine schedule (restarted every ``cycle_epochs``),
+    logs ``<stage>/train/loss``, ``<stage>/train/acc``, ``<stage>/val/acc``, ``<stage>/test/acc``
+    and keeps the weights of the best validation epoch (``select_best``)."""
+
+    stage = "stage"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        num_classes: int,
+        lr: float = 1e-2,
+        epochs: int = 10,
+        weight_decay: float = 0.0,
+        cycle_epochs: int | None = None,
+        min_lr_frac: float = 0.0,
+    ):
+        super().__init__()
+        self.model = model
+        self.lr, self.epochs, self.weight_decay = lr, epochs, weight_decay
+        self.cycle_epochs = cycle_epochs or max(epochs, 1)
+        self.min_lr_frac = min_lr_frac
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.keeper = MaskKeeper(model)
+        self.best_val, self.best_epoch, self.best_state = -1.0, -1, None
+
+    def forward(self, x):
+        return self.model(x)
+
+    # -- steps ------------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        if not torch.isfinite(loss):
+            raise DivergenceError(
+                f"{self.stage}: training loss became {loss.item()} at epoch {self.current_epoch}, batch {batch_idx}"
+            )
+        self.train_acc(logits.detach(), y)
+        self.log(f"{self.stage}/train/loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
+        self.log(f"{self.stage}/train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.keeper()  # pruned weights back to exactly zero after the optimizer step
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.val_acc(self.model(x), y)
+        self.log(f"{self.stage}/val/acc", self.val_acc, on_step=False, on_epoch=True, batch_size=len(y))
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.test_acc(self.model(x), y)
+        self.log(f"{self.stage}/test/acc", self.test_acc, on_step=False, on_epoch=True, batch_size=len(y))
+
+    def on_validation_epoch_end(self):
+        if self.trainer.sanity_checking or self.trainer.state.fn != "fit":
+            return
+        acc = float(self.val_acc.compute()) if self.val_acc.update_called else -1.0
+        self.epoch_end(acc)
+
+    def epoch_end(self, val_acc: float) -> None:
+        if val_acc > self.best_val:
+            self.best_val, self.best_epoch, self.best_state = val_acc, self.current_epoch, _state(self.model)
+
+    def select_best(self) -> None:
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+            self.keeper.refresh(self.model)
+
+    # -- optimizer --------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        cycle, floor = self.cycle_epochs, self.min_lr_frac
+
+        def factor(epoch: int) -> float:
+            t = (epoch % cycle) / cycle
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor)}
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["qpexp"] = self.extra_state()
+
+    def on_load_checkpoint(self, checkpoint):
+        ensure_masks(self.model, checkpoint["state_dict"], prefix="model.")
+        self.keeper.refresh(self.model)
+        self.load_extra_state(checkpoint.get("qpexp", {}))
+
+    def extra_state(self) -> dict:
+        return {"best_val": self.best_val, "best_epoch": self.best_epoch, "best_state": self.best_state}
+
+    def load_extra_state(self, s: dict) -> None:
+        self.best_val = s.get("best_val", -1.0)
+        self.best_epoch = s.get("best_epoch", -1)
+        self.best_state = s.get("best_state")
+        if self.best_state is not None:
+            ensure_masks(self.model, self.best_state)
+
+
+class BaselineStage(Stage):
+    """Trains from scratch; also keeps the initial weights and those after ``rewind_epoch`` (lottery-ticket rewinding)."""
+
+    stage = "baseline"
+
+    def __init__(self, *args, rewind_epoch: int = 1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rewind_epoch = rewind_epoch
+        self.rewind = {"init": _state(self.model)}
+
+    def epoch_end(self, val_acc: float) -> None:
+        super().epoch_end(val_acc)
+        if self.current_epoch + 1 == self.rewind_epoch:
+            self.rewind["epoch"] = _state(self.model)
+
+    def extra_state(self) -> dict:
+        return {**super().extra_state(), "rewind": self.rewind}
+
+    def stage_state(self) -> dict:
+        return {"rewind": self.rewind}
+
+    def load_extra_state(self, s: dict) -> None:
+        super().load_extra_state(s)
+        self.rewind = s.get("rewind", self.rewind)
+
+
+class PruneStage(Stage):
+    """Iterative prune-and-finetune: ``steps`` pruning steps along ``schedule`` toward ``cfg.ratio``,
+    ``finetune_epochs`` of fine-tuning after each (AGP: pruning every ``agp_dt`` batches instead).
+
+    With ``max_acc_drop`` set, a step whose best validation accuracy falls more than that below
+    ``reference_val`` stops the stage and the last step within budget is kept.
+    """
+
+    stage = "prune"
+
+    def __init__(
+        self,
+        *args,
+        prune: PruneConfig,
+        finetune_epochs: int = 10,
+        max_acc_drop: float | None = None,
+        reference_val: float = 0.0,
+        rewind_state: dict | None = None,
+        agp_dt: int = 10,
+        pruner=None,
+        **kwargs,
+    ):
+        super().__init__(*args, cycle_epochs=finetune_epochs, **kwargs)
+        self.cfg = prune
+        self.finetune_epochs = finetune_epochs
+        self.max_acc_drop, self.reference_val = max_acc_drop, reference_val
+        self.rewind_state = rewind_state
+        self.agp_dt = agp_dt
+        self.targets = schedule(prune.schedule, prune.ratio, prune.steps)
+        self.criterion = make_criterion(prune)
+        self.pruner = pruner or prune_step
+        self.step_best: dict[int, tuple[float, dict]] = {}
+        self.done_step = -1  # last pruning step applied
+        self.stop_reason = "target reached"
+        self.layer_sparsity: dict[str, float] = {}
+
+    # -- pruning ----------------------------------------------------------------------------------
+    def _grads(self) -> dict[str, list[torch.Tensor]] | None:
+        if not getattr(self.criterion, "needs_grads", False):
+            return None
+        grads: dict[str, list[torch.Tensor]] = {n: [] for n, _ in prunable_layers(self.model)}
+        loader = self.trainer.datamodule.loader("train", shuffle=True)
+        with torch.enable_grad():
+            for i, (x, y) in enumerate(loader):
+                if i >= self.cfg.taylor_batches:
+                    break
+                self.model.zero_grad(set_to_none=True)
+                F.cross_entropy(self.model(x), y).backward()
+                for n, m in prunable_layers(self.model):
+                    grads[n].append(m.weight.grad.detach().clone())
+        self.model.zero_grad(set_to_none=True)
+        return grads
+
+    def prune_to(self, step: int) -> None:
+        self.layer_sparsity = self.pruner(self.model, self.cfg, self.targets[step], self.criterion, self._grads())
+        self.done_step = step
+        if self.rewind_state is not None:
+            masks = {k: v for k, v in self.model.state_dict().items() if k.endswith("_mask")}
+            weights = {k: v for k, v in self.rewind_state.items() if not k.endswith("_mask")}
+            self.model.load_state_dict({**weights, **masks}, strict=False)
+        self.keeper.refresh(self.model)
+        self.keeper()
+
+    def on_train_epoch_start(self):
+        if self.cfg.schedule == "agp":
+            return
+        step = self.current_epoch // self.finetune_epochs
+        if step < len(self.targets) and step > self.done_step:
+            self.prune_to(step)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.cfg.schedule != "agp":
+            return
+        step = self.global_step // self.agp_dt
+        if self.global_step % self.agp_dt == 0 and step < len(self.targets) and step > self.done_step:
+            self.prune_to(step)
+
+    # -- selection --------------------------------------------------------------------------------
+    def current_step(self) -> int:
+        if self.cfg.schedule == "agp":
+            return self.done_step if self.done_step == len(self.targets) - 1 else -1
+        return self.current_epoch // self.finetune_epochs
+
+    def epoch_end(self, val_acc: float) -> None:
+        step = self.current_step()
+        if step < 0:
+            return  # AGP: still ramping up, no candidate yet
+        best = self.step_best.get(step)
+        if best is None or val_acc > best[0]:
+            self.step_best[step] = (val_acc, _state(self.model))
+        last_epoch_of_step = (self.current_epoch + 1) % self.finetune_epochs == 0
+        if self.max_acc_drop is not None and last_epoch_of_step and self.cfg.schedule != "agp":
+            if self.step_best[step][0] < self.reference_val - self.max_acc_drop:
+                self.stop_reason = (
+                    f"accuracy budget: step {step + 1} reached val acc {self.step_best[step][0]:.4f}, "
+                    f"more than {self.max_acc_drop} below {self.reference_val:.4f}"
+                )
+                self.step_best.pop(step)
+                self.trainer.should_stop = True
+
+    def select_best(self) -> None:
+        if self.step_best:
+            step = max(self.step_best)
+            self.best_val, state = self.step_best[step]
+            ensure_masks(self.model, state)
+            self.model.load_state_dict(state)
+            self.selected_step = step
+        else:  # not even the first step was within budget: keep the unpruned model
+            self.selected_step = -1
+            if self.rewind_state is None:
+                for m in self.model.modules():
+                    for b in [b for b in m._buffers if b.endswith("_mask")]:
+                        m._buffers[b].fill_(1)
+        self.keeper.refresh(self.model)
+
+    def stage_meta(self) -> dict:
+        return {
+            "stopped_at_step": getattr(self, "selected_step", -1) + 1,
+            "steps_planned": len(self.targets),
+            "stop_reason": self.stop_reason,
+            "targets": self.targets,
+        }
+
+    def extra_state(self) -> dict:
+        return {
+            "step_best": self.step_best,
+            "done_step": self.done_step,
+            "stop_reason": self.stop_reason,
+            "layer_sparsity": self.layer_sparsity,
+        }
+
+    def load_extra_state(self, s: dict) -> None:
+        self.step_best = s.get("step_best", {})
+        self.done_step = s.get("done_step", -1)
+        self.stop_reason = s.get("stop_reason", self.stop_reason)
+        self.layer_sparsity = s.get("layer_sparsity", {})
+
+
+class QATStage(Stage):
+    """Fine-tunes a fake-quantized model (straight-through estimator); activation ranges are
+    calibrated on ``calib_batches`` training batches first. ``epochs=0`` is post-training
+    quantization: calibration only, no weight update."""
+
+    stage = "qat"
+
+    def __init__(self, *args, calib_batches: int = 10, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calib_batches = calib_batches
+
+    @torch.no_grad()
+    def calibrate(self, loader) -> None:
+        was = self.model.training
+        self.model.eval()
+        for m in self.model.modules():  # observers update in training mode only
+            if hasattr(m, "min_val") or hasattr(m, "max_abs"):
+                m.train()
+        for i, (x, _) in enumerate(loader):
+            if i >= self.calib_batches:
+                break
+            self.model(x)
+        self.model.train(was)
+
+    def on_fit_start(self):
+        if self.current_epoch == 0 and not self.trainer.ckpt_path:
+            self.calibrate(self.trainer.datamodule.loader("train", shuffle=False))

@@ -1,0 +1,101 @@
+"""Experiment tracking: W&B (offline unless WANDB_MODE says otherwise), CSV, or nothing.
+
+W&B never blocks a run: without a network, an online init that fails falls back to offline mode
+with a warning, and the run is always finished (also when the pipeline fails).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+log = logging.getLogger("qpexp")
+
+
+class Tracker:
+    """One tracking run per pipeline run: a Lightning logger for the stages, a summary, a finish."""
+
+    def __init__(self, kind: str, run_dir: Path, run=None, logger=None):
+        self.kind, self.run_dir, self.run, self.logger = kind, run_dir, run, logger
+
+    def summary(self, record: dict) -> None:
+        if self.run is not None:
+            self.run.summary.update({k: v for k, v in record.items() if k != "config" and _scalar(v)})
+
+    def log_layers(self, record: dict) -> None:
+        """Per-layer sparsity as a W&B table and bar chart."""
+        if self.run is None:
+            return
+        import wandb
+
+        rows = [
+            [k.split("/")[1], v]
+            for k, v in record.items()
+            if k.startswith("layers/") and k.endswith("/sparsity")
+        ]
+        if rows:
+            table = wandb.Table(columns=["layer", "sparsity"], data=rows)
+            self.run.log(
+                {
+                    "layers/sparsity_table": table,
+                    "layers/sparsity_bar": wandb.plot.bar(table, "layer", "sparsity", title="realized sparsity per layer"),
+                }
+            )
+
+    def finish(self, ok: bool) -> None:
+        if self.run is not None:
+            try:
+                self.run.finish(exit_code=0 if ok else 1)
+            except Exception as e:  # never lose the local record over a tracking error
+                warnings.warn(f"W&B finish failed: {e}", stacklevel=2)
+
+
+def _scalar(v) -> bool:
+    return isinstance(v, (int, float, str, bool)) or v is None
+
+
+def wandb_init(run_dir: Path, project: str, group: str | None, job_type: str, name: str | None, config: dict,
+               mode: str | None = None, tags=None):
+    """``wandb.init`` that honours WANDB_MODE, defaults to offline and falls back to offline on failure."""
+    import wandb
+
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    mode = mode or os.environ["WANDB_MODE"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    kwargs = dict(project=project, group=group, job_type=job_type, name=name, config=config,
+                  dir=str(run_dir), reinit="finish_previous", tags=tags)
+    try:
+        return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=30, silent=True), **kwargs)
+    except Exception as e:
+        if mode == "offline":
+            raise
+        warnings.warn(f"W&B init in mode {mode!r} failed ({e}); logging offline instead", stacklevel=2)
+        return wandb.init(mode="offline", settings=wandb.Settings(silent=True), **kwargs)
+
+
+def make_tracker(logger_cfg, run_dir: Path, config: dict, name: str | None = None) -> Tracker:
+    kind = (logger_cfg or {}).get("kind", "none") if logger_cfg is not None else "none"
+    if kind == "none":
+        return Tracker("none", run_dir)
+    if kind == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return Tracker("csv", run_dir, logger=CSVLogger(save_dir=str(run_dir), name="csv", version=""))
+    if kind == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        run = wandb_init(
+            run_dir,
+            project=logger_cfg.get("project") or "qpexp",
+            group=logger_cfg.get("group"),
+            job_type=logger_cfg.get("job_type") or "pipeline",
+            name=name,
+            config=config,
+            mode=logger_cfg.get("mode"),
+            tags=list(logger_cfg.get("tags") or []),
+        )
+        return Tracker("wandb", run_dir, run=run, logger=WandbLogger(experiment=run))
+    raise ValueError(f"logger.kind={kind!r} is unknown: use wandb, csv or none")
