@@ -163,6 +163,10 @@ class Pipeline:
             hit = entry.complete
             if hit:
                 state, meta = entry.load()
+                if state.get("structure") is not None:  # physically pruned channels
+                    from qpexp.core.prune.channel import restore_structure
+
+                    restore_structure(model, state["structure"], self.example)
                 ensure_masks(model, state["model"])
                 model.load_state_dict(state["model"])
             else:
@@ -171,6 +175,8 @@ class Pipeline:
                 train_s = fit(module, dm, epochs, entry.work, self.logger, self.trainer_cfg) if epochs > 0 else 0.0
                 if epochs == 0 and hasattr(module, "calibrate"):
                     module.calibrate(dm.loader("train", shuffle=False))
+                if hasattr(module, "finalize"):
+                    module.finalize(self.example)
                 meta = {
                     "val_acc": evaluate(model, dm.loader("val")),
                     "test_acc": evaluate(model, dm.loader("test")),
@@ -205,7 +211,7 @@ class Pipeline:
 
         L.seed_everything(c.seed, workers=False, verbose=False)
         model = make_model(c, dm)
-        example = dm.splits["val"][0][:1]
+        example = self.example = dm.splits["val"][0][:1]
         dense_bits = size_bits(model)
         record: dict = {"status": "running", "seed": c.seed, "threads": threads}
 
@@ -229,6 +235,9 @@ class Pipeline:
             pc = prune_config(c.prune)
             pc.seed = c.seed
             rewind = base["state"].get("rewind", {}).get(c.prune.rewind) if c.prune.rewind else None
+            pruner = None
+            if pc.structure == "channel":
+                from qpexp.core.prune.channel import channel_prune_step as pruner
             steps = 1 if pc.schedule == "oneshot" else pc.steps
             epochs = steps * c.prune.finetune_epochs
             holder = {}
@@ -246,6 +255,7 @@ class Pipeline:
                     reference_val=record["baseline/val_acc"],
                     rewind_state=rewind,
                     agp_dt=c.prune.agp_dt,
+                    pruner=pruner,
                 )
                 return holder["m"]
 

@@ -271,6 +271,18 @@ class PruneStage(Stage):
                         m._buffers[b].fill_(1)
         self.keeper.refresh(self.model)
 
+    def finalize(self, example: torch.Tensor) -> None:
+        """Channel structure: remove the masked channels for real (the model becomes smaller)."""
+        self.structure = None
+        if self.cfg.structure == "channel":
+            from qpexp.core.prune.channel import physically_prune
+
+            self.structure = physically_prune(self.model, example)
+            self.keeper.refresh(self.model)
+
+    def stage_state(self) -> dict:
+        return {"structure": self.structure} if getattr(self, "structure", None) is not None else {}
+
     def stage_meta(self) -> dict:
         return {
             "stopped_at_step": getattr(self, "selected_step", -1) + 1,

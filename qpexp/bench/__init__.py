@@ -1,0 +1,24 @@
+"""Benchmarks: ``python -m qpexp.bench <name>``; each prints a table and ends with one JSON line."""
+
+import json
+
+NAMES = ("qat", "prune", "sweep")
+
+
+def emit(rows: list[dict], figures: dict, title: str) -> None:
+    """Print ``rows`` as an aligned table, then ``figures`` as one JSON line."""
+    print(title)
+    if rows:
+        cols = list(rows[0])
+        width = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols}
+        print("  ".join(c.ljust(width[c]) for c in cols))
+        print("  ".join("-" * width[c] for c in cols))
+        for r in rows:
+            print("  ".join(_fmt(r.get(c)).ljust(width[c]) for c in cols))
+    print(json.dumps(figures, sort_keys=True))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
