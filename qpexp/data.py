@@ -161,12 +161,14 @@ class ArrayDataModule(L.LightningDataModule):
         standardize: bool = True,
         num_classes: int | None = None,
         seed: int = 0,
+        path: str | None = None,
     ):
         super().__init__()
         self.source, self.name = source, name
         self.val_fraction, self.split_seed = val_fraction, split_seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.standardize, self.num_classes, self.seed = standardize, num_classes, seed
+        self.path = path  # the user's file (data=npz); the source reads it
         self._ready = False
 
     def prepare(self) -> ArrayDataModule:

@@ -22,11 +22,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from qpexp import __version__
 from qpexp.cache import StageCache, cache_key
-from qpexp.core.accounting import count_params, layer_sparsity, layer_views, model_macs, size_bits, sparsity
+from qpexp.core.accounting import count_params, layer_views, model_macs, size_bits
 from qpexp.core.prune import ensure_masks
 from qpexp.core.quant import quantize_
 from qpexp.io import atomic_write_json, read_json
-from qpexp.schema import prune_config, quant_config, validate
+from qpexp.schema import plain_config, prune_config, quant_config, validate
 from qpexp.stages import BaselineStage, PruneStage, QATStage
 
 log = logging.getLogger("qpexp")
@@ -213,7 +213,11 @@ class Pipeline:
         model = make_model(c, dm)
         example = self.example = dm.splits["val"][0][:1]
         dense_bits = size_bits(model)
+        # dense prunable weights per layer: sparsity counts physically removed channels as pruned
+        self.dense_weights = {v.name: v.layer.weight.numel() for v in layer_views(model)}
         record: dict = {"status": "running", "seed": c.seed, "threads": threads}
+        record["dense/params"] = count_params(model)[0]
+        record["dense/macs"] = model_macs(model, example)["macs"]
 
         base = self._stage(
             "baseline",
@@ -260,7 +264,7 @@ class Pipeline:
                 return holder["m"]
 
             pr = self._stage("prune", make_prune, epochs, dm, model, record)
-            for k in ("stopped_at_step", "stop_reason", "steps_planned", "targets"):
+            for k in ("stopped_at_step", "stop_reason", "steps_planned", "targets", "realized_ratio"):
                 if k in pr["meta"]:
                     record[f"prune/{k}"] = pr["meta"][k]
             record["prune/target_ratio"] = c.prune.ratio
@@ -305,8 +309,10 @@ class Pipeline:
         ba = {v.bits_a for v in views}
         weights = {v.name: v.layer.weight.numel() for v in views}
         n = sum(weights.values())
+        dense = getattr(self, "dense_weights", None) or weights
+        nnz = {v.name: int(v.layer.weight.count_nonzero()) for v in views}
         out = {
-            "final/sparsity": sparsity(model),
+            "final/sparsity": 1 - sum(nnz.values()) / max(sum(dense.values()), 1),
             "final/params": params,
             "final/nonzero_params": nonzero,
             "final/bits_w": bw.pop() if len(bw) == 1 else sum(v.bits_w * weights[v.name] for v in views) / n,
@@ -318,8 +324,8 @@ class Pipeline:
             "final/bops": macs["bops"],
             "size/other_bits": other,
         }
-        for name, s in layer_sparsity(model).items():
-            out[f"layers/{name}/sparsity"] = s
+        for name in weights:  # zero or physically removed, of the dense layer's weights
+            out[f"layers/{name}/sparsity"] = 1 - nnz[name] / dense.get(name, weights[name])
         for name, r in rows.items():
             out[f"layers/{name}/format"] = r["format"]
             out[f"layers/{name}/bits_w"] = next(v.bits_w for v in views if v.name == name)
@@ -330,9 +336,7 @@ class Pipeline:
 
 
 def config_hash(cfg: DictConfig) -> str:
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    plain.pop("hydra", None)
-    return cache_key(plain)
+    return cache_key(plain_config(cfg))
 
 
 def complete_record(run_dir: Path, cfg: DictConfig) -> dict | None:
@@ -353,7 +357,7 @@ def write_record(run_dir: Path, record: dict) -> None:
 
 def base_record(cfg: DictConfig) -> dict:
     return {
-        "config": OmegaConf.to_container(cfg, resolve=True) if cfg is not None else None,
+        "config": plain_config(cfg),
         "config_hash": config_hash(cfg),
         "git_sha": git_sha(),
         "versions": versions(),

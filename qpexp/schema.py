@@ -112,10 +112,18 @@ def _err(e: OmegaConfBaseException) -> ConfigError:
     return ConfigError(f"config key {key!r}: {msg}" if key else f"config: {msg}")
 
 
+def plain_config(cfg: DictConfig) -> dict:
+    """The resolved config as plain containers, without Hydra's own node."""
+    keys = [k for k in cfg.keys() if k != "hydra"]
+    try:
+        return OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True)
+    except OmegaConfBaseException as e:
+        raise _err(e) from None
+
+
 def typed(cfg: DictConfig) -> DictConfig:
     """Merge ``cfg`` (without its hydra node) into the typed schema."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    plain.pop("hydra", None)
+    plain = plain_config(cfg)
     for k in ("sweep", "experiment"):
         plain.pop(k, None)
     try:

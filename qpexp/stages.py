@@ -7,6 +7,7 @@ only what its stage does.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import lightning as L
@@ -14,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
+from qpexp.core.accounting import layer_sparsity, sparsity
 from qpexp.core.prune import MaskKeeper, PruneConfig, ensure_masks, make_criterion, prune_step, schedule
-from qpexp.core.prune.masks import prunable_layers
+from qpexp.core.prune.masks import prunable_layers, strip_masks
 
 
 class DivergenceError(RuntimeError):
@@ -160,8 +162,12 @@ class PruneStage(Stage):
     """Iterative prune-and-finetune: ``steps`` pruning steps along ``schedule`` toward ``cfg.ratio``,
     ``finetune_epochs`` of fine-tuning after each (AGP: pruning every ``agp_dt`` batches instead).
 
+    Each step's candidate is its best validation epoch; the stage keeps the last step's candidate.
     With ``max_acc_drop`` set, a step whose best validation accuracy falls more than that below
-    ``reference_val`` stops the stage and the last step within budget is kept.
+    ``reference_val`` stops the stage and the last step within budget is kept (none within budget:
+    the unpruned model the stage started from). AGP prunes during fine-tuning, so its budget is
+    checked at the end: the highest sparsity level whose best epoch-end validation accuracy was
+    within budget is kept. ``stage_meta`` says which step was kept and why.
     """
 
     stage = "prune"
@@ -187,10 +193,12 @@ class PruneStage(Stage):
         self.targets = schedule(prune.schedule, prune.ratio, prune.steps)
         self.criterion = make_criterion(prune)
         self.pruner = pruner or prune_step
-        self.step_best: dict[int, tuple[float, dict]] = {}
+        self.start_state = _state(self.model)  # the unpruned model, kept when no step is within budget
+        self.step_best: dict[int, tuple[float, dict, int]] = {}  # step -> (val acc, state, epoch)
         self.done_step = -1  # last pruning step applied
         self.stop_reason = "target reached"
         self.layer_sparsity: dict[str, float] = {}
+        self.realized_ratio = 0.0
 
     # -- pruning ----------------------------------------------------------------------------------
     def _grads(self) -> dict[str, list[torch.Tensor]] | None:
@@ -209,8 +217,18 @@ class PruneStage(Stage):
         self.model.zero_grad(set_to_none=True)
         return grads
 
+    def _example(self) -> torch.Tensor:
+        """One input sample, for pruners that trace the model (channel pruning)."""
+        dm = self.trainer.datamodule
+        splits = getattr(dm, "splits", None)
+        if splits and "val" in splits:
+            return splits["val"][0][:1]
+        return next(iter(dm.loader("train", shuffle=False)))[0][:1]
+
     def prune_to(self, step: int) -> None:
-        self.layer_sparsity = self.pruner(self.model, self.cfg, self.targets[step], self.criterion, self._grads())
+        extra = {"example": self._example()} if "example" in inspect.signature(self.pruner).parameters else {}
+        target, grads = self.targets[step], self._grads()
+        self.layer_sparsity = self.pruner(self.model, self.cfg, target, self.criterion, grads, **extra)
         self.done_step = step
         if self.rewind_state is not None:
             masks = {k: v for k, v in self.model.state_dict().items() if k.endswith("_mask")}
@@ -218,6 +236,18 @@ class PruneStage(Stage):
             self.model.load_state_dict({**weights, **masks}, strict=False)
         self.keeper.refresh(self.model)
         self.keeper()
+
+    def on_train_start(self):
+        if self.cfg.schedule != "agp":
+            return
+        total = self.trainer.num_training_batches * self.trainer.max_epochs
+        last_event = (len(self.targets) - 1) * self.agp_dt
+        if last_event >= total:
+            raise ValueError(
+                f"prune.schedule=agp: {len(self.targets)} pruning events every prune.agp_dt={self.agp_dt} "
+                f"batches need more than the {total} batches of fine-tuning; lower prune.agp_dt or "
+                "prune.steps, or raise prune.finetune_epochs"
+            )
 
     def on_train_epoch_start(self):
         if self.cfg.schedule == "agp":
@@ -235,20 +265,24 @@ class PruneStage(Stage):
 
     # -- selection --------------------------------------------------------------------------------
     def current_step(self) -> int:
+        """The pruning step whose candidate this epoch is (AGP: the sparsity level in force)."""
         if self.cfg.schedule == "agp":
-            return self.done_step if self.done_step == len(self.targets) - 1 else -1
+            return self.done_step
         return self.current_epoch // self.finetune_epochs
+
+    def within_budget(self, val_acc: float) -> bool:
+        return self.max_acc_drop is None or val_acc >= self.reference_val - self.max_acc_drop
 
     def epoch_end(self, val_acc: float) -> None:
         step = self.current_step()
         if step < 0:
-            return  # AGP: still ramping up, no candidate yet
+            return
         best = self.step_best.get(step)
         if best is None or val_acc > best[0]:
-            self.step_best[step] = (val_acc, _state(self.model))
+            self.step_best[step] = (val_acc, _state(self.model), self.current_epoch)
         last_epoch_of_step = (self.current_epoch + 1) % self.finetune_epochs == 0
         if self.max_acc_drop is not None and last_epoch_of_step and self.cfg.schedule != "agp":
-            if self.step_best[step][0] < self.reference_val - self.max_acc_drop:
+            if not self.within_budget(self.step_best[step][0]):
                 self.stop_reason = (
                     f"accuracy budget: step {step + 1} reached val acc {self.step_best[step][0]:.4f}, "
                     f"more than {self.max_acc_drop} below {self.reference_val:.4f}"
@@ -256,20 +290,35 @@ class PruneStage(Stage):
                 self.step_best.pop(step)
                 self.trainer.should_stop = True
 
+    def _agp_budget(self) -> None:
+        """AGP: keep only the sparsity levels within budget (checked once the ramp is over)."""
+        final = len(self.targets) - 1
+        if self.max_acc_drop is None or final not in self.step_best:
+            return
+        if self.within_budget(self.step_best[final][0]):
+            return
+        self.stop_reason = (
+            f"accuracy budget: the final AGP level reached val acc {self.step_best[final][0]:.4f}, "
+            f"more than {self.max_acc_drop} below {self.reference_val:.4f}"
+        )
+        self.step_best = {s: b for s, b in self.step_best.items() if self.within_budget(b[0])}
+
     def select_best(self) -> None:
+        if self.cfg.schedule == "agp":
+            self._agp_budget()
         if self.step_best:
             step = max(self.step_best)
-            self.best_val, state = self.step_best[step]
+            self.best_val, state, self.best_epoch = self.step_best[step]
             ensure_masks(self.model, state)
             self.model.load_state_dict(state)
             self.selected_step = step
         else:  # not even the first step was within budget: keep the unpruned model
             self.selected_step = -1
-            if self.rewind_state is None:
-                for m in self.model.modules():
-                    for b in [b for b in m._buffers if b.endswith("_mask")]:
-                        m._buffers[b].fill_(1)
+            strip_masks(self.model)
+            self.model.load_state_dict(self.start_state)
         self.keeper.refresh(self.model)
+        self.realized_ratio = sparsity(self.model)
+        self.layer_sparsity = layer_sparsity(self.model)
 
     def finalize(self, example: torch.Tensor) -> None:
         """Channel structure: remove the masked channels for real (the model becomes smaller)."""
@@ -284,11 +333,14 @@ class PruneStage(Stage):
         return {"structure": self.structure} if getattr(self, "structure", None) is not None else {}
 
     def stage_meta(self) -> dict:
+        step = getattr(self, "selected_step", -1)
         return {
-            "stopped_at_step": getattr(self, "selected_step", -1) + 1,
+            "stopped_at_step": step + 1,
             "steps_planned": len(self.targets),
             "stop_reason": self.stop_reason,
             "targets": self.targets,
+            "selected_target": self.targets[step] if step >= 0 else 0.0,
+            "realized_ratio": self.realized_ratio,
         }
 
     def extra_state(self) -> dict:
@@ -304,6 +356,9 @@ class PruneStage(Stage):
         self.done_step = s.get("done_step", -1)
         self.stop_reason = s.get("stop_reason", self.stop_reason)
         self.layer_sparsity = s.get("layer_sparsity", {})
+        for _, state, *_ in self.step_best.values():
+            ensure_masks(self.model, state)
+        self.keeper.refresh(self.model)
 
 
 class QATStage(Stage):

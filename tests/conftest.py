@@ -56,3 +56,50 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = N
 
 def read_record(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "record.json").read_text())
+
+
+def wandb_offline_runs(root: Path) -> list[dict]:
+    """Read back what W&B stored in each offline run under ``root`` (its binary transaction log).
+
+    Returns one dict per run: ``group``, ``job_type``, ``project``, ``summary`` (key -> value),
+    ``history_keys`` (keys logged with ``run.log``) and ``files`` (media files in the run folder).
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    runs = []
+    for path in sorted(Path(root).rglob("offline-run-*/run-*.wandb")):
+        data = path.read_bytes()
+        assert data[:4] == b":W&B", path
+        pos, block, buf, chunks = 7, 32768, b"", []
+        while pos + 7 <= len(data):
+            if block - pos % block < 7:  # block trailer padding
+                pos += block - pos % block
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+            chunk = data[pos + 7 : pos + 7 + length]
+            pos += 7 + length
+            if kind == 1:
+                chunks.append(chunk)
+            elif kind == 2:
+                buf = chunk
+            elif kind == 3:
+                buf += chunk
+            elif kind == 4:
+                chunks.append(buf + chunk)
+        info = {"group": None, "job_type": None, "project": None, "summary": {}, "history_keys": set()}
+        for chunk in chunks:
+            rec = pb.Record()
+            rec.ParseFromString(chunk)
+            kind = rec.WhichOneof("record_type")
+            if kind == "run":
+                info.update(group=rec.run.run_group, job_type=rec.run.job_type, project=rec.run.project)
+            elif kind == "summary":
+                for item in rec.summary.update:
+                    info["summary"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+            elif kind == "history":
+                info["history_keys"].update(item.key or "/".join(item.nested_key) for item in rec.history.item)
+        info["files"] = [p.relative_to(path.parent) for p in path.parent.rglob("*") if p.is_file()]
+        runs.append(info)
+    return runs

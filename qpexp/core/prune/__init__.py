@@ -54,7 +54,10 @@ def prune_step(
 ) -> dict[str, float]:
     """Set unstructured masks so that a fraction ``target`` of prunable weights is zero.
 
-    Already-pruned weights score lowest, so masks only grow. Returns each layer's realized sparsity.
+    ``target`` is the fraction of all prunable weights: layers with their own ratio (``first_ratio``,
+    ``last_ratio``) take theirs and the other layers (the pool) make up the rest, ranked on one scale
+    (``scope=global``) or by the same fraction each (``scope=layer``). Already-pruned weights score
+    lowest, so masks only grow. Returns each layer's realized sparsity.
     Channel pruning lives in :mod:`qpexp.core.prune.channel`.
     """
     criterion = criterion or make_criterion(cfg)
@@ -68,14 +71,19 @@ def prune_step(
         if mask is not None:
             s = torch.where(mask == 0, torch.full_like(s, -torch.inf), s)
         scores[name] = s
-    pool = [n for n in names if own[n] is None]
-    masks = {}
-    if cfg.scope == "global" and pool:
-        masks.update(global_masks({n: scores[n] for n in pool}, target, cfg.min_keep_frac))
-    else:
-        masks.update(layer_masks({n: scores[n] for n in pool}, dict.fromkeys(pool, target), cfg.min_keep_frac))
+    # layers with their own ratio first; the pool then removes what makes the total ``target``
     fixed = [n for n in names if own[n] is not None]
-    masks.update(layer_masks({n: scores[n] for n in fixed}, {n: own[n] for n in fixed}, cfg.min_keep_frac))
+    masks = layer_masks({n: scores[n] for n in fixed}, {n: own[n] for n in fixed}, cfg.min_keep_frac)
+    pool = [n for n in names if own[n] is None]
+    size = {n: scores[n].numel() for n in names}
+    goal = round(target * sum(size.values())) - sum(int((masks[n] == 0).sum()) for n in fixed)
+    n_pool = sum(size[n] for n in pool)
+    if pool and cfg.scope == "global":
+        pooled = {n: scores[n] for n in pool}
+        masks.update(global_masks(pooled, target, cfg.min_keep_frac, count=max(goal, 0)))
+    elif pool:
+        r = min(max(goal / n_pool, 0.0), 1.0)
+        masks.update(layer_masks({n: scores[n] for n in pool}, dict.fromkeys(pool, r), cfg.min_keep_frac))
     for name, m in layers:
         set_mask(m, masks[name])
     return {name: float((m.weight == 0).float().mean()) for name, m in layers}

@@ -9,7 +9,8 @@ PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Conv/linear layers, named as in the unwrapped model (a quantization wrapper's ``.layer`` is dropped)."""
+    """Conv/linear layers, named as in the unwrapped model (a quantization wrapper's ``.layer`` is
+    dropped)."""
     out = []
     for name, m in model.named_modules():
         if isinstance(m, PRUNABLE):

@@ -20,8 +20,10 @@ SCHEDULES = ("oneshot", "geometric", "linear", "agp")
 class PruneConfig:
     """``ratio``: the fraction of prunable parameters (conv/linear weights) to remove, for every
     structure. ``first_ratio``/``last_ratio``: own ratio for the first/last layer (0 excludes it;
-    None: it is part of the ordinary pool). No layer keeps fewer than ``min_keep_frac`` of its
-    weights (at least one) or fewer than ``min_keep_channels`` channels."""
+    None: it is part of the ordinary pool); the pool then removes what brings the total to ``ratio``
+    (for channels: the first layer's channels, and the channels feeding the last layer). No layer
+    keeps fewer than ``min_keep_frac`` of its weights (at least one) or fewer than
+    ``min_keep_channels`` channels."""
 
     ratio: float = 0.5
     scope: str = "global"
@@ -38,7 +40,8 @@ class PruneConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:
+        number = isinstance(self.ratio, (int, float)) and not isinstance(self.ratio, bool)
+        if not number or not 0 <= self.ratio < 1:
             raise ValueError(f"prune.ratio={self.ratio!r} must be a number in [0, 1)")
         for key, r in (("prune.first_ratio", self.first_ratio), ("prune.last_ratio", self.last_ratio)):
             if r is not None and not 0 <= r < 1:

@@ -19,18 +19,25 @@ def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask.reshape(scores.shape)
 
 
+def _already(s: torch.Tensor) -> int:
+    """Weights already pruned (scored ``-inf`` by the caller): a step never revives them."""
+    return int(torch.isneginf(s).sum())
+
+
 def layer_masks(scores: dict[str, torch.Tensor], ratios: dict[str, float], min_keep_frac: float):
     """Prune exactly ``round(ratio * n)`` lowest-scored weights of each layer (torch's rounding)."""
     out = {}
     for name, s in scores.items():
         n = s.numel()
-        k = min(round(ratios[name] * n), n - keep_minimum(n, min_keep_frac))
+        k = min(max(round(ratios[name] * n), _already(s)), n - keep_minimum(n, min_keep_frac))
         out[name] = _prune_lowest(s, k)
     return out
 
 
-def global_masks(scores: dict[str, torch.Tensor], ratio: float, min_keep_frac: float):
-    """Prune exactly ``round(ratio * N)`` lowest scores across all layers, ranked on one scale.
+def global_masks(
+    scores: dict[str, torch.Tensor], ratio: float, min_keep_frac: float, count: int | None = None
+):
+    """Prune exactly ``round(ratio * N)`` (or ``count``) lowest scores across all layers, on one scale.
 
     Scores are compared as they are (for magnitude: |w|, as in Han et al. and torch's
     ``global_unstructured``; for Taylor: the estimated loss change, already on one scale). Each
@@ -45,8 +52,9 @@ def global_masks(scores: dict[str, torch.Tensor], ratio: float, min_keep_frac: f
         flat.append(s)
     allv = torch.cat(flat)
     total = allv.numel()
-    protected = int(torch.isinf(allv).sum())
-    k = min(round(ratio * total), total - protected)
+    protected = int(torch.isposinf(allv).sum())
+    k = round(ratio * total) if count is None else count
+    k = min(max(k, _already(allv)), total - protected)
     mask = _prune_lowest(allv, k)
     out, i = {}, 0
     for name in names:

@@ -1,4 +1,14 @@
-"""Linear (affine) fake quantizer: ``r = S (q - Z)`` on torch's fused fake-quantize kernels."""
+"""Linear (affine) fake quantizer: ``r = S (q - Z)`` with the straight-through estimator.
+
+The arithmetic is torch's fake-quantize kernel's, bit for bit: ``q = clamp(nearbyint(x * (1/S)) + Z,
+qmin, qmax)``, ``x_hat = (q - Z) S``, gradient 1 where the unclamped ``q`` lies in ``[qmin, qmax]`` and
+0 elsewhere. Small tensors (weights) go through torch's fused kernels
+(``torch.fake_quantize_per_tensor_affine`` / ``..._per_channel_affine``); large ones (activations)
+through :func:`fake_quant`'s vectorized chain, because in torch 2.13 on CPU the fused kernel is a
+scalar loop (about 16 ns per element, several times slower than five vectorized ops on an
+activation of 50k elements; see ``python -m qpexp.bench qat``). Tests check both paths against the
+fused kernels with ``atol=0``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +18,9 @@ import torch
 from torch import nn
 
 from qpexp.core.quant.spec import QuantSpec
+
+FUSED_MAX_NUMEL = 16384  # at or above this many elements the vectorized chain is faster on CPU
+TINY_SCALE = torch.finfo(torch.float32).tiny * 2**24  # keeps 1/S finite
 
 
 def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -25,16 +38,49 @@ def affine_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: boo
     ``S = max|x| / (2^(b-1) - 1)``.
     """
     qmin, qmax = int_range(bits, symmetric)
-    tiny = torch.finfo(torch.float32).tiny * 2**24  # keeps 1/S finite
     if symmetric:
-        scale = (torch.maximum(lo.abs(), hi.abs()) / qmax).clamp_min(tiny)
-        zero = torch.zeros_like(scale, dtype=torch.int32)
-        return scale, zero
+        scale = (torch.maximum(lo.abs(), hi.abs()) / qmax).clamp_min_(TINY_SCALE)
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
     lo = lo.clamp(max=0.0)
-    hi = hi.clamp(min=0.0)
-    scale = ((hi - lo) / (qmax - qmin)).clamp_min(tiny)
-    zero = (qmin - torch.round(lo / scale)).clamp(qmin, qmax).to(torch.int32)
+    scale = (hi.clamp(min=0.0) - lo).div_(qmax - qmin).clamp_min_(TINY_SCALE)
+    zero = torch.round(lo / scale).neg_().add_(qmin).clamp_(qmin, qmax).to(torch.int32)
     return scale, zero
+
+
+class _FakeQuant(torch.autograd.Function):
+    """``clamp(round(x/S), qmin-Z, qmax-Z) * S`` (the same numbers as torch's kernel, see module doc)."""
+
+    @staticmethod
+    def forward(ctx, x, inv_scale, scale, lo, hi):
+        r = torch.round(x * inv_scale)
+        q = torch.clamp(r, lo, hi)
+        ctx.save_for_backward(q == r)
+        return q.mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None
+
+
+def fake_quant(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int, ch_axis: int | None = None
+) -> torch.Tensor:
+    """Fake-quantize ``x`` per tensor (``ch_axis=None``; 1-element ``scale``/``zero``) or per channel.
+
+    Equals ``torch.fake_quantize_per_tensor_affine`` / ``..._per_channel_affine`` exactly, forward and
+    backward; picks the fused kernel for small tensors and a vectorized chain for large ones.
+    """
+    if x.numel() < FUSED_MAX_NUMEL:
+        if ch_axis is None:
+            return torch.fake_quantize_per_tensor_affine(x, scale, zero, qmin, qmax)
+        return torch.fake_quantize_per_channel_affine(x, scale, zero, ch_axis, qmin, qmax)
+    if ch_axis is not None:
+        shape = [1] * x.dim()
+        shape[ch_axis] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    zf = zero.to(scale.dtype)
+    return _FakeQuant.apply(x, 1.0 / scale, scale, qmin - zf, qmax - zf)
 
 
 class LinearQuantizer(nn.Module):
@@ -43,7 +89,10 @@ class LinearQuantizer(nn.Module):
     Weights with ``minmax`` take their range from the tensor at every call; activations keep a
     running min/max (``minmax``) or an EMA of batch min/max (``ema``) updated in training mode and
     frozen in eval mode. ``lsq`` learns the step size (Esser et al. 2020) through torch's learnable
-    fused kernel, with the gradient scale ``1/sqrt(N Q_P)``.
+    fused kernel: step initialised to ``2 mean|v| / sqrt(Q_P)`` with ``Q_P = qmax`` (``2^(b-1)-1``
+    symmetric, ``2^b-1`` asymmetric: the unsigned case of the paper; an asymmetric quantizer keeps the
+    zero point of its first batch's min/max range), gradient scaled by ``1/sqrt(N Q_P)`` with ``N``
+    the number of elements per step size.
     """
 
     def __init__(self, spec: QuantSpec, is_weight: bool, channels: int = 1, ch_axis: int = 0):
@@ -65,24 +114,43 @@ class LinearQuantizer(nn.Module):
         else:
             self.register_buffer("scale", torch.ones(n))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self._ready = False  # Python mirror of ``initialized`` (no tensor-to-bool sync per step)
 
     def extra_repr(self) -> str:
         kind = "channel" if self.per_channel else "tensor"
         sym = "symmetric" if self.symmetric else "asymmetric"
         return f"bits={self.bits}, {sym}, per-{kind}, range={self.range}"
 
+    def is_initialized(self) -> bool:
+        if not self._ready:
+            self._ready = bool(self.initialized)
+        return self._ready
+
+    def _mark_initialized(self) -> None:
+        if not self._ready:
+            self.initialized.fill_(True)
+            self._ready = True
+
     # -- ranges -----------------------------------------------------------------------------------
+    def _reduce_dims(self, x: torch.Tensor) -> tuple[int, ...]:
+        return tuple(d for d in range(x.dim()) if d != self.ch_axis % x.dim())
+
     def _batch_range(self, x: torch.Tensor):
+        x = x.detach()
         if self.per_channel:
-            flat = x.detach().transpose(0, self.ch_axis).reshape(x.shape[self.ch_axis], -1)
-            return flat.amin(1), flat.amax(1)
-        lo, hi = torch.aminmax(x.detach())
+            flat = x.transpose(0, self.ch_axis).reshape(x.shape[self.ch_axis], -1)
+            return torch.aminmax(flat, dim=1)
+        lo, hi = torch.aminmax(x)
         return lo.reshape(1), hi.reshape(1)
+
+    def _mean_abs(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().abs()
+        return x.mean(self._reduce_dims(x)) if self.per_channel else x.mean().reshape(1)
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
         lo, hi = self._batch_range(x)
-        if self.range == "ema" and bool(self.initialized):
+        if self.range == "ema" and self.is_initialized():
             self.min_val.mul_(self.decay).add_(lo, alpha=1 - self.decay)
             self.max_val.mul_(self.decay).add_(hi, alpha=1 - self.decay)
         elif self.range == "ema":
@@ -94,69 +162,74 @@ class LinearQuantizer(nn.Module):
         scale, zero = affine_qparams(self.min_val, self.max_val, self.bits, self.symmetric)
         self.scale.copy_(scale)
         self.zero_point.copy_(zero)
-        self.initialized.fill_(True)
+        self._mark_initialized()
 
     @torch.no_grad()
     def _init_lsq(self, x: torch.Tensor) -> None:
         lo, hi = self._batch_range(x)
-        if self.symmetric:
-            if self.per_channel:
-                mean_abs = x.detach().transpose(0, self.ch_axis).reshape(x.shape[self.ch_axis], -1).abs()
-                mean_abs = mean_abs.mean(1)
-            else:
-                mean_abs = x.detach().abs().mean().reshape(1)
-            self.scale.copy_((2 * mean_abs / math.sqrt(self.qmax)).clamp_min(1e-8))
-        else:
-            scale, zero = affine_qparams(lo, hi, self.bits, False)
-            self.scale.copy_(scale)
+        if not self.symmetric:
+            _, zero = affine_qparams(lo, hi, self.bits, False)
             self.zero_point.copy_(zero)
+        self.scale.copy_((2 * self._mean_abs(x) / math.sqrt(self.qmax)).clamp_min(1e-8))
         self.min_val.copy_(lo)
         self.max_val.copy_(hi)
-        self.initialized.fill_(True)
+        self._mark_initialized()
+
+    @torch.no_grad()
+    def _weight_qparams(self, w: torch.Tensor):
+        """Scale and zero point of a weight's own min/max range (per channel or per tensor)."""
+        if self.symmetric:
+            w = w.detach()
+            amax = w.abs().amax(self._reduce_dims(w)) if self.per_channel else w.abs().amax().reshape(1)
+            scale = amax.div_(self.qmax).clamp_min_(TINY_SCALE)
+            if self.zero_point.shape != scale.shape:
+                self.zero_point = torch.zeros_like(scale, dtype=torch.int32)
+            return scale, self.zero_point  # stays 0: symmetric
+        lo, hi = self._batch_range(w)
+        return affine_qparams(lo, hi, self.bits, False)
 
     # -- forward ----------------------------------------------------------------------------------
     def qparams(self, x: torch.Tensor | None = None):
         """(scale, zero_point) that the next forward would use; weights pass their tensor."""
         if self.range != "lsq" and self.is_weight and x is not None:
-            lo, hi = self._batch_range(x)
-            return affine_qparams(lo, hi, self.bits, self.symmetric)
+            return self._weight_qparams(x)
         return self.scale.detach(), self.zero_point
 
+    def grad_factor(self, x: torch.Tensor) -> float:
+        """LSQ gradient scale ``1 / sqrt(N Q_P)``, ``N`` elements per step size, ``Q_P = qmax``."""
+        numel = x.numel() / (self.scale.numel() if self.per_channel else 1)
+        return 1.0 / math.sqrt(numel * self.qmax)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        axis = self.ch_axis if self.per_channel else None
         if self.range == "lsq":
-            if not bool(self.initialized):
+            if not self.is_initialized():
                 self._init_lsq(x)
-            numel = x.numel() / (self.scale.numel() if self.per_channel else 1)
-            grad_factor = 1.0 / math.sqrt(numel * self.qmax)
             zero = self.zero_point.to(torch.float32)
-            scale = self.scale
             if self.per_channel:
                 return torch._fake_quantize_learnable_per_channel_affine(
-                    x, scale, zero, self.ch_axis, self.qmin, self.qmax, grad_factor
+                    x, self.scale, zero, self.ch_axis, self.qmin, self.qmax, self.grad_factor(x)
                 )
             return torch._fake_quantize_learnable_per_tensor_affine(
-                x, scale, zero, self.qmin, self.qmax, grad_factor
+                x, self.scale, zero, self.qmin, self.qmax, self.grad_factor(x)
             )
         if self.is_weight:
-            scale, zero = self.qparams(x)
+            scale, zero = self._weight_qparams(x)
         else:
             if self.training:
                 self._observe(x)
-            elif not bool(self.initialized):
+            elif not self.is_initialized():
                 raise RuntimeError("activation quantizer used in eval mode before any calibration batch")
             scale, zero = self.scale, self.zero_point
-        if self.per_channel:
-            return torch.fake_quantize_per_channel_affine(x, scale, zero, self.ch_axis, self.qmin, self.qmax)
-        return torch.fake_quantize_per_tensor_affine(x, scale, zero, self.qmin, self.qmax)
+        return fake_quant(x, scale, zero, self.qmin, self.qmax, axis)
 
     @torch.no_grad()
     def int_repr(self, x: torch.Tensor) -> torch.Tensor:
-        """Integer codes ``q`` with ``x_hat = S (q - Z)``."""
+        """Integer codes ``q`` with ``x_hat = S (q - Z)`` (the kernel's arithmetic)."""
         scale, zero = self.qparams(x)
         shape = [1] * x.dim()
         if self.per_channel:
             shape[self.ch_axis] = -1
-        # same arithmetic as torch's kernel: nearbyint(x * (1/S)) + Z
         q = torch.round(x * (1.0 / scale).reshape(shape)) + zero.reshape(shape)
         return q.clamp(self.qmin, self.qmax).to(torch.int32)
 

@@ -34,27 +34,40 @@ class _LogBase(nn.Module):
         # running max|x| for activations (weights use their own max at every call)
         self.register_buffer("max_abs", torch.zeros(n))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self._ready = False  # Python mirror of ``initialized``
 
+    @torch.no_grad()
     def _range(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_weight:
             return _absmax(x, self.per_channel, self.ch_axis)
         if self.training:
-            with torch.no_grad():
-                torch.maximum(self.max_abs, _absmax(x, self.per_channel, self.ch_axis), out=self.max_abs)
+            torch.maximum(self.max_abs, _absmax(x, self.per_channel, self.ch_axis), out=self.max_abs)
+            if not self._ready:
                 self.initialized.fill_(True)
+                self._ready = True
         return self.max_abs
 
+    @torch.no_grad()
+    def scale_max(self, x: torch.Tensor | None = None) -> torch.Tensor:
+        """The range ``M`` (per tensor or per channel, ``>= 1e-30``) that ``x`` is coded against
+        (a weight's own max|x|; an activation's running max|x|, which this does not update)."""
+        m = _absmax(x, self.per_channel, self.ch_axis) if self.is_weight else self.max_abs
+        return m.clamp_min(1e-30)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = _bcast(self._range(x).clamp_min(1e-30), x, self.per_channel, self.ch_axis)
-        q = self.dequantize(self.codes(x, m), m)
-        return x + (q - x).detach()  # straight-through estimator
+        with torch.no_grad():
+            m = _bcast(self._range(x).clamp_min(1e-30), x, self.per_channel, self.ch_axis)
+            q = self.dequantize(self.codes(x, m), m)
+        # straight-through estimator: the value is exactly q, the gradient is 1
+        return q + (x - x.detach())
 
     def n_qparams(self) -> tuple[int, int]:
         return self.max_abs.numel(), 0
 
     @torch.no_grad()
     def int_repr(self, x: torch.Tensor) -> torch.Tensor:
-        m = _bcast(self._range(x).clamp_min(1e-30), x, self.per_channel, self.ch_axis)
+        """Signed integer codes (see :meth:`codes`) against the range :meth:`scale_max`."""
+        m = _bcast(self.scale_max(x), x, self.per_channel, self.ch_axis)
         return self.codes(x, m).to(torch.int32)
 
 

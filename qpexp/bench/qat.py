@@ -1,0 +1,147 @@
+"""One QAT training step vs the fp32 step, side by side in one process (batch 100, one thread).
+
+Variants on the MNIST-1D CNN and MLP: fp32; qpexp QAT (w8a8, w4a8: per-channel symmetric weights,
+per-tensor asymmetric activations, min/max ranges); torch.ao.quantization eager QAT with the fbgemm
+QAT qconfig (fused fake-quant observers, per-channel weights, conv+ReLU fused). torch.ao's default
+QAT mappings lack ``Conv1d`` / ``ConvReLU1d``: without them the CNN's conv weights are silently never
+fake-quantized, so custom mappings are supplied and checked.
+
+Variants are interleaved round by round (a round times ``--steps`` steps of each variant), so
+machine noise hits them alike; each figure is the median over rounds of the per-step time, reported
+as a ratio to fp32 of the same model. Usage: ``python -m qpexp.bench qat [--rounds 15] [--steps 20]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qpexp.bench import emit
+from qpexp.core.quant import QuantConfig, QuantSpec, quantize_
+from qpexp.models import cnn1d, mlp
+
+BATCH = 100
+
+
+def qpexp_qat(model: nn.Module, bits_w: int, bits_a: int = 8) -> nn.Module:
+    cfg = QuantConfig(
+        weight=QuantSpec(bits=bits_w, granularity="channel", symmetric=True, range="minmax"),
+        act=QuantSpec(bits=bits_a, granularity="tensor", symmetric=False, range="minmax"),
+    )
+    return quantize_(copy.deepcopy(model), cfg)
+
+
+def torch_ao_qat(model: nn.Module) -> nn.Module:
+    """torch.ao eager-mode QAT with mappings that include Conv1d and ConvReLU1d."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import torch.ao.nn.intrinsic as nni
+        import torch.ao.nn.intrinsic.qat as nniqat
+        import torch.ao.nn.qat as nnqat
+        import torch.ao.quantization as tq
+
+        m = copy.deepcopy(model).train()
+        names = [n for n, _ in m.named_children()]
+        pairs = [
+            [a, b]
+            for a, b in zip(names, names[1:])
+            if isinstance(m.get_submodule(a), (nn.Conv1d, nn.Conv2d, nn.Linear)) and isinstance(m.get_submodule(b), nn.ReLU)
+        ]
+        tq.fuse_modules_qat(m, pairs, inplace=True)
+        wrapped = nn.Sequential(tq.QuantStub(), m, tq.DeQuantStub())
+        wrapped.qconfig = tq.get_default_qat_qconfig("fbgemm")
+        mapping = dict(tq.get_default_qat_module_mappings())
+        mapping[nn.Conv1d] = nnqat.Conv1d
+        mapping[nni.ConvReLU1d] = nniqat.ConvReLU1d
+        tq.prepare_qat(wrapped, mapping=mapping, inplace=True)
+    qat_layers = [
+        n for n, mod in wrapped.named_modules() if hasattr(mod, "weight_fake_quant") and isinstance(mod, (nn.Conv1d, nn.Linear))
+    ]
+    n_layers = sum(isinstance(mod, (nn.Conv1d, nn.Linear)) for mod in model.modules())
+    if len(qat_layers) != n_layers:
+        raise RuntimeError(f"torch.ao QAT fake-quantizes only {qat_layers} of {n_layers} layers")
+    return wrapped
+
+
+def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def time_steps(step, n: int) -> float:
+    t = time.perf_counter()
+    for _ in range(n):
+        step()
+    return (time.perf_counter() - t) / n
+
+
+def bench_model(name: str, model: nn.Module, rounds: int, steps: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(BATCH, 40, generator=g)
+    y = torch.randint(0, 10, (BATCH,), generator=g)
+    variants = {
+        "fp32": copy.deepcopy(model),
+        "qpexp w8a8": qpexp_qat(model, 8),
+        "qpexp w4a8": qpexp_qat(model, 4),
+        "torch.ao w8a8": torch_ao_qat(model),
+    }
+    stepper = {k: make_step(m, x, y) for k, m in variants.items()}
+    for s in stepper.values():  # warm-up (also calibrates the observers)
+        time_steps(s, 5)
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    ratios: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(rounds):
+        this = {k: time_steps(s, steps) for k, s in stepper.items()}
+        for k, v in this.items():
+            times[k].append(v)
+            ratios[k].append(v / this["fp32"])
+    rows = []
+    for k in variants:
+        rows.append(
+            {
+                "model": name,
+                "variant": k,
+                "ms/step": 1e3 * statistics.median(times[k]),
+                "x fp32": statistics.median(ratios[k]),
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m qpexp.bench qat", description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    rows = bench_model("cnn1d", cnn1d((40,), 10), a.rounds, a.steps)
+    rows += bench_model("mlp", mlp((40,), 10), a.rounds, a.steps)
+    figures = {}
+    for r in rows:
+        key = f"{r['model']}/{r['variant'].replace(' ', '_')}"
+        figures[f"{key}/x_fp32"] = round(r["x fp32"], 3)
+    for m in ("cnn1d", "mlp"):
+        ao = figures[f"{m}/torch.ao_w8a8/x_fp32"]
+        figures[f"{m}/qpexp_w8a8_vs_torch.ao"] = round(figures[f"{m}/qpexp_w8a8/x_fp32"] / ao, 3)
+    title = f"QAT training step vs fp32, batch {BATCH}, {a.threads} thread(s), median of {a.rounds} interleaved rounds"
+    emit(rows, figures, title)
+
+
+if __name__ == "__main__":
+    main()
