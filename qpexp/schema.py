@@ -27,6 +27,7 @@ class BaselineSchema:
     lr: float = 1e-2
     weight_decay: float = 0.0
     min_lr_frac: float = 0.0
+    label_smoothing: float = 0.1
     rewind_epoch: int = 1
 
 
@@ -47,6 +48,7 @@ class PruneSchema:
     finetune_epochs: int = 30
     lr: float = 1e-3
     weight_decay: float = 0.0
+    label_smoothing: float = 0.1
     max_acc_drop: float | None = None
     rewind: str | None = None
     agp_dt: int = 35
@@ -78,6 +80,7 @@ class QuantSchema:
     epochs: int = 20
     lr: float = 1e-3
     weight_decay: float = 0.0
+    label_smoothing: float = 0.1
     calib_batches: int = 10
 
 

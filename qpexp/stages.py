@@ -29,7 +29,7 @@ def _state(model: torch.nn.Module) -> dict:
 
 
 class Stage(L.LightningModule):
-    """Trains ``model`` with Adam and a cosine schedule (restarted every ``cycle_epochs``),
+    """Trains ``model`` with AdamW (label smoothing optional) and a cosine schedule (restarted every ``cycle_epochs``),
     logs ``<stage>/train/loss``, ``<stage>/train/acc``, ``<stage>/val/acc``, ``<stage>/test/acc``
     and keeps the weights of the best validation epoch (``select_best``)."""
 
@@ -44,8 +44,10 @@ class Stage(L.LightningModule):
         weight_decay: float = 0.0,
         cycle_epochs: int | None = None,
         min_lr_frac: float = 0.0,
+        label_smoothing: float = 0.0,
     ):
         super().__init__()
+        self.label_smoothing = label_smoothing
         self.model = model
         self.lr, self.epochs, self.weight_decay = lr, epochs, weight_decay
         self.cycle_epochs = cycle_epochs or max(epochs, 1)
@@ -63,7 +65,7 @@ class Stage(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         logits = self.model(x)
-        loss = F.cross_entropy(logits, y)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         if not torch.isfinite(loss):
             raise DivergenceError(
                 f"{self.stage}: training loss became {loss.item()} at epoch {self.current_epoch}, batch {batch_idx}"
@@ -103,7 +105,7 @@ class Stage(L.LightningModule):
 
     # -- optimizer --------------------------------------------------------------------------------
     def configure_optimizers(self):
-        opt = torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         cycle, floor = self.cycle_epochs, self.min_lr_frac
 
         def factor(epoch: int) -> float:

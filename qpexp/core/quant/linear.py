@@ -48,19 +48,25 @@ def affine_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: boo
 
 
 class _FakeQuant(torch.autograd.Function):
-    """``clamp(round(x/S), qmin-Z, qmax-Z) * S`` (the same numbers as torch's kernel, see module doc)."""
+    """``(clamp(round(x/S) + Z, qmin, qmax) - Z) S`` with the straight-through estimator.
+
+    The same numbers as torch's kernel (see the module doc). ``r = round(x/S) + Z`` is integer-valued,
+    so "``qmin <= r <= qmax``" (the kernel's gradient mask) is "``qmin - 1/2 < r < qmax + 1/2``":
+    ``hardtanh_backward`` computes it in one vectorized float op (comparisons into a bool mask
+    are a slow path on CPU).
+    """
 
     @staticmethod
-    def forward(ctx, x, inv_scale, scale, lo, hi):
-        r = torch.round(x * inv_scale)
-        q = torch.clamp(r, lo, hi)
-        ctx.save_for_backward(q == r)
-        return q.mul_(scale)
+    def forward(ctx, x, inv_scale, scale, zero, qmin, qmax):
+        r = torch.round(x * inv_scale).add_(zero)
+        ctx.save_for_backward(r)
+        ctx.bounds = (qmin - 0.5, qmax + 0.5)
+        return r.clamp(qmin, qmax).sub_(zero).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
-        (inside,) = ctx.saved_tensors
-        return grad * inside, None, None, None, None
+        (r,) = ctx.saved_tensors
+        return torch.ops.aten.hardtanh_backward(grad, r, *ctx.bounds), None, None, None, None, None
 
 
 def fake_quant(
@@ -79,8 +85,7 @@ def fake_quant(
         shape = [1] * x.dim()
         shape[ch_axis] = -1
         scale, zero = scale.reshape(shape), zero.reshape(shape)
-    zf = zero.to(scale.dtype)
-    return _FakeQuant.apply(x, 1.0 / scale, scale, qmin - zf, qmax - zf)
+    return _FakeQuant.apply(x, 1.0 / scale, scale, zero.to(scale.dtype), qmin, qmax)
 
 
 class LinearQuantizer(nn.Module):
