@@ -23,6 +23,20 @@ def config_dir() -> str:
     raise RuntimeError(f"qpexp: no conf/ folder found next to {here}")
 
 
+def point_dirname(override_dirname: str) -> str:
+    """A sweep point's folder name from its overrides: no path separators, at most ~120 characters."""
+    import hashlib
+
+    name = override_dirname.replace("/", "_").replace("\\", "_") or "default"
+    if len(name) > 120:
+        name = f"{name[:100]}-{hashlib.sha1(name.encode()).hexdigest()[:12]}"
+    return name
+
+
+if not OmegaConf.has_resolver("qpexp_point"):
+    OmegaConf.register_new_resolver("qpexp_point", point_dirname)
+
+
 def summary_table(record: dict) -> str:
     head = f"{'stage':<9} {'val acc':>8} {'test acc':>8} {'sparsity':>8} {'bits w/a':>9} {'size bits':>10} {'ratio':>7} {'seconds':>8}"
     lines = [head, "-" * len(head)]

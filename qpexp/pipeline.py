@@ -25,7 +25,7 @@ from qpexp.cache import StageCache, cache_key
 from qpexp.core.accounting import count_params, layer_views, model_macs, size_bits
 from qpexp.core.prune import ensure_masks
 from qpexp.core.quant import quantize_
-from qpexp.io import atomic_write_json, read_json
+from qpexp.io import atomic_write_json, read_json, safe_torch_load
 from qpexp.schema import plain_config, prune_config, quant_config, validate
 from qpexp.stages import BaselineStage, PruneStage, QATStage
 
@@ -111,7 +111,9 @@ def fit(module, dm, epochs: int, work_dir: Path, logger, trainer_cfg: dict) -> f
     }
     with quiet_lightning():
         trainer = L.Trainer(max_epochs=epochs, logger=logger or False, callbacks=[ckpt], **opts)
-        trainer.fit(module, datamodule=dm, ckpt_path=str(last) if last.exists() else None)
+        if last.exists():
+            safe_torch_load(last)  # refuse a crafted checkpoint with a clear error before Lightning reads it
+        trainer.fit(module, datamodule=dm, ckpt_path=str(last) if last.exists() else None, weights_only=True)
     module.select_best()
     return time.perf_counter() - start
 

@@ -57,7 +57,7 @@ def _scalar(v) -> bool:
 
 
 def wandb_init(run_dir: Path, project: str, group: str | None, job_type: str, name: str | None, config: dict,
-               mode: str | None = None, tags=None):
+               mode: str | None = None, tags=None, init_timeout: float = 20):
     """``wandb.init`` that honours WANDB_MODE, defaults to offline and falls back to offline on failure."""
     import wandb
 
@@ -68,7 +68,7 @@ def wandb_init(run_dir: Path, project: str, group: str | None, job_type: str, na
     kwargs = dict(project=project, group=group, job_type=job_type, name=name, config=config,
                   dir=str(run_dir), reinit="finish_previous", tags=tags)
     try:
-        return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=30, silent=True), **kwargs)
+        return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=init_timeout, silent=True), **kwargs)
     except Exception as e:
         if mode == "offline":
             raise
@@ -96,6 +96,7 @@ def make_tracker(logger_cfg, run_dir: Path, config: dict, name: str | None = Non
             config=config,
             mode=logger_cfg.get("mode"),
             tags=list(logger_cfg.get("tags") or []),
+            init_timeout=float(logger_cfg.get("init_timeout") or 20),
         )
         return Tracker("wandb", run_dir, run=run, logger=WandbLogger(experiment=run))
     raise ValueError(f"logger.kind={kind!r} is unknown: use wandb, csv or none")

@@ -52,7 +52,8 @@ def torch_ao_qat(model: nn.Module) -> nn.Module:
         pairs = [
             [a, b]
             for a, b in zip(names, names[1:])
-            if isinstance(m.get_submodule(a), (nn.Conv1d, nn.Conv2d, nn.Linear)) and isinstance(m.get_submodule(b), nn.ReLU)
+            if isinstance(m.get_submodule(a), (nn.Conv1d, nn.Conv2d, nn.Linear))
+            and isinstance(m.get_submodule(b), nn.ReLU)
         ]
         tq.fuse_modules_qat(m, pairs, inplace=True)
         wrapped = nn.Sequential(tq.QuantStub(), m, tq.DeQuantStub())
@@ -62,7 +63,9 @@ def torch_ao_qat(model: nn.Module) -> nn.Module:
         mapping[nni.ConvReLU1d] = nniqat.ConvReLU1d
         tq.prepare_qat(wrapped, mapping=mapping, inplace=True)
     qat_layers = [
-        n for n, mod in wrapped.named_modules() if hasattr(mod, "weight_fake_quant") and isinstance(mod, (nn.Conv1d, nn.Linear))
+        n
+        for n, mod in wrapped.named_modules()
+        if hasattr(mod, "weight_fake_quant") and isinstance(mod, (nn.Conv1d, nn.Linear))
     ]
     n_layers = sum(isinstance(mod, (nn.Conv1d, nn.Linear)) for mod in model.modules())
     if len(qat_layers) != n_layers:
@@ -139,7 +142,10 @@ def main(argv: list[str] | None = None) -> None:
     for m in ("cnn1d", "mlp"):
         ao = figures[f"{m}/torch.ao_w8a8/x_fp32"]
         figures[f"{m}/qpexp_w8a8_vs_torch.ao"] = round(figures[f"{m}/qpexp_w8a8/x_fp32"] / ao, 3)
-    title = f"QAT training step vs fp32, batch {BATCH}, {a.threads} thread(s), median of {a.rounds} interleaved rounds"
+    title = (
+        f"QAT training step vs fp32, batch {BATCH}, {a.threads} thread(s), "
+        f"median of {a.rounds} interleaved rounds"
+    )
     emit(rows, figures, title)
 
 

@@ -335,7 +335,7 @@ def channel_prune_step(
             if try_remove(g, c, goal) == "stop":
                 break
     masks.write()
-    return {name: 1.0 - float(t.mean()) for name, t in masks.layers}
+    return {name: (layer_n[name] - masks.alive[name]) / layer_n[name] for name, _ in masks.layers}
 
 
 # -- physical pruning ------------------------------------------------------------------------------

@@ -58,7 +58,8 @@ def fold_batchnorm_(model: nn.Module) -> int:
         names = list(seq._modules)
         for a, b in zip(names, names[1:]):
             conv, bn = seq._modules[a], seq._modules[b]
-            if not (isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and isinstance(bn, nn.modules.batchnorm._BatchNorm)):
+            is_conv = isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+            if not (is_conv and isinstance(bn, nn.modules.batchnorm._BatchNorm)):
                 continue
             with torch.no_grad():
                 std = torch.sqrt(bn.running_var + bn.eps)

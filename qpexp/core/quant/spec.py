@@ -31,11 +31,13 @@ class QuantSpec:
     range: str = "minmax"
     ema_decay: float = 0.9
 
-    def validate(self, key: str) -> None:
+    def validate(self, key: str, bits_key: str | None = None) -> None:
+        """Raise ValueError naming the config key (``key.scheme``...; ``bits_key`` for the width)."""
+        bk = bits_key or f"{key}.bits"
         if isinstance(self.bits, bool) or not isinstance(self.bits, int):
-            raise ValueError(f"{key}.bits must be an integer in {ALLOWED_BITS} or 32, got {self.bits!r}")
+            raise ValueError(f"{bk} must be an integer in {ALLOWED_BITS} or 32, got {self.bits!r}")
         if self.bits not in ALLOWED_BITS and self.bits != FLOAT_BITS:
-            raise ValueError(f"{key}.bits={self.bits} is not allowed: use one of {ALLOWED_BITS} or 32 (float)")
+            raise ValueError(f"{bk}={self.bits} is not allowed: use one of {ALLOWED_BITS} or 32 (float)")
         if self.scheme not in SCHEMES and "." not in self.scheme:
             raise ValueError(f"{key}.scheme={self.scheme!r} is unknown: use one of {sorted(SCHEMES)}")
         if self.granularity not in GRANULARITIES:
@@ -71,12 +73,12 @@ class QuantConfig:
     fold_bn: bool = True
 
     def validate(self) -> None:
-        self.weight.validate("quant.weight")
-        self.act.validate("quant.act")
+        self.weight.validate("quant", "quant.bits_w")
+        self.act.validate("quant.act", "quant.bits_a")
         if self.act.granularity == "channel":
             raise ValueError("quant.act.granularity='channel' is not supported: activations are per-tensor")
         for name, b in (("quant.first_bits", self.first_bits), ("quant.last_bits", self.last_bits)):
             if b is not None:
-                QuantSpec(bits=b).validate(name.rsplit(".bits", 1)[0])
+                QuantSpec(bits=b).validate(name, name)
         for pat, b in self.overrides.items():
-            QuantSpec(bits=b).validate(f"quant.overrides[{pat!r}]")
+            QuantSpec(bits=b).validate("quant.overrides", f"quant.overrides[{pat!r}]")

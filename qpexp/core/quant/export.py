@@ -1,0 +1,746 @@
+"""Convert phase: a fake-quantized model becomes a real integer model in one file, and back.
+
+``convert(model, path)`` walks a (nested) ``nn.Sequential`` of conv/linear layers (plain or wrapped
+by ``quantize_``), ReLU, max-pooling, Flatten, Reshape, BatchNorm, Dropout and Identity, and stores:
+
+* each quantized weight as integer codes (8 bits: one ``int8``/``uint8`` per code; other widths
+  bit-packed, ``code - qmin`` in ``b`` bits, little-endian), laid out like the accounting in
+  :mod:`qpexp.core.accounting` does it: ``dense``, ``bitmask`` (1 bit per position, then the stored
+  codes) or ``relative`` (4-bit gaps between stored positions, a filler entry per 16-position run
+  without one, Deep Compression style), the cheapest one. A pruned layer (a ``weight_mask`` that is
+  not all ones) always uses a sparse layout over its *mask*, so the pruning layout comes back
+  exactly, including kept weights that quantized to zero; other layers store the nonzero codes;
+* scales (``float32``, per tensor or per output channel) and zero points (``int32``; symmetric
+  quantizers have ``Z = 0`` implicitly, none stored); the log schemes' per-tensor/channel ``max|x|``;
+* each activation quantizer's scale and zero point (or ``max|x|``);
+* biases, BatchNorm tensors and unquantized weights as ``float32``.
+
+The file holds one JSON header (the architecture, every quantizer's settings, and where each tensor
+lies; zlib-compressed UTF-8) and one byte blob with the tensors back to back (byte aligned, nothing
+else): ``.pt`` is ``{"format": str, "header": uint8 tensor, "blob": uint8 tensor}`` and loads with
+``torch.load(weights_only=True)``; ``.npz`` holds the uint8 arrays ``header`` and ``blob`` and loads
+with ``numpy.load(allow_pickle=False)``.
+
+``load(path)`` rebuilds a runnable :class:`IntegerModel`. ``arithmetic="integer"`` (default) computes
+each conv/linear layer with both operands linear-quantized as an exact integer accumulation
+``sum (q_x - Z_x)(q_w - Z_w)`` (held in float64, checked to stay below 2^53), rescaled once by
+``S_x S_w`` and added to the float bias: logits match the fake-quantized model within float
+rounding. ``arithmetic="float"`` dequantizes codes with the fake-quantize kernel's own arithmetic
+and reproduces the fake-quantized model's logits bit for bit. Either way the integer codes (weights
+and activations) are exactly the fake-quantized model's.
+
+Why ``file bytes * 8`` differs from ``size_bits``: the accounting counts the payload only (codes in
+the cheapest layout, a 2-bit format flag per weight tensor, 32 bits per scale, stored zero point,
+bias and other float). The file adds the JSON header (architecture, settings, tensor offsets), the
+container (zip entries of ``.pt``/``.npz``), up to 7 bits of padding per packed tensor (every tensor
+starts on a byte), and, for pruned layers, the codes of kept weights that quantized to zero (the
+accounting's layout covers nonzero codes only; the file keeps the pruning mask); it stores the
+format flag in the header rather than as 2 bits. :func:`package_stats` breaks the bytes down.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qpexp.core.accounting import FLAG_BITS, INDEX_BITS
+from qpexp.core.quant.linear import LinearQuantizer
+from qpexp.core.quant.log import CompandingQuantizer, Pow2Quantizer, _bcast
+from qpexp.core.quant.spec import QuantSpec
+
+FORMAT = "qpexp.intmodel/1"
+CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+LOG_SCHEMES = {"log": Pow2Quantizer, "companding": CompandingQuantizer}
+EXACT_INT = 2**53  # float64 holds every integer below this exactly
+
+
+# -- walking the model ----------------------------------------------------------------------------
+def _flat_children(model: nn.Module, prefix: str = ""):
+    """Leaf modules in forward order: nested Sequentials flattened, quantization wrappers kept whole."""
+    if not isinstance(model, nn.Sequential):
+        raise NotImplementedError(
+            f"convert: only nn.Sequential models are supported (got {type(model).__name__})"
+        )
+    for name, m in model.named_children():
+        full = f"{prefix}{name}"
+        if isinstance(m, nn.Sequential):
+            yield from _flat_children(m, full + ".")
+        else:
+            yield full, m
+
+
+def _tuple(v) -> list[int]:
+    return list(v) if isinstance(v, (tuple, list)) else [v]
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().contiguous().numpy().copy()
+
+
+def _weight_ir(layer: nn.Module, wq: nn.Module | None) -> dict:
+    """A layer's weight: integer codes and qparams (quantized) or float values, and its mask."""
+    w = layer.weight.detach()
+    mask = getattr(layer, "weight_mask", None)
+    mask = None if mask is None or bool((mask != 0).all()) else _np(mask != 0)
+    if wq is None:
+        return {"scheme": "float", "shape": list(w.shape), "values": _np(w.float()), "mask": mask}
+    per_channel = bool(getattr(wq, "per_channel", False))
+    ir = {
+        "bits": int(wq.bits),
+        "shape": list(w.shape),
+        "per_channel": per_channel,
+        "ch_axis": int(wq.ch_axis),
+        "mask": mask,
+    }
+    with torch.no_grad():
+        codes = wq.int_repr(w)
+        if isinstance(wq, LinearQuantizer):
+            scale, zero = wq.qparams(w)
+            ir.update(
+                scheme="linear",
+                symmetric=bool(wq.symmetric),
+                qmin=wq.qmin,
+                qmax=wq.qmax,
+                scale=_np(scale.float()),
+            )
+            ir["zero_point"] = None if wq.symmetric else _np(zero.to(torch.int32))
+        elif isinstance(wq, (Pow2Quantizer, CompandingQuantizer)):
+            a = 2 ** (wq.bits - 1) - 1
+            scheme = "log" if isinstance(wq, Pow2Quantizer) else "companding"
+            ir.update(scheme=scheme, symmetric=True, qmin=-a, qmax=a, max_abs=_np(wq.scale_max(w).float()))
+        else:
+            raise NotImplementedError(f"convert: weight quantizer {type(wq).__name__} has no integer export")
+    ir["codes"] = _np(codes.to(torch.int32))
+    return ir
+
+
+def _act_ir(aq: nn.Module | None) -> dict | None:
+    if aq is None:
+        return None
+    if isinstance(aq, LinearQuantizer):
+        if aq.range != "lsq" and not aq.is_initialized():
+            raise RuntimeError(
+                "convert: an activation quantizer was never calibrated (run a batch in train mode)"
+            )
+        scale, zero = aq.qparams()
+        return {
+            "scheme": "linear",
+            "bits": int(aq.bits),
+            "symmetric": bool(aq.symmetric),
+            "qmin": aq.qmin,
+            "qmax": aq.qmax,
+            "scale": _np(scale.float().reshape(-1)),
+            "zero_point": None if aq.symmetric else _np(zero.to(torch.int32).reshape(-1)),
+        }
+    if isinstance(aq, (Pow2Quantizer, CompandingQuantizer)):
+        a = 2 ** (aq.bits - 1) - 1
+        scheme = "log" if isinstance(aq, Pow2Quantizer) else "companding"
+        return {
+            "scheme": scheme,
+            "bits": int(aq.bits),
+            "symmetric": True,
+            "qmin": -a,
+            "qmax": a,
+            "per_channel": bool(aq.per_channel),
+            "max_abs": _np(aq.scale_max().float()),
+        }
+    raise NotImplementedError(f"convert: activation quantizer {type(aq).__name__} has no integer export")
+
+
+def model_ir(model: nn.Module, quantized: bool = True) -> list[dict]:
+    """The model as a list of op descriptions with numpy tensors (what the file stores, decoded).
+
+    ``quantized=False`` describes the float model under the quantizers (latent weights, no
+    activation quantization): the fp32 reference for deployment comparisons.
+    """
+    ops = []
+    for name, m in _flat_children(model):
+        layer, wq, aq = m, None, None
+        if hasattr(m, "layer") and hasattr(m, "wq") and hasattr(m, "aq"):
+            layer, wq, aq = m.layer, m.wq, m.aq
+            if not quantized:
+                wq = aq = None
+        if isinstance(layer, (*CONV, nn.Linear)):
+            op = {"name": name, "op": type(layer).__name__}
+            if isinstance(layer, CONV):
+                if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+                    raise NotImplementedError(f"convert: {name}: only numeric zero padding is supported")
+                op.update(
+                    stride=_tuple(layer.stride),
+                    padding=_tuple(layer.padding),
+                    dilation=_tuple(layer.dilation),
+                    groups=int(layer.groups),
+                )
+            op["weight"] = _weight_ir(layer, wq)
+            op["bias"] = None if layer.bias is None else _np(layer.bias.float())
+            op["act"] = _act_ir(aq)
+            ops.append(op)
+        elif isinstance(layer, nn.ReLU):
+            ops.append({"name": name, "op": "ReLU"})
+        elif isinstance(layer, (nn.Identity, nn.Dropout)):
+            continue
+        elif isinstance(layer, nn.Flatten):
+            ops.append(
+                {"name": name, "op": "Flatten", "start_dim": layer.start_dim, "end_dim": layer.end_dim}
+            )
+        elif type(layer).__name__ == "Reshape" and hasattr(layer, "shape"):
+            ops.append({"name": name, "op": "Reshape", "shape": [int(s) for s in layer.shape]})
+        elif isinstance(layer, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
+            if layer.return_indices:
+                raise NotImplementedError(f"convert: {name}: max pooling with return_indices")
+            nd = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}[type(layer)]
+
+            def rep(v, nd=nd):
+                return list(v) if isinstance(v, (tuple, list)) else [v] * nd
+
+            ops.append(
+                {
+                    "name": name,
+                    "op": type(layer).__name__,
+                    "kernel_size": rep(layer.kernel_size),
+                    "stride": rep(layer.stride or layer.kernel_size),
+                    "padding": rep(layer.padding),
+                    "dilation": rep(layer.dilation),
+                    "ceil_mode": bool(layer.ceil_mode),
+                }
+            )
+        elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            if not layer.track_running_stats:
+                raise NotImplementedError(f"convert: {name}: BatchNorm without running statistics")
+            ops.append(
+                {
+                    "name": name,
+                    "op": "BatchNorm",
+                    "eps": float(layer.eps),
+                    "mean": _np(layer.running_mean.float()),
+                    "var": _np(layer.running_var.float()),
+                    "gamma": None if layer.weight is None else _np(layer.weight.float()),
+                    "beta": None if layer.bias is None else _np(layer.bias.float()),
+                }
+            )
+        else:
+            raise NotImplementedError(f"convert: {name}: module type {type(layer).__name__} is not supported")
+    return ops
+
+
+# -- bit packing and sparse layouts ---------------------------------------------------------------
+def pack_bits(u: np.ndarray, bits: int) -> np.ndarray:
+    """Non-negative integers below ``2^bits`` packed into bytes, ``bits`` each, little-endian."""
+    u = np.asarray(u, dtype=np.int64).reshape(-1)
+    if u.size and (u.min() < 0 or u.max() >= 2**bits):
+        raise ValueError(f"pack_bits: values outside [0, 2^{bits})")
+    if bits == 8:
+        return u.astype(np.uint8)
+    planes = ((u[:, None] >> np.arange(bits)) & 1).astype(np.uint8)
+    return np.packbits(planes.reshape(-1), bitorder="little")
+
+
+def unpack_bits(buf: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits` (int64)."""
+    buf = np.asarray(buf, dtype=np.uint8)
+    if bits == 8:
+        return buf[:count].astype(np.int64)
+    planes = np.unpackbits(buf, count=count * bits, bitorder="little").reshape(count, bits).astype(np.int64)
+    return (planes << np.arange(bits)).sum(1)
+
+
+def relative_entries(keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Deep Compression relative indexing of the kept positions of a flat mask.
+
+    Returns (gap index per entry in ``[0, 15]``, flat position per entry). An entry ``d`` says
+    "skip ``d`` positions, then one stored value"; a run of ``d >= 16`` positions without a kept
+    one takes ``d // 16`` filler entries (each ``d = 15`` with the zero code as its value).
+    """
+    pos = np.flatnonzero(keep)
+    if pos.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    span = 2**INDEX_BITS
+    d = np.diff(pos, prepend=-1) - 1
+    fillers = d // span
+    reps = fillers + 1
+    entry_d = np.full(int(reps.sum()), span - 1, np.int64)
+    last = np.cumsum(reps) - 1  # the real entry closes each group
+    entry_d[last] = d - fillers * span
+    entry_pos = np.cumsum(entry_d + 1) - 1
+    return entry_d, entry_pos
+
+
+def layout_bits(n: int, nnz: int, n_entries: int, bits: int) -> dict[str, int]:
+    """Payload bits of each layout, as :func:`qpexp.core.accounting.tensor_bits` counts them."""
+    return {"dense": n * bits, "bitmask": nnz * bits + n, "relative": n_entries * (bits + INDEX_BITS)}
+
+
+def _zero_codes(ir: dict) -> np.ndarray:
+    """The code that means 0.0 at every position (``Z`` of the position's channel; 0 if symmetric)."""
+    shape = ir["shape"]
+    if ir["scheme"] == "float":
+        return np.zeros(shape, np.float32)
+    zero = ir.get("zero_point")
+    if zero is None:
+        return np.zeros(shape, np.int64)
+    zero = zero.astype(np.int64)
+    if ir["per_channel"]:
+        bshape = [1] * len(shape)
+        bshape[ir["ch_axis"]] = -1
+        return np.broadcast_to(zero.reshape(bshape), shape).copy()
+    return np.full(shape, int(zero.reshape(-1)[0]), np.int64)
+
+
+# -- the file -------------------------------------------------------------------------------------
+class _Blob:
+    def __init__(self):
+        self.parts: list[bytes] = []
+        self.offset = 0
+
+    def add(self, arr: np.ndarray, **meta) -> dict:
+        data = np.ascontiguousarray(arr).tobytes()
+        seg = {"offset": self.offset, "nbytes": len(data), **meta}
+        self.parts.append(data)
+        self.offset += len(data)
+        return seg
+
+    def add_array(self, arr: np.ndarray | None) -> dict | None:
+        if arr is None:
+            return None
+        return self.add(arr, dtype=str(arr.dtype), shape=list(arr.shape))
+
+    def add_codes(self, codes: np.ndarray, bits: int, low: int, int8: bool = False) -> dict:
+        """Codes as int8 (``int8``) or bit-packed ``code - low`` in ``bits`` bits."""
+        codes = np.asarray(codes, np.int64).reshape(-1)
+        if int8:
+            return self.add(codes.astype(np.int8), dtype="int8", count=int(codes.size))
+        return self.add(
+            pack_bits(codes - low, bits), dtype="packed", bits=bits, offset_by=low, count=int(codes.size)
+        )
+
+
+def _filler_code(ir: dict) -> int | float | None:
+    """The value a relative-layout filler of a *pruned* layer carries, so that the mask comes back
+    exactly: a code outside the quantizer's range (symmetric and log codes leave one of the
+    ``2^b`` patterns free), NaN for float weights; None where every pattern is taken (asymmetric)."""
+    if ir["scheme"] == "float":
+        return float("nan")
+    if not ir["symmetric"]:
+        return None
+    return ir["qmin"] - 1 if _int8_codes(ir) else ir["qmax"] + 1
+
+
+def _int8_codes(ir: dict) -> bool:
+    return ir["bits"] == 8 and ir["qmin"] < 0
+
+
+def _encode_weight(ir: dict, blob: _Blob) -> dict:
+    scheme = ir["scheme"]
+    bits = 32 if scheme == "float" else ir["bits"]
+    flat = ir["values" if scheme == "float" else "codes"].reshape(-1)
+    zero = _zero_codes(ir).reshape(-1)
+    pruned = ir["mask"] is not None
+    if pruned:  # the layout is the pruning mask
+        keep = ir["mask"].reshape(-1)
+        candidates = ("bitmask", "relative") if _filler_code(ir) is not None else ("bitmask",)
+    else:
+        keep, candidates = flat != zero, ("dense", "bitmask", "relative")
+    entry_d, entry_pos = relative_entries(keep)
+    costs = layout_bits(flat.size, int(keep.sum()), entry_d.size, bits)
+    layout = min(candidates, key=costs.get)
+    out = {
+        k: v for k, v in ir.items() if k not in ("codes", "values", "mask", "scale", "zero_point", "max_abs")
+    }
+    out.update(layout=layout, pruned=pruned, payload_bits=costs[layout] + FLAG_BITS)
+    out["positions"] = None
+    if layout == "dense":
+        stored = flat
+    elif layout == "bitmask":
+        stored = flat[keep]
+        bitmask = np.packbits(keep.astype(np.uint8), bitorder="little")
+        out["positions"] = blob.add(bitmask, dtype="bitmask", count=int(keep.size))
+    else:
+        stored = flat[entry_pos]
+        if pruned:
+            stored = stored.astype(np.float32 if scheme == "float" else np.int64)
+            stored[~keep[entry_pos]] = _filler_code(ir)
+        gaps = pack_bits(entry_d, INDEX_BITS)
+        out["positions"] = blob.add(
+            gaps, dtype="packed", bits=INDEX_BITS, offset_by=0, count=int(entry_d.size)
+        )
+    if scheme == "float":
+        out["values"] = blob.add_array(np.asarray(stored, np.float32))
+    else:
+        out["values"] = blob.add_codes(stored, bits, ir["qmin"], int8=_int8_codes(ir))
+    for k in ("scale", "zero_point", "max_abs"):
+        if k in ir:
+            out[k] = blob.add_array(ir[k])
+    return out
+
+
+def _decode_segment(blob: np.ndarray, seg: dict | None) -> np.ndarray | None:
+    if seg is None:
+        return None
+    raw = blob[seg["offset"] : seg["offset"] + seg["nbytes"]]
+    if seg["dtype"] == "packed":
+        return unpack_bits(raw, seg["bits"], seg["count"]) + seg["offset_by"]
+    if seg["dtype"] == "bitmask":
+        return np.unpackbits(raw, count=seg["count"], bitorder="little").astype(bool)
+    if seg["dtype"] == "int8":
+        return raw.view(np.int8)[: seg["count"]].astype(np.int64)
+    return raw.view(np.dtype(seg["dtype"])).reshape(seg["shape"]).copy()
+
+
+def _decode_weight(w: dict, blob: np.ndarray) -> dict:
+    ir = {k: v for k, v in w.items() if k not in ("values", "positions", "scale", "zero_point", "max_abs")}
+    for k in ("scale", "zero_point", "max_abs"):
+        if k in w:
+            ir[k] = _decode_segment(blob, w[k])
+    values = _decode_segment(blob, w["values"])
+    flat = _zero_codes(ir).reshape(-1)
+    keep = None
+    if w["layout"] == "dense":
+        flat = values.astype(flat.dtype)
+    elif w["layout"] == "bitmask":
+        keep = _decode_segment(blob, w["positions"])
+        flat[keep] = values
+    else:
+        pos = np.cumsum(_decode_segment(blob, w["positions"]) + 1) - 1
+        real = np.ones(pos.size, bool)
+        if w["pruned"]:
+            marker = _filler_code(ir)
+            real = ~np.isnan(values) if w["scheme"] == "float" else values != marker
+        flat[pos[real]] = values[real]
+        keep = np.zeros(flat.size, bool)
+        keep[pos[real]] = True
+    ir["values" if w["scheme"] == "float" else "codes"] = flat.reshape(w["shape"])
+    ir["mask"] = keep.reshape(w["shape"]) if w["pruned"] else None
+    return ir
+
+
+def encode(ops: list[dict]) -> tuple[str, np.ndarray]:
+    """(JSON header, byte blob) for an op list from :func:`model_ir`."""
+    blob = _Blob()
+    out = []
+    for op in ops:
+        o = {}
+        for k, v in op.items():
+            if k == "weight":
+                o[k] = _encode_weight(v, blob)
+            elif k == "act" and v is not None:
+                o[k] = {
+                    kk: (blob.add_array(vv) if isinstance(vv, np.ndarray) else vv) for kk, vv in v.items()
+                }
+            elif isinstance(v, np.ndarray):
+                o[k] = blob.add_array(v)
+            else:
+                o[k] = v
+        out.append(o)
+    header = json.dumps({"format": FORMAT, "ops": out}, separators=(",", ":"))
+    data = np.frombuffer(b"".join(blob.parts), dtype=np.uint8).copy()
+    return header, data
+
+
+def decode(header: str, blob: np.ndarray) -> list[dict]:
+    """Inverse of :func:`encode`: the op list with numpy tensors."""
+    meta = json.loads(header)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"not a {FORMAT} file (format={meta.get('format')!r})")
+    ops = []
+    for o in meta["ops"]:
+        op = {}
+        for k, v in o.items():
+            if k == "weight":
+                op[k] = _decode_weight(v, blob)
+            elif k == "act" and v is not None:
+                op[k] = {
+                    kk: (_decode_segment(blob, vv) if isinstance(vv, dict) else vv) for kk, vv in v.items()
+                }
+            elif isinstance(v, dict) and "offset" in v:
+                op[k] = _decode_segment(blob, v)
+            else:
+                op[k] = v
+        ops.append(op)
+    return ops
+
+
+def save_package(header: str, blob: np.ndarray, path: str | Path) -> Path:
+    """Write ``.pt`` (``torch.load(weights_only=True)``) or ``.npz`` (no pickle) by suffix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    head = np.frombuffer(zlib.compress(header.encode(), 9), np.uint8)
+    if path.suffix == ".npz":
+        with open(path, "wb") as f:
+            np.savez(f, header=head, blob=blob)
+    elif path.suffix in (".pt", ".pth"):
+        torch.save(
+            {"format": FORMAT, "header": torch.from_numpy(head.copy()), "blob": torch.from_numpy(blob)}, path
+        )
+    else:
+        raise ValueError(f"convert: unknown file type {path.suffix!r}: use .pt or .npz")
+    return path
+
+
+def read_package(path: str | Path) -> tuple[str, np.ndarray]:
+    """(header, blob) of a file written by :func:`convert` (no pickle is executed)."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            head, blob = z["header"], z["blob"].copy()
+    else:
+        pkg = torch.load(path, weights_only=True)
+        if not isinstance(pkg, dict) or pkg.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a {FORMAT} file")
+        head, blob = pkg["header"].numpy(), pkg["blob"].numpy().copy()
+    return zlib.decompress(head.tobytes()).decode(), blob
+
+
+def package_stats(path: str | Path) -> dict:
+    """Where the bytes of a converted file go: payload (the blob), JSON header, container, and the
+    payload the accounting formulas predict (codes in their layout, format flags, qparams, floats)."""
+    path = Path(path)
+    header, blob = read_package(path)
+    meta = json.loads(header)
+    predicted = 0
+    for op in meta["ops"]:
+        if "weight" in op:
+            w = op["weight"]
+            predicted += (
+                w["payload_bits"] if w["scheme"] != "float" or w["pruned"] else math.prod(w["shape"]) * 32
+            )
+            for k in ("scale", "zero_point", "max_abs"):
+                if w.get(k):
+                    predicted += 8 * w[k]["nbytes"]
+        for k, v in op.items():
+            if k == "act" and v:
+                predicted += sum(8 * s["nbytes"] for s in v.values() if isinstance(s, dict))
+            elif k != "weight" and isinstance(v, dict) and "offset" in v:
+                predicted += 8 * v["nbytes"]
+    size = path.stat().st_size
+    return {
+        "file_bytes": size,
+        "payload_bytes": int(blob.size),
+        "header_bytes": len(zlib.compress(header.encode(), 9)),
+        "container_bytes": size - int(blob.size) - len(zlib.compress(header.encode(), 9)),
+        "accounted_payload_bits": int(predicted),
+    }
+
+
+# -- the runnable integer model -------------------------------------------------------------------
+class _Reshape(nn.Module):
+    def __init__(self, shape):
+        super().__init__()
+        self.shape = tuple(shape)
+
+    def forward(self, x):
+        return x.reshape(x.shape[0], *self.shape)
+
+
+def _log_quantizer(spec: dict, is_weight: bool, channels: int) -> nn.Module:
+    cls = LOG_SCHEMES[spec["scheme"]]
+    gran = "channel" if spec.get("per_channel") else "tensor"
+    return cls(
+        QuantSpec(bits=spec["bits"], scheme=spec["scheme"], granularity=gran),
+        is_weight=is_weight,
+        channels=channels,
+        ch_axis=spec.get("ch_axis", 0),
+    )
+
+
+class IntegerLayer(nn.Module):
+    """A conv/linear layer running from integer codes (see the module doc for the two arithmetics).
+
+    Buffers: ``weight_codes`` (int32), the weight's ``w_scale``/``w_zero`` (linear) or ``w_max``
+    (log schemes), ``bias``, the input quantizer's ``a_scale``/``a_zero`` or ``a_max``, and
+    ``weight_mask`` (bool) for pruned layers. ``last_act_codes`` holds the input codes of the last
+    call when ``keep_codes`` is set.
+    """
+
+    def __init__(self, op: dict, arithmetic: str = "integer"):
+        super().__init__()
+        self.name, self.kind = op["name"], op["op"]
+        self.conv_args = (
+            {k: op[k] for k in ("stride", "padding", "dilation", "groups")} if self.kind != "Linear" else {}
+        )
+        w, a = op["weight"], op["act"]
+        self.w_scheme, self.a_scheme = w["scheme"], (a or {}).get("scheme")
+        self.w_spec = {k: v for k, v in w.items() if not isinstance(v, np.ndarray)}
+        self.a_spec = {k: v for k, v in (a or {}).items() if not isinstance(v, np.ndarray)}
+        self.keep_codes = False
+        self.last_act_codes: torch.Tensor | None = None
+        t = torch.from_numpy
+        self.register_buffer("bias", None if op["bias"] is None else t(op["bias"]).float())
+        if w["mask"] is not None:
+            self.register_buffer("weight_mask", t(w["mask"]))
+        shape = w["shape"]
+        bshape = [1] * len(shape)
+        bshape[w.get("ch_axis", 0)] = -1
+        if self.w_scheme == "float":
+            self.register_buffer("w_hat", t(w["values"]).float())
+        else:
+            codes = t(w["codes"]).to(torch.int32)
+            self.register_buffer("weight_codes", codes)
+            if self.w_scheme == "linear":
+                scale = t(w["scale"]).float().reshape(bshape if w["per_channel"] else [])
+                zero = (
+                    t(w["zero_point"]).float().reshape(bshape if w["per_channel"] else [])
+                    if w.get("zero_point") is not None
+                    else torch.zeros(())
+                )
+                self.register_buffer("w_scale", scale)
+                self.register_buffer("w_zero", zero)
+                # the fused kernel's dequantization: (q - Z) * S in float
+                self.register_buffer("w_hat", (codes.float() - zero) * scale)
+            else:
+                self.wlog = _log_quantizer(w, True, shape[0])
+                m = t(w["max_abs"]).float()
+                self.register_buffer("w_max", m)
+                with torch.no_grad():
+                    self.register_buffer(
+                        "w_hat",
+                        self.wlog.dequantize(
+                            codes.float(), _bcast(m, codes, w["per_channel"], w.get("ch_axis", 0))
+                        ),
+                    )
+        if self.a_scheme == "linear":
+            self.register_buffer("a_scale", t(a["scale"]).float().reshape(()))
+            zero = a.get("zero_point")
+            self.register_buffer("a_zero", torch.zeros(()) if zero is None else t(zero).float().reshape(()))
+        elif self.a_scheme is not None:
+            self.alog = _log_quantizer(a, False, 1)
+            self.register_buffer("a_max", t(a["max_abs"]).float())
+        self.integer = (
+            arithmetic == "integer" and self.w_scheme == "linear" and self.a_scheme in ("linear", None)
+        )
+        if arithmetic not in ("integer", "float"):
+            raise ValueError(f"arithmetic={arithmetic!r}: use 'integer' or 'float'")
+        if self.integer:
+            self._check_exact()
+
+    def _check_exact(self) -> None:
+        w = self.weight_codes.double() - self.w_zero.double()
+        fan_in = w[0].numel()
+        amax = max(abs(self.a_spec["qmin"]), abs(self.a_spec["qmax"])) if self.a_scheme else None
+        if amax is not None and fan_in * amax * float(w.abs().max()) >= EXACT_INT:
+            self.integer = False  # the accumulation would not be exact in float64: dequantize instead
+
+    def _conv(self, x, w, b):
+        if self.kind == "Linear":
+            return F.linear(x, w, b)
+        fn = {"Conv1d": F.conv1d, "Conv2d": F.conv2d, "Conv3d": F.conv3d}[self.kind]
+        return fn(x, w, b, **self.conv_args)
+
+    def act_codes(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Integer codes of the input (the fake-quantized model's ``aq.int_repr``)."""
+        if self.a_scheme == "linear":
+            r = torch.round(x * (1.0 / self.a_scale)) + self.a_zero
+            return r.clamp(self.a_spec["qmin"], self.a_spec["qmax"])
+        if self.a_scheme is not None:
+            return self.alog.codes(x, _bcast(self.a_max.clamp_min(1e-30), x, self.alog.per_channel, 0))
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.act_codes(x)
+        if self.keep_codes:
+            self.last_act_codes = None if q is None else q.to(torch.int32)
+        if self.integer:
+            xi = x.double() if q is None else q.double() - self.a_zero.double()
+            wi = self.weight_codes.double() - self.w_zero.double()
+            acc = self._conv(xi, wi, None)
+            a_scale = self.a_scale.double() if q is not None else torch.ones((), dtype=torch.float64)
+            mult = (a_scale * self.w_scale.double()).reshape(-1)
+            shape = [1, -1] + [1] * (acc.dim() - 2)
+            y = (acc * (mult.reshape(shape) if mult.numel() > 1 else mult.reshape([]))).float()
+            return y if self.bias is None else y + self.bias.reshape(shape[: y.dim()])
+        if self.a_scheme == "linear":
+            x = (q - self.a_zero) * self.a_scale
+        elif self.a_scheme is not None:
+            x = self.alog.dequantize(q, _bcast(self.a_max.clamp_min(1e-30), x, self.alog.per_channel, 0))
+        return self._conv(x, self.w_hat, self.bias)
+
+    def extra_repr(self) -> str:
+        w = f"w{self.w_spec.get('bits', 32)} {self.w_scheme} ({self.w_spec.get('layout')})"
+        a = f"a{self.a_spec['bits']} {self.a_scheme}" if self.a_scheme else "a32"
+        return f"{self.kind}, {w}, {a}, arithmetic={'integer' if self.integer else 'float'}"
+
+
+class _BatchNorm(nn.Module):
+    def __init__(self, op: dict):
+        super().__init__()
+        t = lambda a: None if a is None else torch.from_numpy(a).float()  # noqa: E731
+        self.eps = op["eps"]
+        for k in ("mean", "var", "gamma", "beta"):
+            self.register_buffer(k, t(op[k]))
+
+    def forward(self, x):
+        return F.batch_norm(x, self.mean, self.var, self.gamma, self.beta, False, 0.0, self.eps)
+
+
+class IntegerModel(nn.Sequential):
+    """The model rebuilt from a converted file (inference only)."""
+
+    def integer_layers(self) -> list[IntegerLayer]:
+        return [m for m in self if isinstance(m, IntegerLayer)]
+
+
+def build(ops: list[dict], arithmetic: str = "integer") -> IntegerModel:
+    mods = []
+    for op in ops:
+        kind = op["op"]
+        if "weight" in op:
+            m = IntegerLayer(op, arithmetic)
+        elif kind == "ReLU":
+            m = nn.ReLU()
+        elif kind == "Flatten":
+            m = nn.Flatten(op["start_dim"], op["end_dim"])
+        elif kind == "Reshape":
+            m = _Reshape(op["shape"])
+        elif kind.startswith("MaxPool"):
+            m = getattr(nn, kind)(
+                op["kernel_size"], op["stride"], op["padding"], op["dilation"], ceil_mode=op["ceil_mode"]
+            )
+        elif kind == "BatchNorm":
+            m = _BatchNorm(op)
+        else:
+            raise ValueError(f"unknown op {kind!r} in the file")
+        mods.append((op["name"].replace(".", "_"), m))
+    model = IntegerModel(OrderedDict(mods))
+    return model.eval()
+
+
+# -- the two verbs --------------------------------------------------------------------------------
+def convert(model: nn.Module, path: str | Path | None = None, arithmetic: str = "integer"):
+    """Convert a prepared, calibrated model into an integer model and return it (:class:`IntegerModel`).
+
+    With ``path`` (``.pt`` or ``.npz``) the file is written first and the returned model is read
+    back from it; without, it is built from the same bytes in memory.
+    """
+    was = model.training
+    model.eval()
+    try:
+        ops = model_ir(model)
+    finally:
+        model.train(was)
+    header, blob = encode(ops)
+    if path is None:
+        return build(decode(header, blob), arithmetic)
+    return load(save_package(header, blob, path), arithmetic)
+
+
+def load(path: str | Path, arithmetic: str = "integer") -> IntegerModel:
+    """Rebuild the runnable integer model from a file written by :func:`convert`."""
+    header, blob = read_package(path)
+    return build(decode(header, blob), arithmetic)
+
+
+def load_ops(path: str | Path) -> list[dict]:
+    """The file's contents, decoded: one dict per op with numpy tensors (full integer codes, qparams,
+    masks) — what an exporter to another runtime (e.g. ONNX) starts from."""
+    header, blob = read_package(path)
+    return decode(header, blob)
+
+
+__all__ = ["convert", "load", "load_ops", "model_ir", "encode", "decode", "package_stats", "IntegerModel"]

@@ -1,0 +1,417 @@
+"""Deployment check after QAT: the integer model file, its round trip, and an ONNX QDQ model in
+onnxruntime next to the float model's ONNX.
+
+``deploy(model, dm, out_dir, cfg, record)`` returns record keys:
+
+* ``deploy/file_bytes``: real bytes of ``deploy/model.qpx.npz`` (:mod:`qpexp.core.quant.export`),
+  with ``deploy/payload_bytes``, ``deploy/header_bytes``, ``deploy/container_bytes`` and
+  ``deploy/accounted_payload_bits`` (the accounting's formulas applied to what the file stores);
+* ``deploy/roundtrip_max_abs_diff``: max |logits| difference on the test split between the integer
+  model read back from the file (integer accumulation) and the fake-quantized model;
+  ``deploy/roundtrip_float_max_abs_diff`` the same for dequantize-then-float arithmetic (0.0 when
+  everything is bit-exact); ``deploy/roundtrip_codes_equal``: every weight code and every input
+  activation code on the test split equals the fake-quantized model's; ``deploy/int_test_acc``;
+* where the scheme is expressible as ONNX QuantizeLinear/DequantizeLinear (linear weights and
+  activations): ``deploy/onnx_test_acc``, ``deploy/onnx_acc_diff`` (minus ``final/test_acc``),
+  ``deploy/onnx_latency_ms`` and ``deploy/fp32_onnx_latency_ms`` (median per call, batch
+  ``deploy/latency_batch_size``, interleaved, ORT without thread spinning),
+  ``deploy/onnx_integer_kernels`` (integer-arithmetic nodes, e.g. QLinearConv, in ORT's optimized
+  graph), ``deploy/onnx_weight_container``/``deploy/onnx_act_container`` (ONNX element types);
+* ``deploy/simulated_only``: False only when an ONNX model ran in onnxruntime with every weight and
+  activation in a type of exactly its width (int8/uint8, int4/uint4, int16/uint16). 3-bit codes in
+  int4 or 6-bit codes in int8 containers, log/companding codes, or no ONNX run at all give True, and
+  ``deploy/simulated_reason`` says why.
+
+Weights enter the ONNX graph as integer initializers behind DequantizeLinear (per output channel
+via ``axis=0``); each layer's input goes through QuantizeLinear/DequantizeLinear (a Clip first when
+the quantizer's range is narrower than its container's). Pooling, Flatten and Reshape commute with
+quantization, so they run on the quantized tensor (Q right after the ReLU, DQ right before the
+consumer): onnxruntime then fuses DQ -> Conv -> ReLU -> Q into QLinearConv.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qpexp.core.quant.export import convert, load, load_ops, package_stats
+
+FILE_NAME = "model.qpx.npz"
+INTEGER_OPS = {
+    "QLinearConv",
+    "QLinearMatMul",
+    "QGemm",
+    "MatMulInteger",
+    "ConvInteger",
+    "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul",
+    "QLinearAdd",
+    "QLinearMul",
+    "MatMulNBits",
+    "DynamicQuantizeLinear",
+}
+COMMUTES_WITH_Q = ("Flatten", "Reshape", "MaxPool1d", "MaxPool2d", "MaxPool3d")
+
+
+# -- ONNX -----------------------------------------------------------------------------------------
+def _container(bits: int, signed: bool):
+    """(ONNX element type, its bit width) of the smallest QDQ type that holds ``bits``-bit codes."""
+    from onnx import TensorProto as TP
+
+    if bits <= 4:
+        return (TP.INT4, 4) if signed else (TP.UINT4, 4)
+    if bits <= 8:
+        return (TP.INT8, 8) if signed else (TP.UINT8, 8)
+    return (TP.INT16, 16) if signed else (TP.UINT16, 16)
+
+
+def _int_tensor(name: str, values: np.ndarray, elem: int, shape):
+    from onnx import helper
+
+    return helper.make_tensor(name, elem, list(shape), np.asarray(values, np.int64).reshape(-1).tolist())
+
+
+def onnx_model(ops: list[dict], input_shape: tuple[int, ...], quantized: bool = True, opset: int = 21):
+    """An ONNX model of the op list from :func:`qpexp.core.quant.export.load_ops` (or ``model_ir``).
+
+    ``quantized=False`` uses dequantized (float) weights and no activation quantization.
+    Returns ``(ModelProto, info)``; ``info`` lists the containers and why a width is simulated.
+    Raises NotImplementedError for a scheme ONNX QDQ cannot express (log, companding).
+    """
+    import onnx
+    from onnx import TensorProto as TP
+    from onnx import helper, numpy_helper
+
+    nodes, inits = [], []
+    info = {"weight_containers": [], "act_containers": [], "simulated": []}
+
+    def const(name, arr):
+        inits.append(numpy_helper.from_array(np.asarray(arr), name))
+        return name
+
+    def node(op, inputs, outputs, **attrs):
+        nodes.append(helper.make_node(op, inputs, outputs, **attrs))
+        return outputs[0]
+
+    # where each quantized layer's Q goes: after the last op that does not commute with quantization
+    q_at: dict[int, int] = {}
+    for i, op in enumerate(ops):
+        if "weight" in op and quantized and op["act"] is not None:
+            j = i
+            a = op["act"]
+            byte_sized = a["scheme"] == "linear" and _container(a["bits"], a["qmin"] < 0)[1] >= 8
+            while (
+                byte_sized and j > 0 and ops[j - 1]["op"] in COMMUTES_WITH_Q
+            ):  # ORT lacks 4-bit Reshape etc.
+                j -= 1
+            q_at[j] = i
+    cur = "input"
+    for i, op in enumerate(ops):
+        name, kind = op["name"].replace(".", "_"), op["op"]
+        if i in q_at:  # quantize here; the DQ sits right before the layer
+            a = ops[q_at[i]]["act"]
+            if a["scheme"] != "linear":
+                raise NotImplementedError(
+                    f"ONNX QDQ cannot express {a['scheme']} activation codes ({op['name']})"
+                )
+            signed = a["qmin"] < 0
+            elem, cbits = _container(a["bits"], signed)
+            info["act_containers"].append(TP.DataType.Name(elem).lower())
+            if cbits != a["bits"]:
+                info["simulated"].append(
+                    f"{a['bits']}-bit activations run in {TP.DataType.Name(elem).lower()}"
+                )
+            s = float(a["scale"].reshape(-1)[0])
+            z = 0 if a["zero_point"] is None else int(a["zero_point"].reshape(-1)[0])
+            lo, hi = (-(2 ** (cbits - 1)), 2 ** (cbits - 1) - 1) if signed else (0, 2**cbits - 1)
+            if (a["qmin"], a["qmax"]) != (lo, hi):  # narrower than the container: clip first (exact)
+                cmin = const(f"{name}_clip_lo", np.float32(np.float32(s) * np.float32(a["qmin"] - z)))
+                cmax = const(f"{name}_clip_hi", np.float32(np.float32(s) * np.float32(a["qmax"] - z)))
+                cur = node("Clip", [cur, cmin, cmax], [f"{name}_clipped"])
+            sn = const(f"{name}_a_scale", np.float32(s))
+            inits.append(_int_tensor(f"{name}_a_zero", [z], elem, []))
+            cur = node("QuantizeLinear", [cur, sn, f"{name}_a_zero"], [f"{name}_xq"])
+            pending_dq = (sn, f"{name}_a_zero")
+        if "weight" in op:
+            w = op["weight"]
+            if quantized and op["act"] is not None:
+                cur = node("DequantizeLinear", [cur, *pending_dq], [f"{name}_xdq"])
+            wname = _weight(op, name, quantized, info, inits, nodes, const)
+            bias = [const(f"{name}_b", op["bias"].astype(np.float32))] if op["bias"] is not None else []
+            if kind == "Linear":
+                # x @ W^T: the weight is stored transposed ([in, out], channel axis 1)
+                cur = node("MatMul", [cur, wname], [f"{name}_mm"])
+                if bias:
+                    cur = node("Add", [cur, bias[0]], [f"{name}_y"])
+            else:
+                pads = list(op["padding"]) * 2
+                cur = node(
+                    "Conv",
+                    [cur, wname, *bias],
+                    [f"{name}_y"],
+                    kernel_shape=list(w["shape"][2:]),
+                    strides=op["stride"],
+                    pads=pads,
+                    dilations=op["dilation"],
+                    group=op["groups"],
+                )
+        elif kind == "ReLU":
+            cur = node("Relu", [cur], [f"{name}_y"])
+        elif kind == "Flatten":
+            if op["end_dim"] != -1:
+                raise NotImplementedError(f"ONNX export: Flatten with end_dim={op['end_dim']}")
+            cur = node("Flatten", [cur], [f"{name}_y"], axis=op["start_dim"])
+        elif kind == "Reshape":
+            shp = const(f"{name}_shape", np.array([0, *op["shape"]], np.int64))
+            cur = node("Reshape", [cur, shp], [f"{name}_y"])
+        elif kind.startswith("MaxPool"):
+            pads = list(op["padding"]) * 2
+            cur = node(
+                "MaxPool",
+                [cur],
+                [f"{name}_y"],
+                kernel_shape=op["kernel_size"],
+                strides=op["stride"],
+                pads=pads,
+                dilations=op["dilation"],
+                ceil_mode=int(op["ceil_mode"]),
+            )
+        elif kind == "BatchNorm":
+            c = op["mean"].shape[0]
+            g = op["gamma"] if op["gamma"] is not None else np.ones(c, np.float32)
+            b = op["beta"] if op["beta"] is not None else np.zeros(c, np.float32)
+            args = [
+                const(f"{name}_{k}", v) for k, v in (("g", g), ("b", b), ("m", op["mean"]), ("v", op["var"]))
+            ]
+            cur = node("BatchNormalization", [cur, *args], [f"{name}_y"], epsilon=op["eps"])
+        else:
+            raise NotImplementedError(f"ONNX export: op {kind}")
+    nodes[-1].output[0] = "logits"
+    graph = helper.make_graph(
+        nodes,
+        "qpexp",
+        [helper.make_tensor_value_info("input", TP.FLOAT, ["N", *input_shape])],
+        [helper.make_tensor_value_info("logits", TP.FLOAT, ["N", None])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="qpexp")
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    return model, info
+
+
+def _weight(op, name, quantized, info, inits, nodes, const) -> str:
+    from onnx import TensorProto as TP
+    from onnx import helper
+
+    w = op["weight"]
+    t = op["op"] == "Linear"  # MatMul takes W^T
+    if not quantized or w["scheme"] == "float":
+        if w["scheme"] == "float":
+            vals = w["values"].astype(np.float32)
+        elif w["scheme"] == "linear":
+            vals = _dequant_linear(w)
+        else:
+            raise NotImplementedError(f"ONNX export: float view of {w['scheme']} weights")
+        return const(f"{name}_w", np.ascontiguousarray(vals.T) if t else vals)
+    if w["scheme"] != "linear":
+        raise NotImplementedError(f"ONNX QDQ cannot express {w['scheme']} weight codes ({op['name']})")
+    signed = w["qmin"] < 0
+    elem, cbits = _container(w["bits"], signed)
+    info["weight_containers"].append(TP.DataType.Name(elem).lower())
+    if cbits != w["bits"]:
+        info["simulated"].append(f"{w['bits']}-bit weights run in {TP.DataType.Name(elem).lower()}")
+    n_ch = w["shape"][0]
+    codes = w["codes"].T if t else w["codes"]
+    inits.append(_int_tensor(f"{name}_wq", codes, elem, codes.shape))
+    scale = w["scale"].astype(np.float32).reshape(-1)
+    zero = np.zeros(scale.shape, np.int64) if w.get("zero_point") is None else w["zero_point"].reshape(-1)
+    attrs = {}
+    if w["per_channel"]:
+        attrs["axis"] = 1 if t else w["ch_axis"]
+        sname = const(f"{name}_w_scale", scale.reshape(n_ch))
+        inits.append(_int_tensor(f"{name}_w_zero", zero, elem, [n_ch]))
+    else:
+        sname = const(f"{name}_w_scale", np.float32(scale[0]))
+        inits.append(_int_tensor(f"{name}_w_zero", zero[:1], elem, []))
+    nodes.append(
+        helper.make_node("DequantizeLinear", [f"{name}_wq", sname, f"{name}_w_zero"], [f"{name}_w"], **attrs)
+    )
+    return f"{name}_w"
+
+
+def _dequant_linear(w: dict) -> np.ndarray:
+    shape = [1] * len(w["shape"])
+    shape[w["ch_axis"]] = -1
+    scale = w["scale"].astype(np.float32).reshape(shape if w["per_channel"] else [])
+    zero = (
+        0
+        if w.get("zero_point") is None
+        else w["zero_point"].astype(np.float32).reshape(shape if w["per_channel"] else [])
+    )
+    return ((w["codes"].astype(np.float32) - zero) * scale).astype(np.float32)
+
+
+def ort_session(model, threads: int = 1, optimized_path: str | Path | None = None):
+    """An onnxruntime CPU session with ``threads`` intra-op threads and no spinning thread pool."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def integer_kernels(optimized_path: Path) -> list[str]:
+    import onnx
+
+    return [n.op_type for n in onnx.load(str(optimized_path)).graph.node if n.op_type in INTEGER_OPS]
+
+
+def _accuracy(run, x: torch.Tensor, y: torch.Tensor, batch: int) -> float:
+    correct = 0
+    for i in range(0, len(y), batch):
+        logits = run(x[i : i + batch])
+        correct += int((torch.as_tensor(np.asarray(logits)).argmax(1) == y[i : i + batch]).sum())
+    return correct / max(len(y), 1)
+
+
+def _latency(sessions: dict, xb: np.ndarray, n: int) -> dict[str, float]:
+    """Median ms per call of each session, calls interleaved (same machine state for all)."""
+    for s in sessions.values():
+        for _ in range(3):
+            s.run(None, {"input": xb})
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(n):
+        for k, s in sessions.items():
+            t = time.perf_counter()
+            s.run(None, {"input": xb})
+            times[k].append(1e3 * (time.perf_counter() - t))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+# -- round trip -----------------------------------------------------------------------------------
+@torch.no_grad()
+def _roundtrip(model, path: Path, x: torch.Tensor, y: torch.Tensor, batch: int) -> dict:
+    int_model = load(path, arithmetic="integer")
+    float_model = load(path, arithmetic="float")
+    wrappers = [m for m in model.modules() if hasattr(m, "layer") and hasattr(m, "wq") and hasattr(m, "aq")]
+    codes_equal = True
+    for wrapper, layer in zip(wrappers, int_model.integer_layers()):
+        if wrapper.wq is not None:
+            codes_equal &= torch.equal(wrapper.wq.int_repr(wrapper.layer.weight), layer.weight_codes)
+    seen: list[torch.Tensor] = []
+    hooks = [
+        w.register_forward_pre_hook(lambda m, inp: seen.append(m.aq.int_repr(inp[0])))
+        for w in wrappers
+        if w.aq is not None
+    ]
+    for layer in float_model.integer_layers():
+        layer.keep_codes = True
+    diff = diff_float = 0.0
+    correct = 0
+    try:
+        for i in range(0, len(y), batch):
+            xb = x[i : i + batch]
+            seen.clear()
+            ref = model(xb)
+            got_int, got_float = int_model(xb), float_model(xb)
+            mine = [la.last_act_codes for la in float_model.integer_layers() if la.last_act_codes is not None]
+            codes_equal &= len(mine) == len(seen) and all(torch.equal(a, b) for a, b in zip(seen, mine))
+            diff = max(diff, float((got_int - ref).abs().max()))
+            diff_float = max(diff_float, float((got_float - ref).abs().max()))
+            correct += int((got_int.argmax(1) == y[i : i + batch]).sum())
+    finally:
+        for h in hooks:
+            h.remove()
+    return {
+        "deploy/roundtrip_max_abs_diff": diff,
+        "deploy/roundtrip_float_max_abs_diff": diff_float,
+        "deploy/roundtrip_codes_equal": bool(codes_equal),
+        "deploy/int_test_acc": correct / max(len(y), 1),
+    }
+
+
+# -- the stage ------------------------------------------------------------------------------------
+def deploy(model: torch.nn.Module, dm, out_dir: str | Path, cfg, record: dict) -> dict:
+    """Convert, check the round trip, and run the ONNX QDQ model in onnxruntime (see module doc)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / FILE_NAME
+    x, y = dm.splits["test"]
+    eval_batch = getattr(dm, "eval_batch_size", 1000)
+    was = model.training
+    model.eval()
+    out: dict = {"deploy/path": str(path)}
+    try:
+        try:
+            convert(model, path)
+        except NotImplementedError as e:
+            return {
+                **out,
+                "deploy/error": str(e),
+                "deploy/simulated_only": True,
+                "deploy/simulated_reason": str(e),
+            }
+        stats = package_stats(path)
+        out.update({f"deploy/{k}": v for k, v in stats.items()})
+        out.update(_roundtrip(model, path, x, y, eval_batch))
+        out.update(_onnx_check(model, path, x, y, dm, cfg, out_dir, record))
+    finally:
+        model.train(was)
+    return out
+
+
+def _onnx_check(model, path: Path, x, y, dm, cfg, out_dir: Path, record: dict) -> dict:
+    if not getattr(cfg, "onnx", True):
+        return {
+            "deploy/simulated_only": True,
+            "deploy/simulated_reason": "export.onnx=false: no runtime executed the model",
+        }
+    from qpexp.core.quant.export import model_ir
+
+    ops = load_ops(path)
+    input_shape = tuple(x.shape[1:])
+    try:
+        qmodel, info = onnx_model(ops, input_shape, quantized=True)
+    except NotImplementedError as e:
+        return {"deploy/simulated_only": True, "deploy/simulated_reason": f"no ONNX runtime form: {e}"}
+    fmodel, _ = onnx_model(model_ir(model, quantized=False), input_shape, quantized=False)
+    qpath, fpath = out_dir / "model.qdq.onnx", out_dir / "model.fp32.onnx"
+    qpath.write_bytes(qmodel.SerializeToString())
+    fpath.write_bytes(fmodel.SerializeToString())
+    threads = torch.get_num_threads()
+    opt_path = out_dir / "model.qdq.ort-optimized.onnx"
+    qs = ort_session(qmodel, threads, opt_path)
+    fs = ort_session(fmodel, threads)
+    batch = min(len(y), getattr(dm, "batch_size", 100))
+    run_q = lambda xb: qs.run(None, {"input": xb.numpy()})[0]  # noqa: E731
+    acc = _accuracy(run_q, x, y, getattr(dm, "eval_batch_size", 1000))
+    lat = _latency({"q": qs, "f": fs}, x[:batch].numpy(), max(int(getattr(cfg, "latency_batches", 50)), 1))
+    kernels = integer_kernels(opt_path)
+    simulated = info["simulated"]
+    out = {
+        "deploy/onnx_path": str(qpath),
+        "deploy/onnx_test_acc": acc,
+        "deploy/onnx_latency_ms": lat["q"],
+        "deploy/fp32_onnx_latency_ms": lat["f"],
+        "deploy/latency_batch_size": batch,
+        "deploy/onnx_integer_kernels": len(kernels),
+        "deploy/onnx_weight_container": ",".join(sorted(set(info["weight_containers"]))) or "float",
+        "deploy/onnx_act_container": ",".join(sorted(set(info["act_containers"]))) or "float",
+        "deploy/simulated_only": bool(simulated),
+    }
+    if simulated:
+        out["deploy/simulated_reason"] = "; ".join(sorted(set(simulated)))
+    if "final/test_acc" in record:
+        out["deploy/onnx_acc_diff"] = acc - record["final/test_acc"]
+    return out

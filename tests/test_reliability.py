@@ -1,0 +1,205 @@
+"""Issue 6: faults injected for real — kills, divergence, concurrent writers, crafted pickles, bad
+configs and data across a multirun, W&B without a network."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, compose, read_record, run_cli
+
+from qpexp.io import UnsafeFileError, atomic_write_json, safe_torch_load
+from qpexp.pipeline import Pipeline, write_record
+
+COMPARED = ("baseline/", "prune/", "qat/", "final/", "layers/", "size/", "dense/")
+
+
+def numbers(rec: dict) -> dict:
+    return {k: v for k, v in rec.items() if k.startswith(COMPARED) and not k.endswith("_seconds")}
+
+
+# -- resume after SIGKILL --------------------------------------------------------------------------
+def test_sigkill_mid_stage_then_resume_gives_same_record(tmp_path):
+    args = [
+        "logger=none", "cache=false", "export.enabled=false", "baseline.epochs=3", "prune.steps=2",
+        "prune.finetune_epochs=4", "quant.epochs=2", "quant.calib_batches=2",
+    ]  # fmt: skip
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    run_cli([*args, f"hydra.run.dir={ref_dir}"], cwd=tmp_path)
+    env = {**os.environ, "QPEXP_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qpexp.cli", *args, f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    ckpt = run_dir / "prune" / "work" / "last.ckpt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert ckpt.exists(), "the prune stage never checkpointed"
+    proc.send_signal(signal.SIGKILL)  # mid-stage: prune has 8 epochs, at least one is done
+    proc.wait()
+    assert not (run_dir / "record.json").exists()
+    assert not (run_dir / "prune" / "meta.json").exists()  # the stage had not completed
+    run_cli([*args, f"hydra.run.dir={run_dir}"], cwd=tmp_path)  # same command again: resumes
+    ref, rec = read_record(ref_dir), read_record(run_dir)
+    assert rec["status"] == "ok" and rec["cache/baseline_hit"]  # baseline reused from the run folder
+    assert numbers(rec) == numbers(ref)
+
+
+def test_multirun_rerun_only_incomplete_points(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["--multirun", *TINY, "export.enabled=false", f"cache_dir={tmp_path / 'cache'}",
+            "quant.bits_w=4,8", f"hydra.sweep.dir={sweep}", "hydra.launcher.n_jobs=1"]  # fmt: skip
+    run_cli(args, cwd=tmp_path)
+    recs = sorted(sweep.glob("*/record.json"))
+    assert len(recs) == 2
+    done = json.loads(recs[0].read_text())
+    stamp = recs[0].stat().st_mtime_ns
+    recs[1].unlink()  # one point lost its record (e.g. killed before writing it)
+    run_cli(args, cwd=tmp_path)
+    assert recs[0].stat().st_mtime_ns == stamp  # complete point untouched
+    assert json.loads(recs[0].read_text()) == done
+    assert json.loads(recs[1].read_text())["status"] == "ok"  # incomplete point re-ran
+
+
+# -- divergence ------------------------------------------------------------------------------------
+def test_divergence_fails_point_and_sweep_goes_on(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_cli(
+        ["--multirun", *TINY, "export.enabled=false", "prune.ratio=0", "quant.bits_w=32", "cache=false",
+         "baseline.lr=0.001,1e30", f"hydra.sweep.dir={sweep}", "hydra.launcher.n_jobs=1"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    recs = {json.loads(r.read_text())["config"]["baseline"]["lr"]: json.loads(r.read_text()) for r in sweep.glob("*/record.json")}
+    bad, good = recs[1e30], recs[0.001]
+    assert bad["status"] == "failed" and "loss became" in bad["error"] and "DivergenceError" in bad["error"]
+    assert good["status"] == "ok"
+
+
+# -- concurrent writers ----------------------------------------------------------------------------
+def _worker(args):
+    i, bits, root = args
+    os.environ["QPEXP_THREADS"] = "1"
+    cfg = compose([*TINY, "export.enabled=false", f"cache_dir={root / 'cache'}", f"quant.bits_w={bits}"])
+    run_dir = root / "sweep" / f"point{i}"
+    rec = Pipeline(cfg, run_dir).run()
+    write_record(run_dir, rec)
+    return i
+
+
+def test_eight_concurrent_workers_share_cache_and_sweep_dir(tmp_path):
+    jobs = [(i, b, tmp_path) for i, b in enumerate([2, 3, 4, 5, 6, 7, 8, 16])]
+    with mp.get_context("spawn").Pool(8) as pool:
+        assert sorted(pool.map(_worker, jobs)) == list(range(8))
+    recs = [read_record(tmp_path / "sweep" / f"point{i}") for i in range(8)]
+    assert all(r["status"] == "ok" for r in recs)
+    assert sum(not r["cache/baseline_hit"] for r in recs) == 1  # one trained, seven waited and reused
+    assert sum(not r["cache/prune_hit"] for r in recs) == 1
+    assert len({r["artifacts/baseline"] for r in recs}) == 1
+    assert len({r["baseline/test_acc"] for r in recs}) == 1
+    entries = sorted((tmp_path / "cache").glob("*/meta.json"))
+    assert len(entries) == 1 + 1 + 8  # baseline, prune, one QAT per bit width
+    for meta in entries:
+        json.loads(meta.read_text())  # every entry complete and valid
+        safe_torch_load(meta.parent / "model.pt")
+    assert not list((tmp_path / "cache").rglob("*.tmp"))  # no temporary leftovers
+
+
+def test_atomic_write_never_exposes_partial_file(tmp_path):
+    path = tmp_path / "r.json"
+    atomic_write_json(path, {"a": 1})
+
+    class Boom:
+        pass
+
+    with pytest.raises(TypeError):
+        atomic_write_json(path, {"a": Boom()})  # fails while serializing
+    assert json.loads(path.read_text()) == {"a": 1}  # the old complete file is still there
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+# -- crafted pickles -------------------------------------------------------------------------------
+class Evil:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_checkpoint_in_cache_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    cfg = compose([*TINY, "export.enabled=false", f"cache_dir={tmp_path / 'cache'}"])
+    pipe = Pipeline(cfg, tmp_path / "run")
+    entry = tmp_path / "cache" / f"baseline-{pipe.keys['baseline']}"
+    entry.mkdir(parents=True)
+    torch.save({"model": Evil(marker)}, entry / "model.pt")
+    atomic_write_json(entry / "meta.json", {"val_acc": 1.0})
+    with pytest.raises(UnsafeFileError, match="weights_only"):
+        pipe.run()
+    assert not marker.exists()  # nothing in the pickle ran
+
+
+def test_malicious_resume_checkpoint_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    cfg = compose([*TINY, "export.enabled=false", "cache=false"])
+    work = tmp_path / "run" / "baseline" / "work"
+    work.mkdir(parents=True)
+    torch.save({"state_dict": Evil(marker)}, work / "last.ckpt")
+    with pytest.raises(UnsafeFileError):
+        Pipeline(cfg, tmp_path / "run").run()
+    assert not marker.exists()
+
+
+# -- bad configs and data across a multirun --------------------------------------------------------
+@pytest.mark.parametrize(
+    "sweep_args, needle",
+    [
+        (["quant.bits_w=4,64"], "quant.bits_w=64"),
+        (["prune.ration=0.5"], "ration"),
+        (["+prune.ration=0.5"], "ration"),
+        (["prune.ratio=0.5,1.5"], "prune.ratio=1.5"),
+        (["quant.bits_w=4,four"], "quant.bits_w"),
+        (["prune.scope=global,everywhere"], "prune.scope"),
+        (["model=cnn1d,resnet"], "resnet"),
+        (["data=npz", "data.path=/nonexistent/x.npz"], "/nonexistent/x.npz"),
+    ],
+)
+def test_bad_multirun_refused_before_any_point_trains(tmp_path, sweep_args, needle):
+    sweep = tmp_path / "sweep"
+    start = time.time()
+    proc = run_cli(
+        ["--multirun", *TINY, f"cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}", *sweep_args],
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode != 0, proc.stdout
+    assert needle in proc.stderr, proc.stderr[-2000:]
+    assert not list(sweep.glob("*/record.json")) and not (tmp_path / "cache").exists()
+    assert time.time() - start < 60
+
+
+# -- W&B without a network -------------------------------------------------------------------------
+def test_wandb_online_without_network_falls_back(tmp_path):
+    env = {
+        "WANDB_MODE": "online",
+        "WANDB_API_KEY": "0" * 40,
+        "WANDB_BASE_URL": "http://127.0.0.1:9",  # nothing listens there
+    }
+    run_dir = tmp_path / "run"
+    proc = run_cli(
+        [*TINY, "logger=wandb", "logger.init_timeout=3", "export.enabled=false", f"hydra.run.dir={run_dir}",
+         f"cache_dir={tmp_path / 'c'}"],
+        cwd=tmp_path, env=env, timeout=240,
+    )  # fmt: skip
+    assert read_record(run_dir)["status"] == "ok"
+    assert "logging offline instead" in proc.stderr + proc.stdout
+    assert list(run_dir.glob("wandb/offline-run-*"))
