@@ -6,11 +6,13 @@ onnxruntime next to the float model's ONNX.
 * ``deploy/file_bytes``: real bytes of ``deploy/model.qpx.npz`` (:mod:`qpexp.core.quant.export`),
   with ``deploy/payload_bytes``, ``deploy/header_bytes``, ``deploy/container_bytes`` and
   ``deploy/accounted_payload_bits`` (the accounting's formulas applied to what the file stores);
-* ``deploy/roundtrip_max_abs_diff``: max |logits| difference on the test split between the integer
-  model read back from the file (integer accumulation) and the fake-quantized model;
-  ``deploy/roundtrip_float_max_abs_diff`` the same for dequantize-then-float arithmetic (0.0 when
-  everything is bit-exact); ``deploy/roundtrip_codes_equal``: every weight code and every input
-  activation code on the test split equals the fake-quantized model's; ``deploy/int_test_acc``;
+* ``deploy/roundtrip_max_abs_diff``: max |logits| difference on the test split between the model
+  read back from the file (codes dequantized with the fake-quantize kernel's arithmetic) and the
+  fake-quantized model: 0.0 when the round trip is exact; ``deploy/roundtrip_codes_equal``: every
+  weight code and every input-activation code on the test split equals the fake-quantized model's;
+  ``deploy/int_arith_max_abs_diff``, ``deploy/int_arith_act_code_flips`` (fraction of activation
+  codes that differ) and ``deploy/int_test_acc`` for the same file run with integer accumulation
+  (float rounding differs from the float conv, so a value on a rounding edge can flip a code);
 * where the scheme is expressible as ONNX QuantizeLinear/DequantizeLinear (linear weights and
   activations): ``deploy/onnx_test_acc``, ``deploy/onnx_acc_diff`` (minus ``final/test_acc``),
   ``deploy/onnx_latency_ms`` and ``deploy/fp32_onnx_latency_ms`` (median per call, batch
@@ -302,11 +304,14 @@ def _latency(sessions: dict, xb: np.ndarray, n: int) -> dict[str, float]:
 # -- round trip -----------------------------------------------------------------------------------
 @torch.no_grad()
 def _roundtrip(model, path: Path, x: torch.Tensor, y: torch.Tensor, batch: int) -> dict:
-    int_model = load(path, arithmetic="integer")
-    float_model = load(path, arithmetic="float")
+    """The file's model against the fake-quantized one on ``x``: with the fake-quantize kernel's
+    arithmetic (must be bit-exact: codes and logits) and with integer accumulation (logits within
+    float rounding; an activation code can flip where a value sits on a rounding edge)."""
+    exact = load(path, arithmetic="float")
+    integer = load(path, arithmetic="integer")
     wrappers = [m for m in model.modules() if hasattr(m, "layer") and hasattr(m, "wq") and hasattr(m, "aq")]
     codes_equal = True
-    for wrapper, layer in zip(wrappers, int_model.integer_layers()):
+    for wrapper, layer in zip(wrappers, exact.integer_layers()):
         if wrapper.wq is not None:
             codes_equal &= torch.equal(wrapper.wq.int_repr(wrapper.layer.weight), layer.weight_codes)
     seen: list[torch.Tensor] = []
@@ -315,28 +320,35 @@ def _roundtrip(model, path: Path, x: torch.Tensor, y: torch.Tensor, batch: int) 
         for w in wrappers
         if w.aq is not None
     ]
-    for layer in float_model.integer_layers():
+    for layer in (*exact.integer_layers(), *integer.integer_layers()):
         layer.keep_codes = True
-    diff = diff_float = 0.0
-    correct = 0
+
+    def codes(m):
+        return [la.last_act_codes for la in m.integer_layers() if la.last_act_codes is not None]
+
+    diff = diff_int = 0.0
+    correct = flips = total = 0
     try:
         for i in range(0, len(y), batch):
             xb = x[i : i + batch]
             seen.clear()
             ref = model(xb)
-            got_int, got_float = int_model(xb), float_model(xb)
-            mine = [la.last_act_codes for la in float_model.integer_layers() if la.last_act_codes is not None]
+            got, got_int = exact(xb), integer(xb)
+            mine, mine_int = codes(exact), codes(integer)
             codes_equal &= len(mine) == len(seen) and all(torch.equal(a, b) for a, b in zip(seen, mine))
-            diff = max(diff, float((got_int - ref).abs().max()))
-            diff_float = max(diff_float, float((got_float - ref).abs().max()))
+            flips += sum(int((a != b).sum()) for a, b in zip(seen, mine_int))
+            total += sum(a.numel() for a in seen)
+            diff = max(diff, float((got - ref).abs().max()))
+            diff_int = max(diff_int, float((got_int - ref).abs().max()))
             correct += int((got_int.argmax(1) == y[i : i + batch]).sum())
     finally:
         for h in hooks:
             h.remove()
     return {
         "deploy/roundtrip_max_abs_diff": diff,
-        "deploy/roundtrip_float_max_abs_diff": diff_float,
         "deploy/roundtrip_codes_equal": bool(codes_equal),
+        "deploy/int_arith_max_abs_diff": diff_int,
+        "deploy/int_arith_act_code_flips": flips / max(total, 1),
         "deploy/int_test_acc": correct / max(len(y), 1),
     }
 

@@ -386,6 +386,9 @@ class QATStage(Stage):
                 break
             self.model(x)
         self.model.train(was)
+        from qpexp.core.quant.layers import warn_symmetric_nonnegative
+
+        warn_symmetric_nonnegative(self.model)  # symmetric activation quantizer on never-negative input
 
     def on_fit_start(self):
         if self.current_epoch == 0 and not self.trainer.ckpt_path:

@@ -224,3 +224,11 @@ def test_wheel_ships_configs(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for f in ("qpexp/conf/config.yaml", "qpexp/conf/data/mnist1d.yaml", "qpexp/conf/sweep/frontier.yaml"):
         assert f in names, f
+
+
+@pytest.mark.parametrize("exp", sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml")))
+def test_experiments_compose_and_validate(exp):
+    from qpexp.schema import validate
+
+    typed = validate(compose([f"experiment={exp}"]))
+    assert typed.seed == 0

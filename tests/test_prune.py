@@ -81,7 +81,7 @@ def masked_train(model, x, steps: int = 20, lr: float = 0.05, keep: bool = True)
 
 # -- the same masks as torch.nn.utils.prune ------------------------------------------------------
 def test_l1_unstructured_and_global_unstructured_equal_torch():
-    for scope, ratio in (("layer", 0.37), ("global", 0.61)):
+    for scope, ratio in (("layer", 0.37), ("layer", 0.5), ("global", 0.61), ("global", 0.5)):
         ours, ref = cnn(), cnn()
         prune_step(ours, PruneConfig(ratio=ratio, scope=scope), ratio)
         layers = [m for _, m in prunable_layers(ref)]
@@ -500,3 +500,9 @@ def test_budget_end_to_end_record(tmp_path):
     assert rec["prune/val_acc"] >= rec["baseline/val_acc"]  # the kept step is within the (zero) budget
     if rec["prune/stopped_at_step"] == 0:
         assert rec["final/sparsity"] == 0 and rec["prune/test_acc"] == rec["baseline/test_acc"]
+
+
+def test_fpgm_needs_channel_structure():
+    with pytest.raises(ValueError, match="fpgm"):
+        PruneConfig(criterion="fpgm").validate()
+    PruneConfig(criterion="fpgm", structure="channel").validate()

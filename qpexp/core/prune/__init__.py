@@ -82,7 +82,7 @@ def prune_step(
         pooled = {n: scores[n] for n in pool}
         masks.update(global_masks(pooled, target, cfg.min_keep_frac, count=max(goal, 0)))
     elif pool:
-        r = min(max(goal / n_pool, 0.0), 1.0)
+        r = min(max(goal / n_pool, 0.0), 1.0) if fixed else target  # torch's per-layer rounding
         masks.update(layer_masks({n: scores[n] for n in pool}, dict.fromkeys(pool, r), cfg.min_keep_frac))
     for name, m in layers:
         set_mask(m, masks[name])

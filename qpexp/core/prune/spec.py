@@ -54,6 +54,8 @@ class PruneConfig:
             raise ValueError(f"prune.schedule={self.schedule!r} is unknown: use one of {SCHEDULES}")
         if self.criterion not in CRITERIA and "." not in self.criterion:
             raise ValueError(f"prune.criterion={self.criterion!r} is unknown: use one of {sorted(CRITERIA)}")
+        if self.criterion == "fpgm" and self.structure != "channel":
+            raise ValueError("prune.criterion=fpgm scores whole filters: use it with prune.structure=channel")
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"prune.steps={self.steps!r} must be an integer >= 1")
         if not 0 <= self.min_keep_frac <= 1:

@@ -156,8 +156,9 @@ class LinearQuantizer(nn.Module):
     def _observe(self, x: torch.Tensor) -> None:
         lo, hi = self._batch_range(x)
         if self.range == "ema" and self.is_initialized():
-            self.min_val.mul_(self.decay).add_(lo, alpha=1 - self.decay)
-            self.max_val.mul_(self.decay).add_(hi, alpha=1 - self.decay)
+            # min <- decay * min + (1 - decay) * batch_min (likewise max)
+            self.min_val.mul_(self.decay).add_(lo * (1 - self.decay))
+            self.max_val.mul_(self.decay).add_(hi * (1 - self.decay))
         elif self.range == "ema":
             self.min_val.copy_(lo)
             self.max_val.copy_(hi)
