@@ -226,9 +226,14 @@ def test_wheel_ships_configs(tmp_path):
         assert f in names, f
 
 
-@pytest.mark.parametrize("exp", sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml")))
-def test_experiments_compose_and_validate(exp):
+CONF = Path(__file__).parents[1] / "conf"
+CHOICES = [f"{g}={p.stem}" for g in ("experiment", "prune", "quant", "model", "data") for p in sorted((CONF / g).glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("choice", CHOICES)
+def test_every_shipped_config_composes_and_validates(choice):
     from qpexp.schema import validate
 
-    typed = validate(compose([f"experiment={exp}"]))
-    assert typed.seed == 0
+    extra = ["data.path=x.npz"] if choice in ("data=npz", "data=vision") else []
+    typed = validate(compose([choice, *extra]))
+    assert typed.seed == 0 and typed.data._target_.startswith("qpexp.")

@@ -1,0 +1,247 @@
+"""A small sweep end to end: 5 points in parallel (2 workers), tiny budgets, one deliberately failing.
+
+The sweep is defined the way users define one: a sweep file (``sweep=tiny``, found through
+``--config-dir``) that sets the multirun mode and the points, here as ``experiment`` options so that
+the 5 points need not form a full grid.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import TINY, read_record, wandb_offline_runs
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+POINTS = {  # experiment option -> (bits_w, scope, fail_at)
+    "a": (4, "global", None),
+    "b": (8, "global", None),
+    "c": (2, "layer", None),
+    "d": (4, "layer", None),
+    "e": (8, "layer", "qat"),
+}
+
+
+def _write_conf(root: Path) -> Path:
+    conf = root / "conf"
+    (conf / "sweep").mkdir(parents=True)
+    (conf / "experiment").mkdir()
+    (conf / "sweep" / "tiny.yaml").write_text(
+        "# @package _global_\n"
+        "hydra:\n  mode: MULTIRUN\n  sweeper:\n    params:\n      experiment: a,b,c,d,e\n"
+        "logger:\n  group: tinysweep\n"
+    )
+    for name, (bits, scope, fail) in POINTS.items():
+        text = f"# @package _global_\nquant:\n  bits_w: {bits}\nprune:\n  scope: {scope}\n"
+        if fail:
+            text += f"fail_at: {fail}\n"
+        (conf / "experiment" / f"{name}.yaml").write_text(text)
+    return conf
+
+
+def _run(tmp: Path, conf: Path) -> subprocess.CompletedProcess:
+    args = [
+        "--config-dir",
+        str(conf),
+        "sweep=tiny",
+        *TINY,
+        "logger=wandb",
+        "export.enabled=false",
+        "prune.ratio=0.5",
+        "hydra.launcher.n_jobs=2",
+        f"cache_dir={tmp / 'cache'}",
+        f"hydra.sweep.dir={tmp / 'sweep'}",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "QPEXP_THREADS"}  # threads come from n_jobs
+    proc = subprocess.run(
+        [sys.executable, "-m", "qpexp.cli", *args],
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def _point_dirs(sweep: Path) -> dict[str, Path]:
+    out = {}
+    for rec in sweep.glob("*/record.json"):
+        overrides = (rec.parent / ".hydra" / "overrides.yaml").read_text().splitlines()
+        exp = next(line.split("=", 1)[1].strip() for line in overrides if "experiment=" in line)
+        out[exp] = rec.parent
+    return out
+
+
+def _cache_state(cache: Path) -> dict[str, float]:
+    return {str(p.relative_to(cache)): p.stat().st_mtime for p in cache.glob("*/meta.json")}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    conf = _write_conf(tmp)
+    first = _run(tmp, conf)
+    dirs = _point_dirs(tmp / "sweep")
+    records = {k: read_record(d) for k, d in dirs.items()}
+    cache_after_first = _cache_state(tmp / "cache")
+    mtimes = {k: (d / "record.json").stat().st_mtime for k, d in dirs.items()}
+    time.sleep(1.1)
+    second = _run(tmp, conf)
+    return {
+        "tmp": tmp,
+        "sweep": tmp / "sweep",
+        "first": first,
+        "second": second,
+        "dirs": dirs,
+        "records": records,
+        "cache_after_first": cache_after_first,
+        "record_mtimes": mtimes,
+    }
+
+
+def test_points_complete_and_the_failing_one_is_reported(sweep):
+    recs = sweep["records"]
+    assert sorted(recs) == sorted(POINTS)
+    assert recs["e"]["status"] == "failed" and "fail_at=qat" in recs["e"]["error"]
+    for name in "abcd":
+        r = recs[name]
+        assert r["status"] == "ok", r.get("error")
+        bits, scope, _ = POINTS[name]
+        assert r["config"]["quant"]["bits_w"] == bits and r["config"]["prune"]["scope"] == scope
+        assert r["final/bits_w"] == bits
+        # parallel workers share the cores: 2 workers -> cores // 2 torch threads each
+        assert r["threads"] == max(1, (os.cpu_count() or 1) // 2)
+    out = sweep["first"].stdout
+    assert "[sweep] 5 points, 2 in parallel" in out
+    assert "[sweep] 5/5 done, 1 failed" in out
+    assert all(f"[sweep] {i}/5 done" in out for i in range(1, 6))
+
+
+def test_shared_stages_trained_once(sweep):
+    recs = {k: r for k, r in sweep["records"].items() if r["status"] == "ok"}
+    cache = sweep["tmp"] / "cache"
+    # one baseline for the whole sweep, one pruned model per scope (the ratio is fixed)
+    assert len(list(cache.glob("baseline-*/meta.json"))) == 1
+    assert len(list(cache.glob("prune-*/meta.json"))) == 2
+    assert sum(not r["cache/baseline_hit"] for r in recs.values()) == 1
+    assert len({r["artifacts/baseline"] for r in recs.values()}) == 1
+    for scope in ("global", "layer"):
+        trained = [
+            r for r in recs.values() if r["config"]["prune"]["scope"] == scope and not r["cache/prune_hit"]
+        ]
+        assert len(trained) <= 1
+    assert all(r["cache/qat_hit"] is False for r in recs.values())  # each point its own QAT
+
+
+def test_second_run_trains_nothing(sweep):
+    # the complete records were kept as they were; no cache entry was written again or added
+    for name, d in sweep["dirs"].items():
+        if sweep["records"][name]["status"] == "ok":
+            assert (d / "record.json").stat().st_mtime == sweep["record_mtimes"][name]
+            assert read_record(d) == sweep["records"][name]
+    assert _cache_state(sweep["tmp"] / "cache") == sweep["cache_after_first"]
+    # the failing point is tried again and fails in the same stage, reusing baseline and prune
+    again = read_record(sweep["dirs"]["e"])
+    assert again["status"] == "failed" and "fail_at=qat" in again["error"]
+    out = sweep["second"].stdout
+    assert "[sweep] 5/5 done, 1 failed (4 reused)" in out
+
+
+def test_frontier_csv_matches_records(sweep):
+    with (sweep["sweep"] / "frontier.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    runs = {Path(r["run_dir"]).name: r for r in rows if r["point"] == "run"}
+    assert len(runs) == 5
+    for name, d in sweep["dirs"].items():
+        row, rec = runs[d.name], read_record(d)
+        assert row["status"] == rec["status"]
+        if rec["status"] != "ok":
+            assert row["error"] == rec["error"] and row["pareto"] == "False"
+            continue
+        for key in (
+            "final/test_acc",
+            "final/compression_ratio",
+            "final/bops",
+            "final/size_bits",
+            "final/sparsity",
+        ):
+            assert math.isclose(float(row[key]), rec[key]), key
+        assert row["quant.bits_w"] == str(rec["config"]["quant"]["bits_w"])
+        assert row["prune.scope"] == rec["config"]["prune"]["scope"]
+        assert row["cache/baseline_hit"] == str(rec["cache/baseline_hit"])
+    (dense,) = [r for r in rows if r["point"] == "dense"]
+    base = next(r for r in sweep["records"].values() if r["status"] == "ok")
+    assert math.isclose(float(dense["final/test_acc"]), base["baseline/test_acc"])
+    assert float(dense["final/compression_ratio"]) == 1.0
+    # Pareto flags against a brute-force check over the ok rows
+    ok = [r for r in rows if r["status"] == "ok"]
+    for flag, col, lower in (
+        ("pareto", "final/compression_ratio", False),
+        ("pareto_bops", "final/bops", True),
+    ):
+        pts = [(float(r["final/test_acc"]), float(r[col])) for r in ok]
+        for r, (a, x) in zip(ok, pts):
+            beaten = any(b > a and ((y < x) if lower else (y > x)) for b, y in pts if (b, y) != (a, x))
+            assert (r[flag] == "True") == (not beaten), (flag, r["run_dir"])
+    summary = json.loads((sweep["sweep"] / "frontier.json").read_text())
+    assert summary["points"] == 5 and summary["points_failed"] == 1
+    assert math.isclose(summary["dense_acc"], base["baseline/test_acc"])
+    assert summary["failed"][0]["error"] == sweep["records"]["e"]["error"]
+
+
+def test_frontier_png_is_an_image(sweep):
+    png = sweep["sweep"] / "frontier.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    import matplotlib.image
+
+    img = matplotlib.image.imread(png)
+    assert img.ndim == 3 and min(img.shape[:2]) > 200
+
+
+def test_frontier_wandb_run_holds_the_table(sweep):
+    runs = [r for r in wandb_offline_runs(sweep["sweep"] / "wandb") if r["job_type"] == "frontier"]
+    assert len(runs) == 2  # one per multirun (the second run aggregated again)
+    run = runs[-1]
+    assert run["group"] == "tinysweep"
+    assert "frontier/table/_type" in run["history_keys"]
+    assert "frontier/best_ratio_within_1pt" in run["summary"] and "frontier/hypervolume" in run["summary"]
+    (table,) = [f for f in run["files"] if str(f).endswith(".table.json")]
+    run_dir = next(p.parent for p in (sweep["sweep"] / "wandb").rglob(f"offline-run-*/{table}"))
+    data = json.loads((run_dir / table).read_text())
+    assert len(data["data"]) == 6 and "final/test_acc" in data["columns"]  # 5 points + the dense row
+    # the points themselves logged into the same group
+    point_runs = [r for d in sweep["dirs"].values() for r in wandb_offline_runs(d)]
+    assert point_runs and all(r["group"] == "tinysweep" for r in point_runs)
+
+
+def _enter(args):
+    """One worker asking the cache for a stage: trains it when missing (slowly), else reuses it."""
+    root, start_at = args
+    from qpexp.cache import StageCache
+
+    while time.time() < start_at:  # start together
+        time.sleep(0.01)
+    with StageCache(root, root).entry("baseline", "k") as entry:
+        if entry.complete:
+            return "reused"
+        time.sleep(0.5)
+        entry.save({"w": 1}, {"val_acc": 0.5})
+        return "trained"
+
+
+def test_parallel_workers_train_a_missing_stage_once(tmp_path):
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(3) as pool:
+        results = pool.map(_enter, [(tmp_path, time.time() + 8)] * 3)
+    assert sorted(results) == ["reused", "reused", "trained"]
+    assert json.loads((tmp_path / "baseline-k" / "meta.json").read_text()) == {"val_acc": 0.5}
