@@ -162,7 +162,7 @@ def test_frontier_csv_matches_records(sweep):
         rows = list(csv.DictReader(f))
     runs = {Path(r["run_dir"]).name: r for r in rows if r["point"] == "run"}
     assert len(runs) == 5
-    for name, d in sweep["dirs"].items():
+    for d in sweep["dirs"].values():
         row, rec = runs[d.name], read_record(d)
         assert row["status"] == rec["status"]
         if rec["status"] != "ok":
