@@ -15,6 +15,8 @@ onnxruntime next to the float model's ONNX.
   (float rounding differs from the float conv, so a value on a rounding edge can flip a code);
 * where the scheme is expressible as ONNX QuantizeLinear/DequantizeLinear (linear weights and
   activations): ``deploy/onnx_test_acc``, ``deploy/onnx_acc_diff`` (minus ``final/test_acc``),
+  ``deploy/onnx_argmax_agree`` (fraction of test samples where ORT and the fake-quantized model
+  predict the same class),
   ``deploy/onnx_latency_ms`` and ``deploy/fp32_onnx_latency_ms`` (median per call, batch
   ``deploy/latency_batch_size``, interleaved, ORT without thread spinning),
   ``deploy/onnx_integer_kernels`` (integer-arithmetic nodes, e.g. QLinearConv, in ORT's optimized
@@ -279,12 +281,9 @@ def integer_kernels(optimized_path: Path) -> list[str]:
     return [n.op_type for n in onnx.load(str(optimized_path)).graph.node if n.op_type in INTEGER_OPS]
 
 
-def _accuracy(run, x: torch.Tensor, y: torch.Tensor, batch: int) -> float:
-    correct = 0
-    for i in range(0, len(y), batch):
-        logits = run(x[i : i + batch])
-        correct += int((torch.as_tensor(np.asarray(logits)).argmax(1) == y[i : i + batch]).sum())
-    return correct / max(len(y), 1)
+def _predictions(run, x: torch.Tensor, batch: int) -> torch.Tensor:
+    out = [torch.as_tensor(np.asarray(run(x[i : i + batch]))).argmax(1) for i in range(0, len(x), batch)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
 def _latency(sessions: dict, xb: np.ndarray, n: int) -> dict[str, float]:
@@ -406,14 +405,18 @@ def _onnx_check(model, path: Path, x, y, dm, cfg, out_dir: Path, record: dict) -
     qs = ort_session(qmodel, threads, opt_path)
     fs = ort_session(fmodel, threads)
     batch = min(len(y), getattr(dm, "batch_size", 100))
-    run_q = lambda xb: qs.run(None, {"input": xb.numpy()})[0]  # noqa: E731
-    acc = _accuracy(run_q, x, y, getattr(dm, "eval_batch_size", 1000))
+    eval_batch = getattr(dm, "eval_batch_size", 1000)
+    pred = _predictions(lambda xb: qs.run(None, {"input": xb.numpy()})[0], x, eval_batch)
+    with torch.no_grad():
+        ref = _predictions(model, x, eval_batch)
+    acc = float((pred == y).float().mean()) if len(y) else 0.0
     lat = _latency({"q": qs, "f": fs}, x[:batch].numpy(), max(int(getattr(cfg, "latency_batches", 50)), 1))
     kernels = integer_kernels(opt_path)
     simulated = info["simulated"]
     out = {
         "deploy/onnx_path": str(qpath),
         "deploy/onnx_test_acc": acc,
+        "deploy/onnx_argmax_agree": float((pred == ref).float().mean()) if len(y) else 1.0,
         "deploy/onnx_latency_ms": lat["q"],
         "deploy/fp32_onnx_latency_ms": lat["f"],
         "deploy/latency_batch_size": batch,

@@ -70,10 +70,20 @@ class Stage(L.LightningModule):
             raise DivergenceError(
                 f"{self.stage}: training loss became {loss.item()} at epoch {self.current_epoch}, batch {batch_idx}"
             )
-        self.train_acc(logits.detach(), y)
-        self.log(f"{self.stage}/train/loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
-        self.log(f"{self.stage}/train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
+        # accumulated here and logged once per epoch: self.log per step costs ~3 ms on this CPU
+        self.train_acc.update(logits.detach(), y)
+        self._loss_sum += float(loss.detach()) * len(y)
+        self._seen += len(y)
         return loss
+
+    def on_train_epoch_start(self):
+        self._loss_sum, self._seen = 0.0, 0
+
+    def on_train_epoch_end(self):
+        if self._seen:
+            self.log(f"{self.stage}/train/loss", self._loss_sum / self._seen)
+            self.log(f"{self.stage}/train/acc", self.train_acc.compute())
+        self.train_acc.reset()
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         self.keeper()  # pruned weights back to exactly zero after the optimizer step
@@ -252,6 +262,7 @@ class PruneStage(Stage):
             )
 
     def on_train_epoch_start(self):
+        super().on_train_epoch_start()
         if self.cfg.schedule == "agp":
             return
         step = self.current_epoch // self.finetune_epochs

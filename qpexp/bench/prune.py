@@ -3,7 +3,9 @@
 1. One training step (Adam, batch 100) on the MNIST-1D CNN and MLP at 50% unstructured sparsity:
    dense; qpexp's masks (``MaskKeeper`` after ``opt.step()``: one fused multiply); and
    ``torch.nn.utils.prune`` (``l1_unstructured``: a forward pre-hook recomputes ``weight = orig * mask``
-   every forward, and autograd goes through that product).
+   every forward, and autograd goes through that product). The ``MaskKeeper() call alone`` row times
+   just the re-masking, as a fraction of a dense step: a floor for qpexp's overhead that machine
+   noise cannot hide.
 2. Channel pruning at ratio 0.5 (fraction of conv/linear weights removed, qpexp's definition) on 2D
    CNNs: LeNet-5 on 1x28x28 and a small VGG-like net on 3x32x32 (global and layer scope). The masked
    model is physically pruned with Torch-Pruning; inference latency (eval, no grad) at batch 1 and 64
@@ -103,10 +105,12 @@ def bench_masked_step(name: str, model: nn.Module, rounds: int, steps: int) -> l
     hooked = copy.deepcopy(model)
     for _, m in prunable_layers(hooked):
         tprune.l1_unstructured(m, "weight", amount=0.5)
+    keeper = MaskKeeper(ours)
     steps_fn = {
         "dense": train_step(dense, x, y),
-        "qpexp masks (MaskKeeper after step)": train_step(ours, x, y, MaskKeeper(ours)),
+        "qpexp masks (MaskKeeper after step)": train_step(ours, x, y, keeper),
         "torch.nn.utils.prune hooks": train_step(hooked, x, y),
+        "MaskKeeper() call alone": keeper,  # its ratio: the added fraction of a dense step
     }
     res = interleave(steps_fn, rounds, steps, "dense")
     for m in (ours, hooked):  # both really are 50% sparse after all those steps
@@ -170,7 +174,11 @@ def main(argv: list[str] | None = None) -> None:
     rows = bench_masked_step("cnn1d", cnn1d((40,), 10), a.rounds, a.steps)
     rows += bench_masked_step("mlp", mlp((40,), 10), a.rounds, a.steps)
     figures = {}
-    short = {"qpexp masks (MaskKeeper after step)": "qpexp", "torch.nn.utils.prune hooks": "torch_hooks"}
+    short = {
+        "qpexp masks (MaskKeeper after step)": "qpexp",
+        "torch.nn.utils.prune hooks": "torch_hooks",
+        "MaskKeeper() call alone": "keeper_call",
+    }
     for r in rows:
         if r["variant"] in short:
             figures[f"{r['model']}/{short[r['variant']]}/x_dense"] = round(r["x dense"], 3)

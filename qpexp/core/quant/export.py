@@ -642,19 +642,25 @@ class IntegerLayer(nn.Module):
             return self.alog.codes(x, _bcast(self.a_max.clamp_min(1e-30), x, self.alog.per_channel, 0))
         return None
 
+    def accumulate(self, x: torch.Tensor, q: torch.Tensor | None = None):
+        """The integer path: ``(acc, mult)`` with ``acc = sum (q_x - Z_x)(q_w - Z_w)`` (exact integers,
+        held in float64) and ``mult = S_x S_w`` per output channel; ``y = acc * mult + bias``."""
+        if q is None:
+            q = self.act_codes(x)
+        xi = x.double() if q is None else q.double() - self.a_zero.double()
+        acc = self._conv(xi, self.weight_codes.double() - self.w_zero.double(), None)
+        a_scale = self.a_scale.double() if q is not None else torch.ones((), dtype=torch.float64)
+        return acc, (a_scale * self.w_scale.double()).reshape(-1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.act_codes(x)
         if self.keep_codes:
             self.last_act_codes = None if q is None else q.to(torch.int32)
         if self.integer:
-            xi = x.double() if q is None else q.double() - self.a_zero.double()
-            wi = self.weight_codes.double() - self.w_zero.double()
-            acc = self._conv(xi, wi, None)
-            a_scale = self.a_scale.double() if q is not None else torch.ones((), dtype=torch.float64)
-            mult = (a_scale * self.w_scale.double()).reshape(-1)
+            acc, mult = self.accumulate(x, q)
             shape = [1, -1] + [1] * (acc.dim() - 2)
             y = (acc * (mult.reshape(shape) if mult.numel() > 1 else mult.reshape([]))).float()
-            return y if self.bias is None else y + self.bias.reshape(shape[: y.dim()])
+            return y if self.bias is None else y + self.bias.reshape(shape)
         if self.a_scheme == "linear":
             x = (q - self.a_zero) * self.a_scale
         elif self.a_scheme is not None:
