@@ -16,9 +16,10 @@ from torch import nn
 
 from qpexp.core.accounting import relative_index_padding, size_bits
 from qpexp.core.prune.masks import set_mask
-from qpexp.core.quant import QuantConfig, QuantSpec, convert, quant_layers, quantize_
+from qpexp.core.quant import QuantConfig, QuantSpec, quant_layers, quantize_
 from qpexp.core.quant.export import (
     IntegerLayer,
+    convert,
     load,
     load_ops,
     model_ir,
