@@ -20,7 +20,9 @@ onnxruntime next to the float model's ONNX.
   ``deploy/onnx_latency_ms`` and ``deploy/fp32_onnx_latency_ms`` (median per call, batch
   ``deploy/latency_batch_size``, interleaved, ORT without thread spinning),
   ``deploy/onnx_integer_kernels`` (integer-arithmetic nodes, e.g. QLinearConv, in ORT's optimized
-  graph), ``deploy/onnx_weight_container``/``deploy/onnx_act_container`` (ONNX element types);
+  graph; ``deploy/onnx_bias_int32``: ORT rounded the float biases to int32 at scale ``S_x S_w`` to
+  fuse them, the only numerical liberty it takes), ``deploy/onnx_weight_container`` /
+  ``deploy/onnx_act_container`` (ONNX element types);
 * ``deploy/simulated_only``: False only when an ONNX model ran in onnxruntime with every weight and
   activation in a type of exactly its width (int8/uint8, int4/uint4, int16/uint16). 3-bit codes in
   int4 or 6-bit codes in int8 containers, log/companding codes, or no ONNX run at all give True, and
@@ -260,8 +262,11 @@ def _dequant_linear(w: dict) -> np.ndarray:
     return ((w["codes"].astype(np.float32) - zero) * scale).astype(np.float32)
 
 
-def ort_session(model, threads: int = 1, optimized_path: str | Path | None = None):
-    """An onnxruntime CPU session with ``threads`` intra-op threads and no spinning thread pool."""
+def ort_session(
+    model, threads: int = 1, optimized_path: str | Path | None = None, disabled: list[str] | None = None
+):
+    """An onnxruntime CPU session with ``threads`` intra-op threads and no spinning thread pool;
+    ``disabled`` names graph transformers to skip."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -272,7 +277,9 @@ def ort_session(model, threads: int = 1, optimized_path: str | Path | None = Non
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        model.SerializeToString(), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled or []
+    )
 
 
 def integer_kernels(optimized_path: Path) -> list[str]:
@@ -403,6 +410,12 @@ def _onnx_check(model, path: Path, x, y, dm, cfg, out_dir: Path, record: dict) -
     threads = torch.get_num_threads()
     opt_path = out_dir / "model.qdq.ort-optimized.onnx"
     qs = ort_session(qmodel, threads, opt_path)
+    kernels = integer_kernels(opt_path)
+    bias_quantized = bool(kernels)
+    if not kernels:
+        # ORT rounds float biases to int32 (scale S_x S_w) so that it can fuse integer kernels; where it
+        # fuses none (sub-8-bit or narrow-range activations) that rounding only adds error: keep them float
+        qs = ort_session(qmodel, threads, opt_path, disabled=["WeightBiasQuantization"])
     fs = ort_session(fmodel, threads)
     batch = min(len(y), getattr(dm, "batch_size", 100))
     eval_batch = getattr(dm, "eval_batch_size", 1000)
@@ -411,7 +424,6 @@ def _onnx_check(model, path: Path, x, y, dm, cfg, out_dir: Path, record: dict) -
         ref = _predictions(model, x, eval_batch)
     acc = float((pred == y).float().mean()) if len(y) else 0.0
     lat = _latency({"q": qs, "f": fs}, x[:batch].numpy(), max(int(getattr(cfg, "latency_batches", 50)), 1))
-    kernels = integer_kernels(opt_path)
     simulated = info["simulated"]
     out = {
         "deploy/onnx_path": str(qpath),
@@ -421,6 +433,7 @@ def _onnx_check(model, path: Path, x, y, dm, cfg, out_dir: Path, record: dict) -
         "deploy/fp32_onnx_latency_ms": lat["f"],
         "deploy/latency_batch_size": batch,
         "deploy/onnx_integer_kernels": len(kernels),
+        "deploy/onnx_bias_int32": bias_quantized,
         "deploy/onnx_weight_container": ",".join(sorted(set(info["weight_containers"]))) or "float",
         "deploy/onnx_act_container": ",".join(sorted(set(info["act_containers"]))) or "float",
         "deploy/simulated_only": bool(simulated),

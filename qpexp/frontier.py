@@ -579,18 +579,18 @@ def _wb_cell(v):
     return v
 
 
-def _wandb_settings(rows: list[dict], out_dir: Path) -> dict | None:
-    """W&B settings from the points' own logger config (None when they did not log to W&B)."""
-    for r in rows:
-        if r.get("point") == "run" and r.get("config.logger.kind") is not None:
-            if r.get("config.logger.kind") != "wandb":
-                return None
-            return {
-                "project": r.get("config.logger.project"),
-                "group": r.get("config.logger.group") or out_dir.name,
-                "mode": r.get("config.logger.mode"),
-            }
-    return None
+def _wandb_settings(rows: list[dict], out_dir: Path, force: bool | None) -> dict | None:
+    """Project, group and mode from the points' logger config; None when no W&B run is wanted
+    (``force`` None: only when the points themselves logged to W&B)."""
+    cfg = next((r for r in rows if r.get("point") == "run" and r.get("config.logger.kind") is not None), {})
+    enabled = cfg.get("config.logger.kind") == "wandb" if force is None else force
+    if not enabled:
+        return None
+    return {
+        "project": cfg.get("config.logger.project"),
+        "group": cfg.get("config.logger.group") or out_dir.name,
+        "mode": cfg.get("config.logger.mode"),
+    }
 
 
 def write_frontier(
@@ -650,7 +650,7 @@ def write_frontier(
         if r["point"] == "run" and r["status"] != "ok"
     ]
     summary["files"] = {"csv": str(out / "frontier.csv"), "png": str(png)}
-    wb = _wandb_settings(rows, out) if wandb is None else ({"group": out.name} if wandb else None)
+    wb = _wandb_settings(rows, out, wandb)
     if wb is not None:
         wb["dirs"] = [str(d) for d in dirs]
         try:
@@ -694,13 +694,14 @@ def report(summary: dict) -> str:
             f"within 1 pt {r1 or 0:.2f}x, within 2 pt {r2 or 0:.2f}x, "
             f"hypervolume {summary['reference/hypervolume']:.2f}"
         )
-    head = f"{'config':<34} {'n':>2} {'test acc':>15} {'ratio':>7} {'sparsity':>8} {'size bits':>9}"
+    w = max([20] + [len(f["config"]) for f in summary.get("front", [])])
+    head = f"{'config':<{w}} {'n':>2} {'test acc':>15} {'ratio':>7} {'sparsity':>8} {'size bits':>9}"
     lines += ["Pareto front:", head, "-" * len(head)]
     for f in summary.get("front", []):
         acc = f"{100 * f['acc']:.2f}" + (f" ± {100 * f['acc_std']:.2f}" if f["n"] > 1 else "")
         sp = "" if f["sparsity"] is None else f"{f['sparsity']:.3f}"
         size = "" if f["size_bits"] is None else f"{f['size_bits']:,.0f}"
-        lines.append(f"{f['config']:<34} {f['n']:>2} {acc:>15} {f['ratio']:>6.2f}x {sp:>8} {size:>9}")
+        lines.append(f"{f['config']:<{w}} {f['n']:>2} {acc:>15} {f['ratio']:>6.2f}x {sp:>8} {size:>9}")
     for f in summary.get("failed", []):
         lines.append(f"{f['status'].upper()}: {f['run_dir']}: {f['error']}")
     return "\n".join(lines)

@@ -55,7 +55,9 @@ def prepared(
     torch.manual_seed(0)
     model = model or cnn1d((40,), 10)
     if prune:
-        for _, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]:
+        for _, layer in [
+            (n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))
+        ]:
             set_mask(layer, (torch.rand_like(layer.weight) > prune).float())
     spec_w = QuantSpec(bits=bits_w, scheme=scheme, granularity=granularity, symmetric=symmetric, range=range_)
     spec_a = QuantSpec(bits=bits_a, scheme=act_scheme, symmetric=act_symmetric, range="minmax")
@@ -70,7 +72,13 @@ CASES = {
     "w8a8": {"bits_w": 8},
     "w4a8_pruned": {"bits_w": 4, "prune": 0.7},
     "w2a8_pruned95": {"bits_w": 2, "prune": 0.95},
-    "w3a4_tensor_asym_pruned": {"bits_w": 3, "bits_a": 4, "granularity": "tensor", "symmetric": False, "prune": 0.5},
+    "w3a4_tensor_asym_pruned": {
+        "bits_w": 3,
+        "bits_a": 4,
+        "granularity": "tensor",
+        "symmetric": False,
+        "prune": 0.5,
+    },
     "w16a16_asym": {"bits_w": 16, "bits_a": 16, "symmetric": False, "act_symmetric": True},
     "w5a6_sym_acts": {"bits_w": 5, "bits_a": 6, "act_symmetric": True},
     "w4_lsq": {"bits_w": 4, "range_": "lsq"},
@@ -109,7 +117,11 @@ def test_roundtrip_is_exact(tmp_path, case, suffix):
             exact(layer.weight_mask, mask != 0)
     # input-activation codes, layer by layer
     seen = []
-    hooks = [w.register_forward_pre_hook(lambda m, i: seen.append(m.aq.int_repr(i[0]))) for w in wrappers(model) if w.aq]
+    hooks = [
+        w.register_forward_pre_hook(lambda m, i: seen.append(m.aq.int_repr(i[0])))
+        for w in wrappers(model)
+        if w.aq
+    ]
     for layer in layers:
         layer.keep_codes = True
     with torch.no_grad():
@@ -125,7 +137,9 @@ def test_roundtrip_is_exact(tmp_path, case, suffix):
         torch.testing.assert_close(int_model(x).argmax(1), ref.argmax(1), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("case", ["w8a8", "w4a8_pruned", "w3a4_tensor_asym_pruned", "w16a16_asym", "float_acts"])
+@pytest.mark.parametrize(
+    "case", ["w8a8", "w4a8_pruned", "w3a4_tensor_asym_pruned", "w16a16_asym", "float_acts"]
+)
 def test_integer_accumulation_is_exact(tmp_path, case):
     """The integer path's accumulator equals an int64 reference (im2col + integer matmul), and the
     layer output is ``acc * S_x S_w + bias``."""
@@ -142,7 +156,11 @@ def test_integer_accumulation_is_exact(tmp_path, case):
                 cols = xi.long() if q is not None else None
                 ref = cols @ wi.T if cols is not None else None
             else:
-                k, s, p = wi.shape[1] // xi.shape[1], layer.conv_args["stride"][0], layer.conv_args["padding"][0]
+                k, s, p = (
+                    wi.shape[1] // xi.shape[1],
+                    layer.conv_args["stride"][0],
+                    layer.conv_args["padding"][0],
+                )
                 unf = F.unfold(xi.unsqueeze(-1), (k, 1), padding=(p, 0), stride=(s, 1))  # N, C*k, L
                 ref = (unf.round().long().transpose(1, 2) @ wi.T).transpose(1, 2) if q is not None else None
             if ref is not None:
@@ -205,7 +223,11 @@ def test_files_load_without_pickle(tmp_path):
     convert(model, tmp_path / "m.npz")
     pkg = torch.load(tmp_path / "m.pt", weights_only=True)
     assert set(pkg) == {"format", "header", "blob"}
-    assert isinstance(pkg["format"], str) and pkg["blob"].dtype == torch.uint8 and pkg["header"].dtype == torch.uint8
+    assert (
+        isinstance(pkg["format"], str)
+        and pkg["blob"].dtype == torch.uint8
+        and pkg["header"].dtype == torch.uint8
+    )
     with np.load(tmp_path / "m.npz", allow_pickle=False) as z:
         assert sorted(z.files) == ["blob", "header"] and z["blob"].dtype == np.uint8
     h1, b1 = read_package(tmp_path / "m.pt")
@@ -276,7 +298,9 @@ def test_layouts_and_payload_follow_the_accounting(tmp_path):
     # 8-bit symmetric codes are plain int8
     model8 = prepared(bits_w=8)
     convert(model8, tmp_path / "e.npz")
-    w8 = [op for op in json.loads(read_package(tmp_path / "e.npz")[0])["ops"] if op["name"] == "conv2"][0]["weight"]
+    w8 = [op for op in json.loads(read_package(tmp_path / "e.npz")[0])["ops"] if op["name"] == "conv2"][0][
+        "weight"
+    ]
     assert w8["values"]["dtype"] == "int8" and w8["values"]["nbytes"] == 25 * 25 * 3
     # pruned: the layout covers the mask, so the payload is at least the accounting's
     pruned = prepared(bits_w=4, prune=0.9)
@@ -297,7 +321,9 @@ def _deploy(model, tmp_path, x, y, acc=None):
     dm = SimpleNamespace(splits={"test": (x, y)}, batch_size=100, eval_batch_size=500)
     with torch.no_grad():
         acc = float((model(x).argmax(1) == y).float().mean()) if acc is None else acc
-    out = deploy(model, dm, tmp_path / "deploy", SimpleNamespace(onnx=True, latency_batches=3), {"final/test_acc": acc})
+    out = deploy(
+        model, dm, tmp_path / "deploy", SimpleNamespace(onnx=True, latency_batches=3), {"final/test_acc": acc}
+    )
     return out, acc
 
 
@@ -308,10 +334,17 @@ def test_onnx_qdq_graph_and_integer_kernels(tmp_path):
     qm, info = onnx_model(model_ir(model), (40,))
     ops = [n.op_type for n in qm.graph.node]
     assert ops.count("QuantizeLinear") == 4 and ops.count("DequantizeLinear") == 8
-    axes = {n.input[0]: [a.i for a in n.attribute if a.name == "axis"] for n in qm.graph.node if n.op_type == "DequantizeLinear"}
+    axes = {
+        n.input[0]: [a.i for a in n.attribute if a.name == "axis"]
+        for n in qm.graph.node
+        if n.op_type == "DequantizeLinear"
+    }
     assert axes["conv1_wq"] == [0] and axes["fc_wq"] == [1]  # per output channel (MatMul takes W^T)
     inits = {t.name: t for t in qm.graph.initializer}
-    assert inits["conv2_wq"].data_type == onnx.TensorProto.INT8 and inits["conv2_a_zero"].data_type == onnx.TensorProto.UINT8
+    assert (
+        inits["conv2_wq"].data_type == onnx.TensorProto.INT8
+        and inits["conv2_a_zero"].data_type == onnx.TensorProto.UINT8
+    )
     assert info["simulated"] == []
     ort_session(qm, 1, tmp_path / "opt.onnx")
     assert integer_kernels(tmp_path / "opt.onnx").count("QLinearConv") == 3  # the convs run on int8

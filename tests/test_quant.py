@@ -26,12 +26,16 @@ def exact(a, b):
 
 
 def weight_q(bits, symmetric=True, per_channel=False, channels=1, range_="minmax"):
-    spec = QuantSpec(bits=bits, symmetric=symmetric, granularity="channel" if per_channel else "tensor", range=range_)
+    spec = QuantSpec(
+        bits=bits, symmetric=symmetric, granularity="channel" if per_channel else "tensor", range=range_
+    )
     return LinearQuantizer(spec, is_weight=True, channels=channels)
 
 
 def act_q(bits=8, symmetric=False, range_="minmax", decay=0.9):
-    return LinearQuantizer(QuantSpec(bits=bits, symmetric=symmetric, range=range_, ema_decay=decay), is_weight=False)
+    return LinearQuantizer(
+        QuantSpec(bits=bits, symmetric=symmetric, range=range_, ema_decay=decay), is_weight=False
+    )
 
 
 # -- linear: equal to torch's fused fake-quantize kernels -----------------------------------------
@@ -55,9 +59,9 @@ def test_linear_per_tensor_equals_torch(bits, symmetric, size):
 @pytest.mark.parametrize("size", ["small", "large"])
 def test_linear_per_channel_equals_torch(bits, symmetric, size):
     shape = SHAPES[size]
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(bits)) * torch.linspace(0.1, 5, shape[0]).reshape(
-        -1, 1, 1
-    )
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(bits)) * torch.linspace(
+        0.1, 5, shape[0]
+    ).reshape(-1, 1, 1)
     x.requires_grad_(True)
     q = weight_q(bits, symmetric, per_channel=True, channels=shape[0])
     scale, zero = q.qparams(x.detach())
@@ -288,9 +292,13 @@ def test_lsq_gradients_per_channel_match_formula():
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_pow2_levels_are_exact_powers_of_two(bits, per_channel):
-    x = torch.randn(6, 200, generator=torch.Generator().manual_seed(bits)) * torch.logspace(-2, 1, 6).reshape(-1, 1)
+    x = torch.randn(6, 200, generator=torch.Generator().manual_seed(bits)) * torch.logspace(-2, 1, 6).reshape(
+        -1, 1
+    )
     x[:, 0] = 0.0
-    q = Pow2Quantizer(QuantSpec(bits=bits, scheme="log", granularity="channel" if per_channel else "tensor"), True, 6)
+    q = Pow2Quantizer(
+        QuantSpec(bits=bits, scheme="log", granularity="channel" if per_channel else "tensor"), True, 6
+    )
     y = q(x)
     nz = y[y != 0]
     mant, _ = torch.frexp(nz.abs())
@@ -427,7 +435,10 @@ def test_pipeline_config_errors_name_the_flat_key():
 
     from qpexp.schema import ConfigError, validate
 
-    for override, key in (("quant.bits_w=9", "quant.bits_w=9"), ("quant.act.scheme=nope", "quant.act.scheme")):
+    for override, key in (
+        ("quant.bits_w=9", "quant.bits_w=9"),
+        ("quant.act.scheme=nope", "quant.act.scheme"),
+    ):
         with pytest.raises(ConfigError, match=key):
             validate(compose([override]))
 

@@ -239,7 +239,7 @@ def pack_bits(u: np.ndarray, bits: int) -> np.ndarray:
         raise ValueError(f"pack_bits: values outside [0, 2^{bits})")
     if bits == 8:
         return u.astype(np.uint8)
-    planes = ((u[:, None] >> np.arange(bits)) & 1).astype(np.uint8)
+    planes = ((u.astype(np.uint32)[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
     return np.packbits(planes.reshape(-1), bitorder="little")
 
 
@@ -346,8 +346,9 @@ def _encode_weight(ir: dict, blob: _Blob) -> dict:
     if pruned:  # the layout is the pruning mask
         keep = ir["mask"].reshape(-1)
         candidates = ("bitmask", "relative") if _filler_code(ir) is not None else ("bitmask",)
-    else:
-        keep, candidates = flat != zero, ("dense", "bitmask", "relative")
+    else:  # unpruned: store the nonzero codes if that is cheaper (a float weight stays dense, as counted)
+        keep = flat != zero
+        candidates = ("dense",) if scheme == "float" else ("dense", "bitmask", "relative")
     entry_d, entry_pos = relative_entries(keep)
     costs = layout_bits(flat.size, int(keep.sum()), entry_d.size, bits)
     layout = min(candidates, key=costs.get)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -58,7 +59,7 @@ class _FakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, inv_scale, scale, zero, qmin, qmax):
-        r = torch.round(x * inv_scale).add_(zero)
+        r = (x * inv_scale).round_().add_(zero)
         ctx.save_for_backward(r)
         ctx.bounds = (qmin - 0.5, qmax + 0.5)
         return r.clamp(qmin, qmax).sub_(zero).mul_(scale)
@@ -86,6 +87,35 @@ def fake_quant(
         shape[ch_axis] = -1
         scale, zero = scale.reshape(shape), zero.reshape(shape)
     return _FakeQuant.apply(x, 1.0 / scale, scale, zero.to(scale.dtype), qmin, qmax)
+
+
+class _FakeQuantScalar(torch.autograd.Function):
+    """:class:`_FakeQuant` with Python-number qparams (per tensor): ``clamp(round(x/S), qmin-Z, qmax-Z) S``."""
+
+    @staticmethod
+    def forward(ctx, x, inv_scale: float, scale: float, zero: int, qmin: int, qmax: int):
+        r = (x * inv_scale).round_()  # one buffer, not two
+        ctx.save_for_backward(r)
+        ctx.bounds = (qmin - zero - 0.5, qmax - zero + 0.5)
+        return r.clamp(qmin - zero, qmax - zero).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (r,) = ctx.saved_tensors
+        return torch.ops.aten.hardtanh_backward(grad, r, *ctx.bounds), None, None, None, None, None
+
+
+def fake_quant_scalar(x: torch.Tensor, scale: float, zero: int, qmin: int, qmax: int) -> torch.Tensor:
+    """Per-tensor fake quantization with Python-number qparams; ``scale`` must be a float32 value.
+    Equals ``torch.fake_quantize_per_tensor_affine(x, scale, zero, qmin, qmax)`` exactly."""
+    if x.numel() < FUSED_MAX_NUMEL:
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero, qmin, qmax)
+    inv = float(np.float32(1.0) / np.float32(scale))  # the kernel's ``1.0f / scale``
+    return _FakeQuantScalar.apply(x, inv, scale, zero, qmin, qmax)
+
+
+def _invalidate_hook(module: LinearQuantizer, incompatible_keys) -> None:
+    module._invalidate()
 
 
 class LinearQuantizer(nn.Module):
@@ -120,6 +150,24 @@ class LinearQuantizer(nn.Module):
             self.register_buffer("scale", torch.ones(n))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self._ready = False  # Python mirror of ``initialized`` (no tensor-to-bool sync per step)
+        # Python mirrors of a per-tensor activation quantizer's range and qparams: a training step
+        # then costs one min/max reduction and two scalar reads unless the range grows (see forward)
+        self._scalar = not is_weight and not self.per_channel and self.range != "lsq"
+        self._mirror: tuple[float, float, float, int] | None = None  # (min, max, scale, zero)
+        self.register_load_state_dict_post_hook(_invalidate_hook)
+
+    def _invalidate(self) -> None:
+        self._ready = False
+        self._mirror = None
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .float() etc. may change the buffers
+        self._invalidate()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _refresh_mirror(self) -> tuple[float, float, float, int]:
+        lo, hi, scale = (float(v) for v in (self.min_val, self.max_val, self.scale))
+        self._mirror = (lo, hi, scale, int(self.zero_point))
+        return self._mirror
 
     def extra_repr(self) -> str:
         kind = "channel" if self.per_channel else "tensor"
@@ -155,6 +203,10 @@ class LinearQuantizer(nn.Module):
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
         lo, hi = self._batch_range(x)
+        if self._scalar and self.range == "minmax" and self.is_initialized():
+            mirror = self._mirror or self._refresh_mirror()
+            if lo.item() >= mirror[0] and hi.item() <= mirror[1]:
+                return  # the running range did not grow: qparams unchanged
         if self.range == "ema" and self.is_initialized():
             # min <- decay * min + (1 - decay) * batch_min (likewise max)
             self.min_val.mul_(self.decay).add_(lo * (1 - self.decay))
@@ -169,6 +221,8 @@ class LinearQuantizer(nn.Module):
         self.scale.copy_(scale)
         self.zero_point.copy_(zero)
         self._mark_initialized()
+        if self._scalar:
+            self._refresh_mirror()
 
     @torch.no_grad()
     def _init_lsq(self, x: torch.Tensor) -> None:
@@ -226,6 +280,9 @@ class LinearQuantizer(nn.Module):
                 self._observe(x)
             elif not self.is_initialized():
                 raise RuntimeError("activation quantizer used in eval mode before any calibration batch")
+            if self._scalar:
+                _, _, scale, zero = self._mirror or self._refresh_mirror()
+                return fake_quant_scalar(x, scale, zero, self.qmin, self.qmax)
             scale, zero = self.scale, self.zero_point
         return fake_quant(x, scale, zero, self.qmin, self.qmax, axis)
 
