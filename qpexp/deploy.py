@@ -422,13 +422,13 @@ def _onnx_check(model, path: Path, x, y, dm, cfg, out_dir: Path, record: dict) -
     pred = _predictions(lambda xb: qs.run(None, {"input": xb.numpy()})[0], x, eval_batch)
     with torch.no_grad():
         ref = _predictions(model, x, eval_batch)
-    acc = float((pred == y).float().mean()) if len(y) else 0.0
+    acc = int((pred == y).sum()) / max(len(y), 1)
     lat = _latency({"q": qs, "f": fs}, x[:batch].numpy(), max(int(getattr(cfg, "latency_batches", 50)), 1))
     simulated = info["simulated"]
     out = {
         "deploy/onnx_path": str(qpath),
         "deploy/onnx_test_acc": acc,
-        "deploy/onnx_argmax_agree": float((pred == ref).float().mean()) if len(y) else 1.0,
+        "deploy/onnx_argmax_agree": int((pred == ref).sum()) / max(len(y), 1),
         "deploy/onnx_latency_ms": lat["q"],
         "deploy/fp32_onnx_latency_ms": lat["f"],
         "deploy/latency_batch_size": batch,

@@ -426,7 +426,7 @@ def plot(gs: list[dict], summary: dict, path: Path, ref: dict | None = None, tit
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(13, 5.5), dpi=100)
+    fig = Figure(figsize=(13, 6.5), dpi=100)
     FigureCanvasAgg(fig)
     full, zoom = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     dense = summary.get("dense_acc")
@@ -441,8 +441,11 @@ def plot(gs: list[dict], summary: dict, path: Path, ref: dict | None = None, tit
     failed = summary.get("points_failed", 0)
     full.set_title(f"{title}: {summary.get('points', 0)} points, {failed} failed or missing", fontsize=9)
     handles, labels = full.get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=8, loc="center right")
-    fig.tight_layout(rect=(0, 0, 0.83, 1))
+    fig.legend(
+        handles, labels, fontsize=8, loc="lower center", ncol=min(5, max(len(labels), 1)), frameon=False
+    )
+    rows = -(-len(labels) // 5) if labels else 0
+    fig.tight_layout(rect=(0, 0.045 * rows + 0.01, 1, 1))
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, format="png")
     os.replace(tmp, path)

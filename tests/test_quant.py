@@ -12,7 +12,15 @@ from torch import nn
 from qpexp.core.prune.masks import set_mask
 from qpexp.core.quant import QuantConfig, QuantSpec, fold_batchnorm_, quant_layers, quantize_
 from qpexp.core.quant.layers import warn_symmetric_nonnegative
-from qpexp.core.quant.linear import FUSED_MAX_NUMEL, LinearQuantizer, affine_qparams, fake_quant, int_range
+from qpexp.core.quant.linear import (
+    FUSED_MAX_NUMEL,
+    LinearQuantizer,
+    affine_qparams,
+    affine_qparams_scalar,
+    fake_quant,
+    fake_quant_scalar,
+    int_range,
+)
 from qpexp.core.quant.log import CompandingQuantizer, Pow2Quantizer
 from qpexp.models import cnn1d
 
@@ -148,6 +156,61 @@ def test_symmetric_narrow_range(bits):
     exact(scale, torch.tensor([7.5]) / qmax)
     assert q.n_qparams() == (1, 0)  # Z = 0 is implicit
     assert weight_q(bits, symmetric=False).n_qparams() == (1, 1)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_scalar_qparams_equal_tensor_qparams(bits, symmetric):
+    """The activation quantizer's Python-number fast path computes the same float32 numbers."""
+    g = torch.Generator().manual_seed(bits)
+    ranges = torch.randn(200, 2, generator=g) * torch.logspace(-8, 3, 200).reshape(-1, 1)
+    ranges = torch.cat(
+        [ranges, torch.tensor([[0.0, 0.0], [0.0, 1e-30], [-3.0, 0.0], [1.0, 2.0], [-2.0, -1.0]])]
+    )
+    lo, hi = ranges.min(1).values, ranges.max(1).values
+    scale, zero = affine_qparams(lo, hi, bits, symmetric)
+    for i in range(len(lo)):
+        s, z = affine_qparams_scalar(lo[i].item(), hi[i].item(), bits, symmetric)
+        assert (s, z) == (scale[i].item(), int(zero[i])), (lo[i], hi[i])
+
+
+@pytest.mark.parametrize("n", [40, FUSED_MAX_NUMEL + 40])
+def test_scalar_fake_quant_equals_torch(n):
+    x = (torch.randn(n, generator=torch.Generator().manual_seed(0)) * 3).requires_grad_(True)
+    scale = float(torch.tensor(0.0173))
+    y = fake_quant_scalar(x, scale, 37, 0, 63)
+    ref = torch.fake_quantize_per_tensor_affine(x, scale, 37, 0, 63)
+    exact(y, ref)
+    exact(torch.autograd.grad(y.sum(), x)[0], torch.autograd.grad(ref.sum(), x)[0])
+
+
+def test_loading_a_state_refreshes_the_activation_qparams():
+    q = act_q(bits=8)
+    q.train()
+    q(torch.tensor([-1.0, 1.0]))
+    state = {k: v.clone() for k, v in q.state_dict().items()}
+    q(torch.tensor([-5.0, 5.0]))  # the range grows
+    q.load_state_dict(state)  # back to [-1, 1]
+    q.eval()
+    x = torch.tensor([0.5, 3.0])
+    exact(q(x), torch.fake_quantize_per_tensor_affine(x, state["scale"], state["zero_point"], 0, 255))
+    # the same through a parent model's load_state_dict (how checkpoints and best-epoch selection load)
+    m = cnn1d((40,), 10)
+    quantize_(m, QuantConfig())
+    m.train()
+    m(torch.randn(8, 40))
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    m(torch.randn(8, 40) * 10)
+    m.load_state_dict(state)
+    m.eval()
+    h = torch.randn(8, 25, 19).relu() * 3
+    aq = m.conv2.aq
+    exact(
+        aq(h),
+        torch.fake_quantize_per_tensor_affine(
+            h, state["conv2.aq.scale"], state["conv2.aq.zero_point"], 0, 255
+        ),
+    )
 
 
 def test_affine_qparams_all_zero_range_keeps_scale_finite():

@@ -6,8 +6,8 @@ QAT qconfig (fused fake-quant observers, per-channel weights, conv+ReLU fused). 
 QAT mappings lack ``Conv1d`` / ``ConvReLU1d``: without them the CNN's conv weights are silently never
 fake-quantized, so custom mappings are supplied and checked.
 
-Variants are interleaved round by round (a round times ``--steps`` steps of each variant), so
-machine noise hits them alike; each figure is the median over rounds of the per-step time, reported
+Variants are interleaved round by round (a round times ``--steps`` steps of each variant, in an
+order rotated from round to round), so machine noise hits them alike; each figure is the median over rounds of the per-step time, reported
 as a ratio to fp32 of the same model in the same round. The ratios use the thread's CPU time (time
 spent waiting for a core on a shared machine is left out); wall-clock ratios are printed beside. Usage: ``python -m qpexp.bench qat [--rounds 15] [--steps 20]``.
 """
@@ -112,8 +112,10 @@ def bench_model(name: str, model: nn.Module, rounds: int, steps: int) -> list[di
     cpu: dict[str, list[float]] = {k: [] for k in variants}
     ratio: dict[str, list[float]] = {k: [] for k in variants}
     ratio_wall: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(rounds):
-        this = {k: time_steps(s, steps) for k, s in stepper.items()}
+    names = list(variants)
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]  # rotate: no variant always runs first
+        this = {k: time_steps(stepper[k], steps) for k in order}
         for k, (w, c) in this.items():
             wall[k].append(w)
             cpu[k].append(c)

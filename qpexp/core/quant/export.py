@@ -21,13 +21,14 @@ else): ``.pt`` is ``{"format": str, "header": uint8 tensor, "blob": uint8 tensor
 ``torch.load(weights_only=True)``; ``.npz`` holds the uint8 arrays ``header`` and ``blob`` and loads
 with ``numpy.load(allow_pickle=False)``.
 
-``load(path)`` rebuilds a runnable :class:`IntegerModel`. ``arithmetic="integer"`` (default) computes
-each conv/linear layer with both operands linear-quantized as an exact integer accumulation
-``sum (q_x - Z_x)(q_w - Z_w)`` (held in float64, checked to stay below 2^53), rescaled once by
-``S_x S_w`` and added to the float bias: logits match the fake-quantized model within float
-rounding. ``arithmetic="float"`` dequantizes codes with the fake-quantize kernel's own arithmetic
-and reproduces the fake-quantized model's logits bit for bit. Either way the integer codes (weights
-and activations) are exactly the fake-quantized model's.
+``load(path)`` rebuilds a runnable :class:`IntegerModel`; its weight codes are exactly the
+fake-quantized model's. ``arithmetic="float"`` dequantizes codes with the fake-quantize kernel's own
+arithmetic and reproduces the fake-quantized model bit for bit: every activation code and every
+logit. ``arithmetic="integer"`` (default) computes each conv/linear layer whose operands are both
+linear-quantized as an exact integer accumulation ``sum (q_x - Z_x)(q_w - Z_w)`` (held in float64,
+checked to stay below 2^53), rescaled once by ``S_x S_w`` and added to the float bias: logits match
+within float rounding, except that a value sitting on a rounding edge can flip one activation code
+downstream (``qpexp.deploy`` counts such flips). Log/companding layers dequantize in either mode.
 
 Why ``file bytes * 8`` differs from ``size_bits``: the accounting counts the payload only (codes in
 the cheapest layout, a 2-bit format flag per weight tensor, 32 bits per scale, stored zero point,

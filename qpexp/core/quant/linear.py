@@ -2,12 +2,17 @@
 
 The arithmetic is torch's fake-quantize kernel's, bit for bit: ``q = clamp(nearbyint(x * (1/S)) + Z,
 qmin, qmax)``, ``x_hat = (q - Z) S``, gradient 1 where the unclamped ``q`` lies in ``[qmin, qmax]`` and
-0 elsewhere. Small tensors (weights) go through torch's fused kernels
-(``torch.fake_quantize_per_tensor_affine`` / ``..._per_channel_affine``); large ones (activations)
-through :func:`fake_quant`'s vectorized chain, because in torch 2.13 on CPU the fused kernel is a
-scalar loop (about 16 ns per element, several times slower than five vectorized ops on an
-activation of 50k elements; see ``python -m qpexp.bench qat``). Tests check both paths against the
-fused kernels with ``atol=0``.
+0 elsewhere. Tensors below ``FUSED_MAX_NUMEL`` elements (most weights) go through torch's fused
+kernels (``torch.fake_quantize_per_tensor_affine`` / ``..._per_channel_affine``); larger ones
+(activations) through a vectorized chain of four ops (:func:`fake_quant`, :func:`fake_quant_scalar`),
+because in torch 2.13 on CPU the fused kernel is a scalar loop, about 3x slower than the chain on a
+50k-element activation. Tests check both paths against the fused kernels with ``atol=0``.
+
+A per-tensor activation quantizer keeps Python copies of its range and qparams: a training step
+reads the batch min/max (two scalar reads) and touches its buffers only when the running range
+grows, in float32 arithmetic identical to the tensor formulas. On CPU (where qpexp trains) a scalar
+read costs about a microsecond; it is far cheaper than the dozen tiny tensor ops it replaces. Loading
+a state dict or moving the module refreshes the copies. ``python -m qpexp.bench qat`` measures it.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from torch import nn
 
 from qpexp.core.quant.spec import QuantSpec
 
-FUSED_MAX_NUMEL = 16384  # at or above this many elements the vectorized chain is faster on CPU
+FUSED_MAX_NUMEL = 4096  # from about this many elements on, the vectorized chain is faster on CPU
 TINY_SCALE = torch.finfo(torch.float32).tiny * 2**24  # keeps 1/S finite
 
 
@@ -46,6 +51,20 @@ def affine_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: boo
     scale = (hi.clamp(min=0.0) - lo).div_(qmax - qmin).clamp_min_(TINY_SCALE)
     zero = torch.round(lo / scale).neg_().add_(qmin).clamp_(qmin, qmax).to(torch.int32)
     return scale, zero
+
+
+def affine_qparams_scalar(lo: float, hi: float, bits: int, symmetric: bool) -> tuple[float, int]:
+    """:func:`affine_qparams` for one range in Python numbers: the same float32 operations, so the
+    same scale and zero point bit for bit (``lo``/``hi`` must be float32 values)."""
+    f32 = np.float32
+    qmin, qmax = int_range(bits, symmetric)
+    if symmetric:
+        scale = max(f32(max(abs(f32(lo)), abs(f32(hi)))) / f32(qmax), f32(TINY_SCALE))
+        return float(scale), 0
+    lo0 = f32(min(lo, 0.0))
+    scale = max((f32(max(hi, 0.0)) - lo0) / f32(qmax - qmin), f32(TINY_SCALE))
+    zero = min(max(qmin - float(np.round(lo0 / scale)), qmin), qmax)
+    return float(scale), int(zero)
 
 
 class _FakeQuant(torch.autograd.Function):
@@ -203,10 +222,8 @@ class LinearQuantizer(nn.Module):
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
         lo, hi = self._batch_range(x)
-        if self._scalar and self.range == "minmax" and self.is_initialized():
-            mirror = self._mirror or self._refresh_mirror()
-            if lo.item() >= mirror[0] and hi.item() <= mirror[1]:
-                return  # the running range did not grow: qparams unchanged
+        if self._scalar:
+            return self._observe_scalar(lo.item(), hi.item())
         if self.range == "ema" and self.is_initialized():
             # min <- decay * min + (1 - decay) * batch_min (likewise max)
             self.min_val.mul_(self.decay).add_(lo * (1 - self.decay))
@@ -221,8 +238,31 @@ class LinearQuantizer(nn.Module):
         self.scale.copy_(scale)
         self.zero_point.copy_(zero)
         self._mark_initialized()
-        if self._scalar:
-            self._refresh_mirror()
+
+    def _observe_scalar(self, lo: float, hi: float) -> None:
+        """The per-tensor activation update in Python numbers (float32 arithmetic, the same numbers
+        as the tensor path): two scalar reads a step, four buffer writes when the range moves."""
+        f32 = np.float32
+        if not self.is_initialized():
+            new_lo, new_hi = lo, hi
+        else:
+            old_lo, old_hi = (self._mirror or self._refresh_mirror())[:2]
+            if self.range == "ema":
+                d = f32(self.decay)
+                e = f32(1 - self.decay)
+                new_lo = float(f32(old_lo) * d + f32(lo) * e)
+                new_hi = float(f32(old_hi) * d + f32(hi) * e)
+            else:
+                if lo >= old_lo and hi <= old_hi:
+                    return  # the running range did not grow: nothing changes
+                new_lo, new_hi = min(old_lo, lo), max(old_hi, hi)
+        scale, zero = affine_qparams_scalar(new_lo, new_hi, self.bits, self.symmetric)
+        self.min_val.fill_(new_lo)
+        self.max_val.fill_(new_hi)
+        self.scale.fill_(scale)
+        self.zero_point.fill_(zero)
+        self._mirror = (new_lo, new_hi, scale, zero)
+        self._mark_initialized()
 
     @torch.no_grad()
     def _init_lsq(self, x: torch.Tensor) -> None:
