@@ -111,10 +111,14 @@ def check_arrays(arrays: dict, source: str, num_classes: int | None = None) -> i
         shape = x.shape[1:]
         if not np.all(np.isfinite(x)):
             raise DataError(f"{source}: x_{s} holds non-finite values (NaN or inf)")
-    labels = np.concatenate([arrays[f"y_{s}"] for s in splits])
-    n_cls = num_classes or int(labels.max()) + 1
-    if labels.min() < 0 or labels.max() >= n_cls:
-        raise DataError(f"{source}: labels must lie in 0..{n_cls - 1}; found {labels.min()}..{labels.max()}")
+    # C comes from the config (data.num_classes) or from the training labels
+    n_cls = num_classes or int(arrays["y_train"].max()) + 1
+    for s in splits:
+        y = arrays[f"y_{s}"]
+        if y.min() < 0 or y.max() >= n_cls:
+            raise DataError(
+                f"{source}: y_{s} labels must lie in 0..{n_cls - 1} (C={n_cls}); found {y.min()}..{y.max()}"
+            )
     return n_cls
 
 
