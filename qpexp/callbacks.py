@@ -16,6 +16,21 @@ log = logging.getLogger("qpexp")
 
 
 class FrontierCallback(Callback):
+    """Before a multirun: validate every point. After it: ``qpexp.frontier.write_frontier`` on the
+    sweep folder (frontier.csv, frontier.png, frontier.json and the frontier W&B run).
+
+    Options (``+hydra.callbacks.frontier.reference=CSV``, ``+hydra.callbacks.frontier.wandb=true``):
+    ``reference``, a CSV front drawn beside qpexp's (default ``$QPEXP_FRONTIER_REFERENCE``; a missing
+    file is skipped with a warning); ``wandb``, None logs the frontier W&B run when the points logged
+    to W&B, True/False force it.
+    """
+
+    def __init__(self, reference: str | None = None, wandb: bool | None = None):
+        """``reference``: a CSV front drawn beside qpexp's (default: ``$QPEXP_FRONTIER_REFERENCE``);
+        ``wandb``: None logs the frontier W&B run when the points logged to W&B."""
+        self.reference = reference or os.environ.get("QPEXP_FRONTIER_REFERENCE") or None
+        self.wandb = wandb
+
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         """Validate every point (schema and data) before the first one trains; exit 2 on any problem."""
         import sys
@@ -24,17 +39,13 @@ class FrontierCallback(Callback):
 
         n, problems = check_sweep(config)
         if problems:
-            print(f"qpexp: {len(problems)} of {n} sweep points are invalid; nothing was run:", file=sys.stderr)
+            print(
+                f"qpexp: {len(problems)} of {n} sweep points are invalid; nothing was run:", file=sys.stderr
+            )
             for p in problems:
                 print(f"  - {p}", file=sys.stderr)
             sys.exit(2)
         log.info("sweep: %d points validated", n)
-
-    def __init__(self, reference: str | None = None, wandb: bool | None = None):
-        """``reference``: a CSV front drawn beside qpexp's (default: ``$QPEXP_FRONTIER_REFERENCE``);
-        ``wandb``: None logs the frontier W&B run when the points logged to W&B."""
-        self.reference = reference or os.environ.get("QPEXP_FRONTIER_REFERENCE") or None
-        self.wandb = wandb
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         from qpexp.frontier import write_frontier
@@ -60,6 +71,10 @@ def worker_threads(n_jobs, cores: int | None = None) -> int:
         n = 1
     workers = n if n > 0 else max(cores + 1 + n, 1)
     return max(cores // max(workers, 1), 1)
+
+
+def _multirun(config: DictConfig) -> bool:
+    return "MULTIRUN" in str(OmegaConf.select(config, "hydra.mode"))
 
 
 class SweepProgress(Callback):
@@ -98,6 +113,8 @@ class SweepProgress(Callback):
         )
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        if not _multirun(config):
+            return  # a single run keeps all cores
         if config.get("threads") is None and not os.environ.get("QPEXP_THREADS"):
             n_jobs = OmegaConf.select(config, "hydra.launcher.n_jobs")
             os.environ["QPEXP_THREADS"] = str(worker_threads(n_jobs))
@@ -114,7 +131,7 @@ class SweepProgress(Callback):
 
         sweep_dir = Path(OmegaConf.select(config, "hydra.sweep.dir") or "")
         state = sweep_dir / ".qpexp"
-        if not (state / "progress.json").exists():
+        if not _multirun(config) or not (state / "progress.json").exists():
             return  # a single run, or a sweep started without this callback
         info = json.loads((state / "progress.json").read_text())
         status = "failed"

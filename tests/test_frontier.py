@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -263,3 +264,23 @@ def test_worker_threads_share_the_cores():
     assert worker_threads(-2, cores=4) == 1  # 3 workers on 4 cores
     assert worker_threads(8, cores=2) == 1
     assert worker_threads(None, cores=3) == 3
+
+
+def test_threads_per_worker_only_in_multirun(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from qpexp.callbacks import SweepProgress
+
+    def cfg(mode, threads=None):
+        return OmegaConf.create({"threads": threads, "hydra": {"mode": mode, "launcher": {"n_jobs": 2}}})
+
+    monkeypatch.delenv("QPEXP_THREADS", raising=False)
+    SweepProgress().on_job_start(cfg("RunMode.RUN"))
+    assert "QPEXP_THREADS" not in os.environ  # a single run keeps all cores
+    SweepProgress().on_job_start(cfg("RunMode.MULTIRUN", threads=3))
+    assert "QPEXP_THREADS" not in os.environ  # an explicit threads= wins
+    SweepProgress().on_job_start(cfg("RunMode.MULTIRUN"))
+    assert os.environ["QPEXP_THREADS"] == str(worker_threads(2))
+    monkeypatch.setenv("QPEXP_THREADS", "7")
+    SweepProgress().on_job_start(cfg("RunMode.MULTIRUN"))
+    assert os.environ["QPEXP_THREADS"] == "7"  # the user's setting wins

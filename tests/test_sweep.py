@@ -216,18 +216,16 @@ def test_frontier_wandb_run_holds_the_table(sweep):
     assert "frontier/table/_type" in run["history_keys"]
     assert "frontier/best_ratio_within_1pt" in run["summary"] and "frontier/hypervolume" in run["summary"]
     (table,) = [f for f in run["files"] if str(f).endswith(".table.json")]
-    run_dir = next(p.parent for p in (sweep["sweep"] / "wandb").rglob(f"offline-run-*/{table}"))
-    data = json.loads((run_dir / table).read_text())
+    data = json.loads(next((sweep["sweep"] / "wandb").glob(f"offline-run-*/{table}")).read_text())
     assert len(data["data"]) == 6 and "final/test_acc" in data["columns"]  # 5 points + the dense row
 
 
 def _enter(args):
     """One worker asking the cache for a stage: trains it when missing (slowly), else reuses it."""
-    root, start_at = args
+    root, barrier = args
     from qpexp.cache import StageCache
 
-    while time.time() < start_at:  # start together
-        time.sleep(0.01)
+    barrier.wait(timeout=300)  # all workers ask at the same moment
     with StageCache(root, root).entry("baseline", "k") as entry:
         if entry.complete:
             return "reused"
@@ -238,7 +236,32 @@ def _enter(args):
 
 def test_parallel_workers_train_a_missing_stage_once(tmp_path):
     ctx = mp.get_context("spawn")
-    with ctx.Pool(3) as pool:
-        results = pool.map(_enter, [(tmp_path, time.time() + 8)] * 3)
+    with ctx.Manager() as manager, ctx.Pool(3) as pool:
+        barrier = manager.Barrier(3)
+        results = pool.map(_enter, [(tmp_path, barrier)] * 3, chunksize=1)
     assert sorted(results) == ["reused", "reused", "trained"]
     assert json.loads((tmp_path / "baseline-k" / "meta.json").read_text()) == {"val_acc": 0.5}
+
+
+def test_default_sweep_definition():
+    """``sweep=frontier``: multirun by itself, the required grid, a fixed folder, every point valid."""
+    from conftest import compose
+
+    from qpexp.schema import validate
+    from qpexp.sweepcheck import sweep_points
+
+    cfg = compose(["sweep=frontier"])
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    assert cfg.hydra.sweep.dir == "outputs/sweeps/frontier"  # re-running reuses records and cache
+    params = {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
+    assert sorted(int(b) for b in params["quant.bits_w"]) == [2, 4, 8]
+    ratios = [float(r) for r in params["prune.ratio"]]
+    assert len(ratios) >= 3 and all(0.5 <= r <= 0.95 for r in ratios)
+    assert sorted(params["prune.scope"]) == ["global", "layer"]
+    assert cfg.data.name == "mnist1d" and cfg.model._target_.endswith("cnn1d")
+    assert cfg.threads is None  # derived per worker from hydra.launcher.n_jobs
+    assert cfg.logger.group  # the sweep's W&B group
+    points = sweep_points(cfg)
+    assert len(points) == 18
+    for point in points:
+        validate(compose(["sweep=frontier", *point]))

@@ -63,7 +63,7 @@ def run_sweep(workdir: Path, name: str, extra: list[str], timeout: int) -> dict:
         "wall_s": wall,
         "train_s": trained,
         "train_s_no_cache": unshared,
-        "pipeline_s": sum(r.get("seconds/total", 0.0) for r in ok),
+        "pipeline_s": sum(r.get("seconds/total", 0.0) for r in fresh),
         "overhead_per_point_s": (wall * n_jobs - trained) / max(points, 1),
         "load_1min": f"{load0:.1f}->{os.getloadavg()[0]:.1f}",
         "best_1pt": summary.get("best_ratio_within_1pt"),
