@@ -30,7 +30,7 @@ from qpexp.schema import plain_config, prune_config, quant_config, validate
 from qpexp.stages import BaselineStage, PruneStage, QATStage
 
 log = logging.getLogger("qpexp")
-CACHE_VERSION = 1  # bump when a stage's training code changes what it produces
+CACHE_VERSION = 2  # bump when a stage's training code changes what it produces
 
 
 # -- helpers --------------------------------------------------------------------------------------

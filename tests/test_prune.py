@@ -42,6 +42,15 @@ from qpexp.stages import PruneStage
 X1D = torch.randn(16, 40, generator=torch.Generator().manual_seed(1))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread (several intra-op threads only contend on a shared machine)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def cnn(bn: bool = False, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return cnn1d((40,), 10, batchnorm=bn)
