@@ -2,7 +2,9 @@
 
 ``write_frontier(dirs, out_dir, reference=None)`` (called by :class:`qpexp.callbacks.FrontierCallback`
 at the end of every multirun) and ``qpexp-frontier DIR [DIR...] [--out DIR] [--reference CSV]``
-(on demand; merges several sweeps) read every point under ``dirs`` and write into ``out_dir``:
+(on demand; merges several sweeps) read every point under ``dirs`` (every folder holding a
+``record.json`` or a Hydra ``.hydra/config.yaml``: also points left by an earlier sweep into the same
+folder) and write into ``out_dir``:
 
 - ``frontier.csv``: one row per point: ``point`` (``run``, or ``dense`` for the reference rows
   below), ``run_dir``, the config axes, ``status``/``error``, every record key (nested ones such as
