@@ -38,22 +38,23 @@ if not OmegaConf.has_resolver("qpexp_point"):
 
 
 def summary_table(record: dict) -> str:
-    head = f"{'stage':<9} {'val acc':>8} {'test acc':>8} {'sparsity':>8} {'bits w/a':>9} {'size bits':>10} {'ratio':>7} {'seconds':>8}"
+    head = (
+        f"{'stage':<9} {'val acc':>8} {'test acc':>8} {'sparsity':>8} {'bits w/a':>9} "
+        f"{'size bits':>10} {'ratio':>7} {'seconds':>8}"
+    )
     lines = [head, "-" * len(head)]
-    for stage in ("baseline", "prune", "qat"):
-        if f"{stage}/val_acc" not in record:
+    for stage in ("baseline", "prune", "qat", "final"):
+        if f"{stage}/test_acc" not in record:
             continue
+        r = {k.split("/", 1)[1]: v for k, v in record.items() if k.startswith(f"{stage}/")}
+        if "size_bits" not in r:
+            continue
+        seconds = record.get("seconds/total" if stage == "final" else f"seconds/{stage}", 0)
         hit = " (cached)" if record.get(f"cache/{stage}_hit") else ""
         lines.append(
-            f"{stage:<9} {record[f'{stage}/val_acc']:>8.4f} {record[f'{stage}/test_acc']:>8.4f} "
-            f"{'':>8} {'':>9} {'':>10} {'':>7} {record.get(f'seconds/{stage}', 0):>8.1f}{hit}"
-        )
-    if "final/test_acc" in record:
-        bits = f"{record['final/bits_w']:g}/{record['final/bits_a']:g}"
-        lines.append(
-            f"{'final':<9} {record['final/val_acc']:>8.4f} {record['final/test_acc']:>8.4f} "
-            f"{record['final/sparsity']:>8.3f} {bits:>9} {record['final/size_bits']:>10,} "
-            f"{record['final/compression_ratio']:>6.2f}x {record.get('seconds/total', 0):>8.1f}"
+            f"{stage:<9} {r['val_acc']:>8.4f} {r['test_acc']:>8.4f} {r['sparsity']:>8.3f} "
+            f"{r['bits_w']:>4g}/{r['bits_a']:<4g} {r['size_bits']:>10,} {r['compression_ratio']:>6.2f}x "
+            f"{seconds:>8.1f}{hit}"
         )
     return "\n".join(lines)
 

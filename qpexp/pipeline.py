@@ -199,6 +199,9 @@ class Pipeline:
         record[f"train_seconds/{name}"] = meta["train_seconds"]
         record[f"seconds/{name}"] = time.perf_counter() - start
         record[f"artifacts/{name}"] = str(entry.path)
+        snap = self.measure(model, self.example, self.dense_bits)  # each stage's model, counted as the final one
+        for k in ("sparsity", "params", "bits_w", "bits_a", "size_bits", "compression_ratio"):
+            record[f"{name}/{k}"] = snap[f"final/{k}"]
         if self.logger is not None:
             self.logger.log_metrics({f"{name}/val_acc": meta["val_acc"], f"{name}/test_acc": meta["test_acc"]})
         return {"state": state, "meta": meta}
@@ -214,7 +217,7 @@ class Pipeline:
         L.seed_everything(c.seed, workers=False, verbose=False)
         model = make_model(c, dm)
         example = self.example = dm.splits["val"][0][:1]
-        dense_bits = size_bits(model)
+        dense_bits = self.dense_bits = size_bits(model)
         # dense prunable weights per layer: sparsity counts physically removed channels as pruned
         self.dense_weights = {v.name: v.layer.weight.numel() for v in layer_views(model)}
         record: dict = {"status": "running", "seed": c.seed, "threads": threads}
