@@ -75,7 +75,9 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
     except ValueError as e:
-        raise DataError(f"data.path={str(path)!r}: cannot load without pickle ({e}); save plain numeric arrays") from e
+        raise DataError(
+            f"data.path={str(path)!r}: cannot load without pickle ({e}); save plain numeric arrays"
+        ) from e
     except Exception as e:  # zipfile.BadZipFile, OSError, ...
         raise DataError(f"data.path={str(path)!r}: not a readable .npz file ({e})") from e
 
@@ -89,7 +91,9 @@ def check_arrays(arrays: dict, source: str, num_classes: int | None = None) -> i
     """Validate arrays; return the number of classes. Errors name ``source`` and the array."""
     missing = [k for k in REQUIRED if k not in arrays]
     if missing:
-        raise DataError(f"{source}: missing array(s) {missing}; need {list(REQUIRED)} (optional x_val, y_val)")
+        raise DataError(
+            f"{source}: missing array(s) {missing}; need {list(REQUIRED)} (optional x_val, y_val)"
+        )
     if ("x_val" in arrays) != ("y_val" in arrays):
         raise DataError(f"{source}: x_val and y_val must be given together")
     splits = ["train", "test"] + (["val"] if "x_val" in arrays else [])
@@ -103,7 +107,9 @@ def check_arrays(arrays: dict, source: str, num_classes: int | None = None) -> i
         if y.ndim != 1:
             raise DataError(f"{source}: y_{s} has shape {y.shape}; need (N,)")
         if x.ndim < 2 or len(x) != len(y):
-            raise DataError(f"{source}: x_{s} has shape {x.shape} but y_{s} has {len(y)} labels; lengths must match")
+            raise DataError(
+                f"{source}: x_{s} has shape {x.shape} but y_{s} has {len(y)} labels; lengths must match"
+            )
         if len(x) == 0:
             raise DataError(f"{source}: x_{s} is empty")
         if shape is not None and x.shape[1:] != shape:

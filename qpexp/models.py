@@ -29,7 +29,9 @@ def _signal_shape(input_shape: tuple[int, ...], model: str) -> tuple[int, int]:
         return 1, input_shape[0]
     if len(input_shape) == 2:
         return input_shape[0], input_shape[1]
-    raise ValueError(f"model={model} needs 1-D signals (N, L) or (N, C, L); the data has samples of shape {input_shape}")
+    raise ValueError(
+        f"model={model} needs 1-D signals (N, L) or (N, C, L); the data has samples of shape {input_shape}"
+    )
 
 
 def cnn1d(input_shape, num_classes: int, channels: int = 25, batchnorm: bool = False) -> nn.Sequential:
@@ -70,7 +72,9 @@ def lenet5(input_shape, num_classes: int, batchnorm: bool = False) -> nn.Sequent
     if len(shape) == 2:
         shape = (1, *shape)
     if len(shape) != 3:
-        raise ValueError(f"model=lenet5 needs images (N, H, W) or (N, C, H, W); the data has samples of shape {input_shape}")
+        raise ValueError(
+            f"model=lenet5 needs images (N, H, W) or (N, C, H, W); the data has samples of shape {input_shape}"
+        )
     c, h, w = shape
     layers: list[tuple[str, nn.Module]] = [("reshape", Reshape(c, h, w))]
     for i, (cin, cout) in enumerate([(c, 6), (6, 16)], start=1):

@@ -142,7 +142,9 @@ class Pipeline:
             "seed": c.seed,
         }
         self.keys = {"baseline": cache_key(base)}
-        self.keys["prune"] = cache_key({"base": self.keys["baseline"], "prune": OmegaConf.to_container(c.prune)})
+        self.keys["prune"] = cache_key(
+            {"base": self.keys["baseline"], "prune": OmegaConf.to_container(c.prune)}
+        )
         after = self.keys["prune"] if self.prune_on else self.keys["baseline"]
         self.keys["qat"] = cache_key({"base": after, "quant": OmegaConf.to_container(c.quant)})
 
@@ -174,7 +176,9 @@ class Pipeline:
             else:
                 self._fail_hook(name)
                 module = module_fn()
-                train_s = fit(module, dm, epochs, entry.work, self.logger, self.trainer_cfg) if epochs > 0 else 0.0
+                train_s = (
+                    fit(module, dm, epochs, entry.work, self.logger, self.trainer_cfg) if epochs > 0 else 0.0
+                )
                 if epochs == 0 and hasattr(module, "calibrate"):
                     module.calibrate(dm.loader("train", shuffle=False))
                 if hasattr(module, "finalize"):
@@ -199,11 +203,15 @@ class Pipeline:
         record[f"train_seconds/{name}"] = meta["train_seconds"]
         record[f"seconds/{name}"] = time.perf_counter() - start
         record[f"artifacts/{name}"] = str(entry.path)
-        snap = self.measure(model, self.example, self.dense_bits)  # each stage's model, counted as the final one
+        snap = self.measure(
+            model, self.example, self.dense_bits
+        )  # each stage's model, counted as the final one
         for k in ("sparsity", "params", "bits_w", "bits_a", "size_bits", "compression_ratio"):
             record[f"{name}/{k}"] = snap[f"final/{k}"]
         if self.logger is not None:
-            self.logger.log_metrics({f"{name}/val_acc": meta["val_acc"], f"{name}/test_acc": meta["test_acc"]})
+            self.logger.log_metrics(
+                {f"{name}/val_acc": meta["val_acc"], f"{name}/test_acc": meta["test_acc"]}
+            )
         return {"state": state, "meta": meta}
 
     def run(self) -> dict:

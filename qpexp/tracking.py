@@ -40,7 +40,9 @@ class Tracker:
             self.run.log(
                 {
                     "layers/sparsity_table": table,
-                    "layers/sparsity_bar": wandb.plot.bar(table, "layer", "sparsity", title="realized sparsity per layer"),
+                    "layers/sparsity_bar": wandb.plot.bar(
+                        table, "layer", "sparsity", title="realized sparsity per layer"
+                    ),
                 }
             )
 
@@ -56,8 +58,17 @@ def _scalar(v) -> bool:
     return isinstance(v, (int, float, str, bool)) or v is None
 
 
-def wandb_init(run_dir: Path, project: str, group: str | None, job_type: str, name: str | None, config: dict,
-               mode: str | None = None, tags=None, init_timeout: float = 20):
+def wandb_init(
+    run_dir: Path,
+    project: str,
+    group: str | None,
+    job_type: str,
+    name: str | None,
+    config: dict,
+    mode: str | None = None,
+    tags=None,
+    init_timeout: float = 20,
+):
     """``wandb.init`` that honours WANDB_MODE, defaults to offline and falls back to offline on failure."""
     import wandb
 
@@ -65,10 +76,20 @@ def wandb_init(run_dir: Path, project: str, group: str | None, job_type: str, na
     os.environ.setdefault("WANDB_SILENT", "true")
     mode = mode or os.environ["WANDB_MODE"]
     run_dir.mkdir(parents=True, exist_ok=True)
-    kwargs = dict(project=project, group=group, job_type=job_type, name=name, config=config,
-                  dir=str(run_dir), reinit="finish_previous", tags=tags)
+    kwargs = dict(
+        project=project,
+        group=group,
+        job_type=job_type,
+        name=name,
+        config=config,
+        dir=str(run_dir),
+        reinit="finish_previous",
+        tags=tags,
+    )
     try:
-        return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=init_timeout, silent=True), **kwargs)
+        return wandb.init(
+            mode=mode, settings=wandb.Settings(init_timeout=init_timeout, silent=True), **kwargs
+        )
     except Exception as e:
         if mode == "offline":
             raise

@@ -41,7 +41,9 @@ def _find(folder: Path, stem: str) -> Path:
     for name in (stem, stem + ".gz"):
         if (folder / name).is_file():
             return folder / name
-    raise DataError(f"data.root: missing {folder / stem}[.gz] (download with data.download=true, needs torchvision)")
+    raise DataError(
+        f"data.root: missing {folder / stem}[.gz] (download with data.download=true, needs torchvision)"
+    )
 
 
 def mnist_family(name: str, root: str) -> dict[str, np.ndarray]:
@@ -102,7 +104,12 @@ def vision(name: str, root: str, download: bool = False) -> dict[str, np.ndarray
             import torchvision.datasets as tvd
         except ImportError as e:
             raise DataError("data.download=true needs torchvision: pip install 'qpexp[vision]'") from e
-        cls = {"mnist": tvd.MNIST, "fashion_mnist": tvd.FashionMNIST, "kmnist": tvd.KMNIST, "cifar10": tvd.CIFAR10}
+        cls = {
+            "mnist": tvd.MNIST,
+            "fashion_mnist": tvd.FashionMNIST,
+            "kmnist": tvd.KMNIST,
+            "cifar10": tvd.CIFAR10,
+        }
         for train in (True, False):
             cls[name](root, train=train, download=True)
     return cifar10(root) if name == "cifar10" else mnist_family(name, root)

@@ -47,10 +47,17 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = N
     """Run ``qpexp ARGS`` in a subprocess (the real console entry point)."""
     e = {**os.environ, **(env or {})}
     proc = subprocess.run(
-        [sys.executable, "-m", "qpexp.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=e
+        [sys.executable, "-m", "qpexp.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=e,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"qpexp {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"qpexp {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 
@@ -99,7 +106,9 @@ def wandb_offline_runs(root: Path) -> list[dict]:
                 for item in rec.summary.update:
                     info["summary"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
             elif kind == "history":
-                info["history_keys"].update(item.key or "/".join(item.nested_key) for item in rec.history.item)
+                info["history_keys"].update(
+                    item.key or "/".join(item.nested_key) for item in rec.history.item
+                )
         info["files"] = [p.relative_to(path.parent) for p in path.parent.rglob("*") if p.is_file()]
         runs.append(info)
     return runs

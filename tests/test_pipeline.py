@@ -70,13 +70,21 @@ def test_end_to_end_each_dataset(tmp_path, data):
 def test_npz_images_any_shape(tmp_path):
     path = make_npz(tmp_path / "imgs.npz")
     for model in ("lenet5", "mlp"):
-        rec, _ = run_pipeline(tmp_path / model, ["data=npz", f"data.path={path}", f"model={model}", "baseline.epochs=5"])
+        rec, _ = run_pipeline(
+            tmp_path / model, ["data=npz", f"data.path={path}", f"model={model}", "baseline.epochs=5"]
+        )
         assert rec["status"] == "ok" and rec["final/test_acc"] > 0.6  # above chance on a learnable signal
 
 
 def test_cli_record_summary_and_wandb(tmp_path):
     run_dir = tmp_path / "run"
-    args = [*TINY, "logger=wandb", f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}", "export.enabled=false"]
+    args = [
+        *TINY,
+        "logger=wandb",
+        f"cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={run_dir}",
+        "export.enabled=false",
+    ]
     proc = run_cli(args, cwd=tmp_path)
     rec = read_record(run_dir)
     for k in RECORD_KEYS:
@@ -216,7 +224,18 @@ def test_wheel_ships_configs(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(root)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(root),
+        ],
         check=True,
         capture_output=True,
     )
@@ -231,7 +250,11 @@ def test_wheel_ships_configs(tmp_path):
 
 
 CONF = Path(__file__).parents[1] / "conf"
-CHOICES = [f"{g}={p.stem}" for g in ("experiment", "prune", "quant", "model", "data") for p in sorted((CONF / g).glob("*.yaml"))]
+CHOICES = [
+    f"{g}={p.stem}"
+    for g in ("experiment", "prune", "quant", "model", "data")
+    for p in sorted((CONF / g).glob("*.yaml"))
+]
 
 
 @pytest.mark.parametrize("choice", CHOICES)

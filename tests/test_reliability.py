@@ -78,7 +78,10 @@ def test_divergence_fails_point_and_sweep_goes_on(tmp_path):
          "baseline.lr=0.001,1e30", f"hydra.sweep.dir={sweep}", "hydra.launcher.n_jobs=1"],
         cwd=tmp_path,
     )  # fmt: skip
-    recs = {json.loads(r.read_text())["config"]["baseline"]["lr"]: json.loads(r.read_text()) for r in sweep.glob("*/record.json")}
+    recs = {
+        json.loads(r.read_text())["config"]["baseline"]["lr"]: json.loads(r.read_text())
+        for r in sweep.glob("*/record.json")
+    }
     bad, good = recs[1e30], recs[0.001]
     assert bad["status"] == "failed" and "loss became" in bad["error"] and "DivergenceError" in bad["error"]
     assert good["status"] == "ok"

@@ -17,7 +17,11 @@ from qpexp.vision import vision
 
 
 def write_idx(path, arr: np.ndarray, gz: bool) -> None:
-    raw = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.astype(np.uint8).tobytes()
+    raw = (
+        bytes([0, 0, 0x08, arr.ndim])
+        + struct.pack(f">{arr.ndim}I", *arr.shape)
+        + arr.astype(np.uint8).tobytes()
+    )
     path.write_bytes(gzip.compress(raw) if gz else raw)
 
 

@@ -107,7 +107,12 @@ def size_bits(model: nn.Module, detail: bool = False):
         if compressed:
             t = tensor_bits(w, v.bits_w)
         else:
-            t = {"bits": w.numel() * FLOAT_BITS, "format": "float", "n": w.numel(), "nnz": int(w.count_nonzero())}
+            t = {
+                "bits": w.numel() * FLOAT_BITS,
+                "format": "float",
+                "n": w.numel(),
+                "nnz": int(w.count_nonzero()),
+            }
         qbits = _quantizer_bits(v.wq) + _quantizer_bits(v.aq)
         bias = v.layer.bias.numel() * FLOAT_BITS if v.layer.bias is not None else 0
         rows[v.name] = {**t, "weight_bits": t["bits"], "qparam_bits": qbits, "bias_bits": bias}
