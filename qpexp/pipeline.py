@@ -258,10 +258,9 @@ class Pipeline:
                 from qpexp.core.prune.channel import channel_prune_step as pruner
             steps = 1 if pc.schedule == "oneshot" else pc.steps
             epochs = steps * c.prune.finetune_epochs
-            holder = {}
 
             def make_prune():
-                holder["m"] = PruneStage(
+                return PruneStage(
                     model,
                     dm.num_classes,
                     lr=c.prune.lr,
@@ -276,7 +275,6 @@ class Pipeline:
                     agp_dt=c.prune.agp_dt,
                     pruner=pruner,
                 )
-                return holder["m"]
 
             pr = self._stage("prune", make_prune, epochs, dm, model, record)
             for k in ("stopped_at_step", "stop_reason", "steps_planned", "targets", "realized_ratio"):
@@ -285,7 +283,7 @@ class Pipeline:
             record["prune/target_ratio"] = c.prune.ratio
         if self.quant_on:
             quantize_(model, quant_config(c.quant))
-            qat = self._stage(
+            self._stage(
                 "qat",
                 lambda: QATStage(
                     model,
@@ -302,7 +300,6 @@ class Pipeline:
                 record,
             )
             record["final/quant_mode"] = "qat" if c.quant.epochs > 0 else "ptq"
-            del qat
         last = "qat" if self.quant_on else "prune" if self.prune_on else "baseline"
         record["final/val_acc"] = record[f"{last}/val_acc"]
         record["final/test_acc"] = record[f"{last}/test_acc"]

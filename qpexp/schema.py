@@ -159,8 +159,6 @@ def validate(cfg: DictConfig) -> DictConfig:
         quant_config(t.quant).validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if t.quant.bits_a != 32 and t.quant.bits_w == 32:
-        pass  # activation-only quantization is not a stage of its own: QAT is off when bits_w=32
     _positive("baseline.epochs", t.baseline.epochs)
     _positive("baseline.lr", t.baseline.lr)
     _positive("prune.finetune_epochs", t.prune.finetune_epochs)
