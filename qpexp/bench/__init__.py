@@ -1,5 +1,6 @@
 """Benchmarks: ``python -m qpexp.bench <name>``; each prints a table and ends with one JSON line."""
 
+import argparse
 import json
 
 NAMES = ("qat", "prune", "sweep")
@@ -22,3 +23,17 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def step_args(name: str, doc: str, argv: list[str] | None):
+    """Common options of the per-step benchmarks; sets torch threads and the seed."""
+    import torch
+
+    ap = argparse.ArgumentParser(prog=f"python -m qpexp.bench {name}", description=doc.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    return a

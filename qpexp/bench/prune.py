@@ -20,7 +20,6 @@ Usage: ``python -m qpexp.bench prune [--rounds 15] [--steps 20] [--threads 1]``.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import time
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 import torch.nn.utils.prune as tprune
 from torch import nn
 
-from qpexp.bench import emit
+from qpexp.bench import emit, step_args
 from qpexp.core.accounting import count_params, model_macs
 from qpexp.core.prune import MaskKeeper, PruneConfig, prunable_layers, prune_step
 from qpexp.core.prune.channel import channel_prune_step, physically_prune
@@ -164,13 +163,7 @@ def bench_channels(name: str, build, shape, scope: str, rounds: int, ratio: floa
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m qpexp.bench prune", description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=1)
-    a = ap.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
+    a = step_args("prune", __doc__, argv)
     rows = bench_masked_step("cnn1d", cnn1d((40,), 10), a.rounds, a.steps)
     rows += bench_masked_step("mlp", mlp((40,), 10), a.rounds, a.steps)
     figures = {}

@@ -14,7 +14,6 @@ spent waiting for a core on a shared machine is left out); wall-clock ratios are
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import time
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qpexp.bench import emit
+from qpexp.bench import emit, step_args
 from qpexp.core.quant import QuantConfig, QuantSpec, quantize_
 from qpexp.models import cnn1d, mlp
 
@@ -136,13 +135,7 @@ def bench_model(name: str, model: nn.Module, rounds: int, steps: int) -> list[di
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m qpexp.bench qat", description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=1)
-    a = ap.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
+    a = step_args("qat", __doc__, argv)
     rows = bench_model("cnn1d", cnn1d((40,), 10), a.rounds, a.steps)
     rows += bench_model("mlp", mlp((40,), 10), a.rounds, a.steps)
     figures = {}
