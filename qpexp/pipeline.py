@@ -98,7 +98,9 @@ def fit(module, dm, epochs: int, work_dir: Path, logger, trainer_cfg: dict) -> f
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     start = time.perf_counter()
-    ckpt = ModelCheckpoint(dirpath=work_dir, save_last=True, save_top_k=0, enable_version_counter=False)
+    # every epoch overwrites work_dir/last.ckpt (monitor=None, top-1); Lightning 2.6 writes `save_last`
+    # only when a top-k checkpoint was saved in the same step, so save_top_k=0 would save it only at the end
+    ckpt = ModelCheckpoint(dirpath=work_dir, filename="last", save_top_k=1, enable_version_counter=False)
     last = work_dir / "last.ckpt"
     opts = {
         "accelerator": "cpu",
@@ -203,9 +205,8 @@ class Pipeline:
         record[f"train_seconds/{name}"] = meta["train_seconds"]
         record[f"seconds/{name}"] = time.perf_counter() - start
         record[f"artifacts/{name}"] = str(entry.path)
-        snap = self.measure(
-            model, self.example, self.dense_bits
-        )  # each stage's model, counted as the final one
+        # each stage's model, counted as the final one; the last stage's count is the final record
+        snap = self.last_measure = self.measure(model, self.example, self.dense_bits)
         for k in ("sparsity", "params", "bits_w", "bits_a", "size_bits", "compression_ratio"):
             record[f"{name}/{k}"] = snap[f"final/{k}"]
         if self.logger is not None:
@@ -225,7 +226,7 @@ class Pipeline:
         L.seed_everything(c.seed, workers=False, verbose=False)
         model = make_model(c, dm)
         example = self.example = dm.splits["val"][0][:1]
-        dense_bits = self.dense_bits = size_bits(model)
+        self.dense_bits = size_bits(model)
         # dense prunable weights per layer: sparsity counts physically removed channels as pruned
         self.dense_weights = {v.name: v.layer.weight.numel() for v in layer_views(model)}
         record: dict = {"status": "running", "seed": c.seed, "threads": threads}
@@ -303,7 +304,7 @@ class Pipeline:
         last = "qat" if self.quant_on else "prune" if self.prune_on else "baseline"
         record["final/val_acc"] = record[f"{last}/val_acc"]
         record["final/test_acc"] = record[f"{last}/test_acc"]
-        record.update(self.measure(model, example, dense_bits))
+        record.update(self.last_measure)
         if self.quant_on and c.export.enabled:
             from qpexp.deploy import deploy
 

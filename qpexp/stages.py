@@ -7,7 +7,6 @@ only what its stage does.
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import lightning as L
@@ -238,9 +237,10 @@ class PruneStage(Stage):
         return next(iter(dm.loader("train", shuffle=False)))[0][:1]
 
     def prune_to(self, step: int) -> None:
-        extra = {"example": self._example()} if "example" in inspect.signature(self.pruner).parameters else {}
         target, grads = self.targets[step], self._grads()
-        self.layer_sparsity = self.pruner(self.model, self.cfg, target, self.criterion, grads, **extra)
+        self.layer_sparsity = self.pruner(
+            self.model, self.cfg, target, self.criterion, grads, example=self._example()
+        )
         self.done_step = step
         if self.rewind_state is not None:
             masks = {k: v for k, v in self.model.state_dict().items() if k.endswith("_mask")}

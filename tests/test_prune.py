@@ -51,6 +51,10 @@ def _one_thread():
     torch.set_num_threads(old)
 
 
+# both pruners share one signature (the example input is only needed to trace channels)
+PRUNERS = {"unstructured": prune_step, "channel": channel_prune_step}
+
+
 def cnn(bn: bool = False, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return cnn1d((40,), 10, batchnorm=bn)
@@ -214,10 +218,7 @@ def test_no_layer_emptied_at_099(structure, scope):
         torch.manual_seed(0)
         model = build()
         cfg = PruneConfig(ratio=0.99, scope=scope, structure=structure, criterion="l1")
-        if structure == "channel":
-            channel_prune_step(model, cfg, 0.99, example=X1D[:1])
-        else:
-            prune_step(model, cfg, 0.99)
+        PRUNERS[structure](model, cfg, 0.99, example=X1D[:1])
         for name, m in prunable_layers(model):
             nz = int((m.weight != 0).sum())
             assert nz >= keep_minimum(m.weight.numel(), cfg.min_keep_frac), name
@@ -343,10 +344,7 @@ def test_stage_collects_taylor_gradients_per_batch():
 def test_pruned_weights_stay_zero_through_adam_and_qat(structure):
     model = cnn(bn=True)
     cfg = PruneConfig(ratio=0.6, structure=structure)
-    if structure == "channel":
-        channel_prune_step(model, cfg, 0.6, example=X1D[:1])
-    else:
-        prune_step(model, cfg, 0.6)
+    PRUNERS[structure](model, cfg, 0.6, example=X1D[:1])
     masks = {n: b.clone() for n, b in model.named_buffers() if n.endswith("_mask")}
     masked_train(model, X1D, steps=15, lr=0.1)
     params = dict(model.named_parameters())
@@ -354,10 +352,7 @@ def test_pruned_weights_stay_zero_through_adam_and_qat(structure):
         p = params[key[: -len("_mask")]]
         assert torch.equal(p[mask == 0], torch.zeros(int((mask == 0).sum()))), key
     control = cnn(bn=True)  # the same training without the keeper revives pruned weights (momentum)
-    if structure == "channel":
-        channel_prune_step(control, cfg, 0.6, example=X1D[:1])
-    else:
-        prune_step(control, cfg, 0.6)
+    PRUNERS[structure](control, cfg, 0.6, example=X1D[:1])
     masked_train(control, X1D, steps=15, lr=0.1, keep=False)
     if structure == "unstructured":  # (a masked conv-BN-ReLU channel gets no gradient at all)
         assert sparsity(control) < 0.5
@@ -376,10 +371,7 @@ def test_pruned_weights_stay_zero_through_adam_and_qat(structure):
 def test_masked_checkpoint_saves_and_loads(structure, tmp_path):
     model = cnn(bn=True)
     cfg = PruneConfig(ratio=0.5, structure=structure)
-    if structure == "channel":
-        channel_prune_step(model, cfg, 0.5, example=X1D[:1])
-    else:
-        prune_step(model, cfg, 0.5)
+    PRUNERS[structure](model, cfg, 0.5, example=X1D[:1])
     masked_train(model, X1D, steps=3)
     torch.save(model.state_dict(), tmp_path / "m.pt")
     state = torch.load(tmp_path / "m.pt", weights_only=True)

@@ -51,6 +51,7 @@ def prune_step(
     target: float,
     criterion=None,
     grads: dict[str, list[torch.Tensor]] | None = None,
+    example: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Set unstructured masks so that a fraction ``target`` of prunable weights is zero.
 
@@ -58,7 +59,8 @@ def prune_step(
     ``last_ratio``) take theirs and the other layers (the pool) make up the rest, ranked on one scale
     (``scope=global``) or by the same fraction each (``scope=layer``). Already-pruned weights score
     lowest, so masks only grow. Returns each layer's realized sparsity.
-    Channel pruning lives in :mod:`qpexp.core.prune.channel`.
+    Channel pruning lives in :mod:`qpexp.core.prune.channel`; both pruners share this signature
+    (``example``, an input sample for tracing the model, is only needed there).
     """
     criterion = criterion or make_criterion(cfg)
     layers = prunable_layers(model)
