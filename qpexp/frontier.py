@@ -28,16 +28,22 @@ Definitions (``acc`` = ``final/test_acc``, ``ratio`` = ``final/compression_ratio
   ``final/test_acc`` = its ``baseline/test_acc``, ratio 1, ``final/size_bits`` = ``dense/size_bits``,
   ``final/bops`` = MACs x 32 x 32. A sweep point that *is* dense (``quant.bits_w=32``,
   ``prune.ratio=0``) replaces the derived row. ``dense_acc`` is the mean over these rows (seeds).
-- **pareto**: no other ok row has both a higher acc and a higher ratio. **pareto_bops**: no other
-  ok row has both a higher acc and fewer ``final/bops``. Failed rows are never Pareto points.
+- **pareto**: no other ok row dominates it: has an acc and a ratio at least as high, and one of them
+  higher. **pareto_bops**: the same with fewer-or-equal ``final/bops`` in place of the ratio.
+  Identical rows count once (the first of them is flagged). Failed rows are never Pareto points.
 - **best_ratio_within_{1,2}pt**: the highest seed-mean ratio of a config whose seed-mean acc is at
   least ``dense_acc - 0.01`` (``- 0.02``).
-- **hypervolume**: the area dominated by the config means in the plane (x = log2 ratio,
-  y = acc in percentage points), above the reference point (x = 0, i.e. ratio 1;
+- **hypervolume** (= **hypervolume_relative**): the area dominated by the config means in the plane
+  (x = log2 ratio, y = acc in percentage points), above the reference point (x = 0, i.e. ratio 1;
   y = 100 * (dense_acc - window)), with ``window`` = 0.05 unless told (``hv_window``): the union of
   the rectangles ``[0, log2 ratio_i] x [y_ref, 100 acc_i]`` over configs with ``ratio_i > 1`` and
-  ``acc_i > dense_acc - window``. Unit: accuracy points x doublings of compression. Two sweeps (or
-  a sweep and a reference front, each against its own dense accuracy) compare by this one number.
+  ``acc_i > y_ref``. Unit: accuracy points x doublings of compression. Each front (``reference/``
+  too) is measured against its *own* dense accuracy: this compares compression methods (accuracy
+  lost from one's own baseline) and hides a difference between the baselines.
+- **hypervolume_absolute**: the same area, but every front given (this one and ``--reference``)
+  against ONE shared reference point ``hv_reference_point`` (ratio 1, ``hv_reference_acc``: the
+  lowest dense accuracy among the fronts minus ``window`` unless told), so a stronger baseline
+  counts. Without a reference front it equals the relative one.
 """
 
 from __future__ import annotations
@@ -234,7 +240,12 @@ def _ok(row: dict) -> bool:
 
 
 def pareto_flags(points: list[tuple[float | None, float | None]], higher_better_x: bool = True) -> list[bool]:
-    """``True`` for each (acc, x) not beaten on both by another point (``None`` entries: never Pareto)."""
+    """``True`` for each (acc, x) that no other point dominates (``None`` entries: never Pareto).
+
+    A point is dominated by another that is at least as good in both objectives and strictly better
+    in one (higher acc; higher x, or lower x with ``higher_better_x=False``). Identical points count
+    once: of a set of identical points only the first is flagged.
+    """
     out = []
     for i, (a, x) in enumerate(points):
         if a is None or x is None:
@@ -244,7 +255,8 @@ def pareto_flags(points: list[tuple[float | None, float | None]], higher_better_
         for j, (b, y) in enumerate(points):
             if j == i or b is None or y is None:
                 continue
-            if b > a and (y > x if higher_better_x else y < x):
+            x_ge = y >= x if higher_better_x else y <= x
+            if b >= a and x_ge and (b != a or y != x or j < i):  # dominates, or an earlier duplicate
                 beaten = True
                 break
         out.append(not beaten)
@@ -294,8 +306,15 @@ def _mean(xs):
 
 
 def hypervolume(front: list[tuple[float, float]], dense_acc: float, window: float = HV_WINDOW) -> float:
-    """Area dominated by ``front`` [(acc, ratio)] in (log2 ratio, acc points) above (0, dense - window)."""
-    y0 = 100 * (dense_acc - window)
+    """The relative hypervolume: area dominated by ``front`` [(acc, ratio)] in (log2 ratio, acc
+    points) above the front's own reference point (0, dense - window)."""
+    return hypervolume_above(front, dense_acc - window)
+
+
+def hypervolume_above(front: list[tuple[float, float]], ref_acc: float) -> float:
+    """Area dominated by ``front`` [(acc, ratio)] in (log2 ratio, acc points) above the reference
+    point (log2 ratio 0, i.e. ratio 1; ``100 * ref_acc`` points)."""
+    y0 = 100 * ref_acc
     pts = sorted(
         ((math.log2(r), 100 * a) for a, r in front if r is not None and r > 1 and 100 * a > y0),
         key=lambda p: -p[0],
@@ -340,10 +359,30 @@ def summarize(rows: list[dict], gs: list[dict], hv_window: float = HV_WINDOW) ->
 
 
 def _front_numbers(front: list[tuple[float, float]], dense_acc: float, hv_window: float) -> dict:
-    out = {"hypervolume": hypervolume(front, dense_acc, hv_window), "hv_window": hv_window}
+    hv = hypervolume(front, dense_acc, hv_window)
+    out = {"hypervolume": hv, "hypervolume_relative": hv, "hv_window": hv_window}
     for pts in (1, 2):
         ok = [r for a, r in front if r is not None and a >= dense_acc - pts / 100 - 1e-12]
         out[f"best_ratio_within_{pts}pt"] = max(ok) if ok else None
+    return out
+
+
+def _absolute_hypervolume(gs, summary: dict, ref: dict | None, hv_window: float, ref_acc=None) -> dict:
+    """Every front (this one, and ``--reference``) against ONE shared reference point: ratio 1 and
+    ``ref_acc`` (default: the lowest dense accuracy among the fronts minus ``hv_window``)."""
+    if ref_acc is None:
+        dense = [d for d in (summary.get("dense_acc"), (ref or {}).get("dense_acc")) if d is not None]
+        if not dense:
+            return {}
+        ref_acc = min(dense) - hv_window
+    out = {
+        "hv_reference_point": {"compression_ratio": 1.0, "test_acc": ref_acc},
+        "hv_reference_acc": ref_acc,
+        "hypervolume_absolute": hypervolume_above([(g["acc"], g["ratio"]) for g in gs], ref_acc),
+    }
+    if ref is not None:
+        front = [(p["acc"], p["ratio"]) for p in ref["points"]]
+        out["reference/hypervolume_absolute"] = hypervolume_above(front, ref_acc)
     return out
 
 
@@ -570,7 +609,7 @@ def log_wandb(rows, cols, summary, png: Path, out_dir: Path, wb: dict) -> str | 
             }
         )
         run.summary.update(
-            {f"frontier/{k}": v for k, v in summary.items() if isinstance(v, (int, float, str))}
+            {f"frontier/{k}": v for k, v in summary.items() if isinstance(v, (int, float, str, dict))}
         )
         ok = True
         return run.dir
@@ -605,11 +644,14 @@ def write_frontier(
     wandb: bool | None = None,
     hv_window: float = HV_WINDOW,
     quiet: bool = False,
+    hv_reference_acc: float | None = None,
 ) -> dict:
     """Aggregate the points under ``dirs`` into ``out_dir`` (see the module docstring); returns the summary.
 
     ``wandb``: None follows the points' logger (a W&B run when they used ``logger=wandb``), True/False
     forces it. ``reference``: a CSV front drawn beside (its summary numbers land under ``reference/``).
+    ``hv_reference_acc``: the accuracy of the shared point of the absolute hypervolume (default: the
+    lowest dense accuracy among the fronts minus ``hv_window``).
     """
     dirs = [Path(d) for d in dirs]
     out = Path(out_dir)
@@ -632,6 +674,7 @@ def write_frontier(
             summary["reference/dense_acc"] = ref["dense_acc"]
             rn = _front_numbers([(p["acc"], p["ratio"]) for p in ref["points"]], ref["dense_acc"], hv_window)
             summary.update({f"reference/{k}": v for k, v in rn.items() if k != "hv_window"})
+    summary.update(_absolute_hypervolume(gs, summary, ref, hv_window, hv_reference_acc))
     cols = write_csv(rows, axes, out / "frontier.csv")
     title = "qpexp frontier: " + ", ".join(d.name for d in dirs)
     png = out / "frontier.png"
@@ -659,7 +702,8 @@ def write_frontier(
     if wb is not None:
         wb["dirs"] = [str(d) for d in dirs]
         try:
-            summary["files"]["wandb"] = log_wandb(rows, cols, _scalars(summary), png, out, wb)
+            wb_summary = {**_scalars(summary), "hv_reference_point": summary.get("hv_reference_point")}
+            summary["files"]["wandb"] = log_wandb(rows, cols, wb_summary, png, out, wb)
         except Exception as e:  # the local files are the record; never lose them over W&B
             warnings.warn(f"frontier W&B run failed: {e}", stacklevel=2)
     tmp = out / "frontier.json.tmp"
@@ -688,7 +732,15 @@ def report(summary: dict) -> str:
                     f"best ratio within {k} pt: {b:.2f}x ({summary.get(f'best_within_{k}pt/config')}, "
                     f"{100 * summary[f'best_within_{k}pt/acc']:.2f}%)"
                 )
-        lines.append(f"hypervolume (window {100 * summary['hv_window']:g} pt): {summary['hypervolume']:.2f}")
+        lines.append(
+            f"hypervolume relative (above own dense - {100 * summary['hv_window']:g} pt): "
+            f"{summary['hypervolume']:.2f}"
+        )
+    if "hypervolume_absolute" in summary:
+        lines.append(
+            f"hypervolume absolute (above the shared point {100 * summary['hv_reference_acc']:.2f}% at 1x): "
+            f"{summary['hypervolume_absolute']:.2f}"
+        )
     if "reference/name" in summary and "reference/hypervolume" in summary:
         r1, r2 = (
             summary.get("reference/best_ratio_within_1pt"),
@@ -697,7 +749,8 @@ def report(summary: dict) -> str:
         lines.append(
             f"reference {summary['reference/name']}: dense {100 * summary['reference/dense_acc']:.2f}%, "
             f"within 1 pt {r1 or 0:.2f}x, within 2 pt {r2 or 0:.2f}x, "
-            f"hypervolume {summary['reference/hypervolume']:.2f}"
+            f"hypervolume relative {summary['reference/hypervolume']:.2f}, "
+            f"absolute {summary.get('reference/hypervolume_absolute', float('nan')):.2f}"
         )
     w = max([20] + [len(f["config"]) for f in summary.get("front", [])])
     head = f"{'config':<{w}} {'n':>2} {'test acc':>15} {'ratio':>7} {'sparsity':>8} {'size bits':>9}"
@@ -724,6 +777,13 @@ def cli(argv=None) -> int:
     p.add_argument(
         "--hv-window", type=float, default=HV_WINDOW, help="hypervolume window below dense (fraction)"
     )
+    p.add_argument(
+        "--hv-reference-acc",
+        type=float,
+        default=None,
+        help="accuracy (fraction) of the absolute hypervolume's shared reference point "
+        "(default: the lowest dense accuracy among the fronts minus the window)",
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--wandb", dest="wandb", action="store_true", default=None, help="always log a W&B run")
     g.add_argument("--no-wandb", dest="wandb", action="store_false", help="never log a W&B run")
@@ -735,7 +795,14 @@ def cli(argv=None) -> int:
             p.error(f"{d} is not a folder")
     if a.reference and not Path(a.reference).is_file():
         p.error(f"--reference {a.reference}: no such file")
-    write_frontier(a.dirs, a.out or a.dirs[0], reference=a.reference, wandb=a.wandb, hv_window=a.hv_window)
+    write_frontier(
+        a.dirs,
+        a.out or a.dirs[0],
+        reference=a.reference,
+        wandb=a.wandb,
+        hv_window=a.hv_window,
+        hv_reference_acc=a.hv_reference_acc,
+    )
     return 0
 
 

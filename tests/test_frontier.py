@@ -17,7 +17,7 @@ import pytest
 from conftest import wandb_offline_runs
 
 from qpexp.callbacks import worker_threads
-from qpexp.frontier import hypervolume, pareto_flags, read_reference, write_frontier
+from qpexp.frontier import hypervolume, hypervolume_above, pareto_flags, read_reference, write_frontier
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DENSE_BITS = 166_720
@@ -86,14 +86,16 @@ def _rows(path: Path) -> list[dict]:
 
 
 def _brute_pareto(points, lower_is_better=False):
-    """Reference implementation: a point is on the front unless another is better on both."""
-    out = []
-    for i, (a, x) in enumerate(points):
-        dominated = any(
-            b > a and ((y < x) if lower_is_better else (y > x)) for j, (b, y) in enumerate(points) if j != i
-        )
-        out.append(not dominated)
-    return out
+    """Written from the definition: p is dominated when some q is at least as good in both objectives
+    and not identical to it (so better in one); of identical points only the first counts."""
+    sign = -1 if lower_is_better else 1
+    valid = [(i, (a, sign * x)) for i, (a, x) in enumerate(points) if a is not None and x is not None]
+    flags, seen = [False] * len(points), set()
+    for i, p in valid:
+        dominated = any(q[0] >= p[0] and q[1] >= p[1] and q != p for _, q in valid)
+        flags[i] = not dominated and p not in seen
+        seen.add(p)
+    return flags
 
 
 @pytest.fixture
@@ -180,6 +182,54 @@ def test_within_points_and_hypervolume_by_hand():
     assert hypervolume([], 0.95) == 0.0
 
 
+def test_hypervolume_staircase_by_hand():
+    # x = log2 ratio, y = acc points; reference (0, 86): a 3-step staircase, one point dominated
+    pts = [(0.94, 4.0), (0.92, 16.0), (0.90, 8.0), (0.88, 2.0)]
+    # (0.90, 8x) and (0.88, 2x) lie under (0.92, 16x): [0,2] x [86,94] + [2,4] x [86,92]
+    assert hypervolume_above(pts, 0.86) == pytest.approx(2 * 8 + 2 * 6)
+    assert hypervolume_above([(0.90, 2.0), (0.88, 8.0)], 0.86) == pytest.approx(1 * 4 + 2 * 2)
+    # the relative one is the same area above the front's own dense - 5 points
+    assert hypervolume(pts, 0.95) == pytest.approx(2 * 4 + 2 * 2)
+
+
+def test_relative_and_absolute_hypervolume_in_summary(tmp_path):
+    root = tmp_path / "s"
+    _write(root, "a", _record(4, 0.5, "global", 0, 0.94, 4.0, 0.95, kind="none"))
+    _write(root, "b", _record(2, 0.5, "global", 0, 0.92, 16.0, 0.95, kind="none"))
+    ref = tmp_path / "peer.csv"
+    ref.write_text(
+        "method,target_sparsity,bits_w,test_acc,compression_ratio\n"
+        "fp32_dense,0,32,0.91,1\nqat,0,4,0.90,2\nprune+qat,0.5,4,0.88,8\n"
+    )
+    s = write_frontier([root], tmp_path / "out", reference=ref, wandb=False, quiet=True)
+    # relative: each front above its own dense - 5 points (qpexp 90, peer 86)
+    assert s["hypervolume"] == s["hypervolume_relative"] == pytest.approx(2 * 4 + 2 * 2)
+    assert s["reference/hypervolume_relative"] == pytest.approx(1 * 4 + 2 * 2)
+    # absolute: both above one shared point, ratio 1 and min(0.95, 0.91) - 0.05 = 0.86
+    assert s["hv_reference_point"] == {"compression_ratio": 1.0, "test_acc": pytest.approx(0.86)}
+    assert s["hypervolume_absolute"] == pytest.approx(2 * 8 + 2 * 6)
+    assert s["reference/hypervolume_absolute"] == pytest.approx(1 * 4 + 2 * 2)
+    saved = json.loads((tmp_path / "out" / "frontier.json").read_text())
+    assert saved["hv_reference_point"]["test_acc"] == pytest.approx(0.86)
+    # a shared point given explicitly (e.g. to compare several invocations)
+    s2 = write_frontier([root], tmp_path / "out2", wandb=False, quiet=True, hv_reference_acc=0.9)
+    assert s2["hypervolume_absolute"] == pytest.approx(2 * 4 + 2 * 2)
+    assert "reference/hypervolume_absolute" not in s2
+
+
+def test_pareto_ties_by_hand():
+    # a tie in accuracy: the higher ratio dominates (the issue's example)
+    assert pareto_flags([(0.90, 4.0), (0.90, 8.0)]) == [False, True]
+    # a tie in ratio: the higher accuracy dominates
+    assert pareto_flags([(0.90, 8.0), (0.92, 8.0), (0.95, 2.0)]) == [False, True, True]
+    # identical points count once: the first of them is flagged
+    assert pareto_flags([(0.9, 8.0), (0.9, 8.0), (0.8, 16.0), (0.9, 8.0)]) == [True, False, True, False]
+    # BOPs (lower is better): equal acc and fewer BOPs dominates; a duplicate counts once
+    bops = [(0.9, 100.0), (0.9, 50.0), (0.95, 200.0), (0.95, 200.0), (0.95, 300.0)]
+    assert pareto_flags(bops, higher_better_x=False) == [False, True, True, False, False]
+    assert pareto_flags([(None, 8.0), (0.9, 8.0), (0.9, 8.0)]) == [False, True, False]
+
+
 def test_pareto_flags_random_against_brute_force():
     rng = random.Random(0)
     for _ in range(50):
@@ -224,6 +274,9 @@ def test_wandb_frontier_run_holds_table_and_summary(sweep):
     assert {"frontier/table/_type", "frontier/plot/_type"} <= run["history_keys"]
     assert run["summary"]["frontier/best_ratio_within_1pt"] == pytest.approx(summary["best_ratio_within_1pt"])
     assert run["summary"]["frontier/hypervolume"] == pytest.approx(summary["hypervolume"])
+    assert run["summary"]["frontier/hypervolume_absolute"] == pytest.approx(summary["hypervolume_absolute"])
+    assert run["summary"]["frontier/hv_reference_acc"] == pytest.approx(0.95 - 0.05)
+    assert run["summary"]["frontier/hv_reference_point"]["test_acc"] == pytest.approx(0.95 - 0.05)
     tables = [f for f in run["files"] if str(f).endswith(".table.json")]
     assert tables, run["files"]
     table = json.loads((sweep / "wandb").glob("offline-run-*").__next__().joinpath(tables[0]).read_text())
