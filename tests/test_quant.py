@@ -1,10 +1,13 @@
-"""Issue 3: the quantizers, exact against references (torch's fused kernels, hand-computed formulas)."""
+"""Issue 3: the quantizers, exact against independent references: the textbook formulas written out
+in numpy below (qparams from min/max, round half to even, clamp, ``S (q - Z)``) and hand-computed
+examples; never against torch's own fake-quantize kernels that the code calls."""
 
 from __future__ import annotations
 
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -25,7 +28,7 @@ from qpexp.core.quant.log import CompandingQuantizer, Pow2Quantizer
 from qpexp.models import cnn1d
 
 BITS = (2, 3, 4, 5, 6, 7, 8, 16)
-# one shape served by torch's fused kernel, one by the vectorized chain
+# one shape served by torch's fused kernel (< FUSED_MAX_NUMEL elements), one by the vectorized chain
 SHAPES = {"small": (16, 3, 5), "large": (FUSED_MAX_NUMEL // 20 + 1, 4, 5)}
 
 
@@ -46,58 +49,141 @@ def act_q(bits=8, symmetric=False, range_="minmax", decay=0.9):
     )
 
 
-# -- linear: equal to torch's fused fake-quantize kernels -----------------------------------------
+# -- the reference: the textbook affine quantizer in numpy (float32 throughout) ----------------------
+F32 = np.float32
+MIN_SCALE = F32(np.finfo(np.float32).tiny) * F32(2**24)  # qpexp's floor on S: keeps 1/S finite
+
+
+def np_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Narrow signed ``[-(2^(b-1)-1), 2^(b-1)-1]`` when symmetric, unsigned ``[0, 2^b-1]`` otherwise."""
+    return (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+
+
+def np_qparams_from_range(lo, hi, bits: int, symmetric: bool):
+    """Scale and zero point for the range [lo, hi].
+
+    Symmetric: ``S = max(|lo|, |hi|) / qmax``, ``Z = 0``. Asymmetric: the range is widened to contain
+    0, ``S = (hi - lo) / (2^b - 1)``, ``Z = qmin - round(lo / S)`` (so 0 is exactly representable)."""
+    lo, hi = np.asarray(lo, F32), np.asarray(hi, F32)
+    qmin, qmax = np_range(bits, symmetric)
+    if symmetric:
+        scale = np.maximum(np.maximum(np.abs(lo), np.abs(hi)) / F32(qmax), MIN_SCALE)
+        return scale.astype(F32), np.zeros(scale.shape, F32)
+    lo, hi = np.minimum(lo, F32(0)), np.maximum(hi, F32(0))
+    scale = np.maximum((hi - lo) / F32(qmax - qmin), MIN_SCALE).astype(F32)
+    zero = np.clip(F32(qmin) - np.rint(lo / scale), qmin, qmax).astype(F32)
+    return scale, zero
+
+
+def np_qparams(x, bits: int, symmetric: bool, axis: int | None = None):
+    """:func:`np_qparams_from_range` of ``x``'s own min/max (per tensor, or per channel along ``axis``)."""
+    x = np.asarray(x, F32)
+    if axis is None:
+        lo, hi = x.min(), x.max()
+    else:
+        flat = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
+        lo, hi = flat.min(1), flat.max(1)
+    return np_qparams_from_range(lo, hi, bits, symmetric)
+
+
+def np_fake_quant(x, scale, zero, qmin: int, qmax: int, axis: int | None = None):
+    """``x_hat = S (clamp(round(x/S) + Z, qmin, qmax) - Z)`` with round half to even; returns
+    ``(x_hat, codes, ste_mask)``: the straight-through gradient is 1 where the unclamped code lies in
+    [qmin, qmax] and 0 elsewhere. ``x/S`` is taken as ``x * (1/S)`` in float32 (qpexp's documented
+    convention, that of torch's kernels; the two differ only on a few rounding edges)."""
+    x = np.asarray(x, F32)
+    scale, zero = np.asarray(scale, F32), np.asarray(zero, F32)
+    if axis is not None:
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    r = np.rint(x * (F32(1) / scale)) + zero
+    q = np.clip(r, F32(qmin), F32(qmax))
+    return ((q - zero) * scale).astype(F32), q.astype(np.int64), (r >= qmin) & (r <= qmax)
+
+
+def t(a) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def test_reference_on_hand_computed_examples():
+    """The reference itself, by hand: 2-bit symmetric and asymmetric, ties to even."""
+    x = np.array([-1.0, -0.5, 0.2, 0.5, 1.5, 1.0], F32)
+    # symmetric 2 bits: codes {-1, 0, 1}, S = max|x| / 1 = 1.5; x/S = -0.67, -0.33, 0.13, 0.33, 1, 0.67
+    s, z = np_qparams(x, 2, True)
+    assert (float(s), float(z)) == (1.5, 0.0)
+    y, q, m = np_fake_quant(x, s, z, -1, 1)
+    assert q.tolist() == [-1, 0, 0, 0, 1, 1] and y.tolist() == [-1.5, 0, 0, 0, 1.5, 1.5] and m.all()
+    # asymmetric 2 bits on [-1, 2]: S = 3/3 = 1, Z = 0 - round(-1) = 1; 0.5 and 2.5 round to even
+    x = np.array([-1.0, 0.0, 0.5, 1.5, 2.0, 2.5, -2.0], F32)
+    s, z = np_qparams_from_range(-1.0, 2.0, 2, False)
+    assert (float(s), float(z)) == (1.0, 1.0)
+    y, q, m = np_fake_quant(x, s, z, 0, 3)
+    assert q.tolist() == [0, 1, 1, 3, 3, 3, 0] and y.tolist() == [-1, 0, 0, 2, 2, 2, -1]
+    assert m.tolist() == [True, True, True, True, True, True, False]  # -2 -> code -1: clamped
+    # an all-positive range is widened to contain 0: [0, 3] at 2 bits, S = 1, Z = 0
+    assert tuple(map(float, np_qparams_from_range(1.0, 3.0, 2, False))) == (1.0, 0.0)
+
+
+# -- linear: equal to the textbook formula, on the fused-kernel path and on the chain path ---------
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("size", ["small", "large"])
-def test_linear_per_tensor_equals_torch(bits, symmetric, size):
+def test_linear_per_tensor_matches_formula(bits, symmetric, size):
     x = torch.randn(SHAPES[size], generator=torch.Generator().manual_seed(bits)) * 3 + 0.5
     x.requires_grad_(True)
     q = weight_q(bits, symmetric)
+    s, z = np_qparams(x.detach().numpy(), bits, symmetric)
     scale, zero = q.qparams(x.detach())
+    exact(scale, t(s).reshape(1))
+    exact(zero, t(z).reshape(1).to(torch.int32))
+    want, codes, mask = np_fake_quant(x.detach().numpy(), s, z, *np_range(bits, symmetric))
     y = q(x)
-    ref = torch.fake_quantize_per_tensor_affine(x, scale, zero, q.qmin, q.qmax)
-    exact(y, ref)
+    exact(y, t(want))
+    exact(q.int_repr(x.detach()), t(codes).to(torch.int32))
     g = torch.randn_like(x)
-    exact(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+    exact(torch.autograd.grad(y, x, g)[0], g * t(mask))
 
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("size", ["small", "large"])
-def test_linear_per_channel_equals_torch(bits, symmetric, size):
+def test_linear_per_channel_matches_formula(bits, symmetric, size):
     shape = SHAPES[size]
     x = torch.randn(shape, generator=torch.Generator().manual_seed(bits)) * torch.linspace(
         0.1, 5, shape[0]
     ).reshape(-1, 1, 1)
     x.requires_grad_(True)
     q = weight_q(bits, symmetric, per_channel=True, channels=shape[0])
+    s, z = np_qparams(x.detach().numpy(), bits, symmetric, axis=0)
     scale, zero = q.qparams(x.detach())
     assert scale.shape == zero.shape == (shape[0],)
+    exact(scale, t(s))
+    exact(zero, t(z).to(torch.int32))
+    want, codes, mask = np_fake_quant(x.detach().numpy(), s, z, *np_range(bits, symmetric), axis=0)
     y = q(x)
-    ref = torch.fake_quantize_per_channel_affine(x, scale, zero, 0, q.qmin, q.qmax)
-    exact(y, ref)
+    exact(y, t(want))
+    exact(q.int_repr(x.detach()), t(codes).to(torch.int32))
     g = torch.randn_like(x)
-    exact(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+    exact(torch.autograd.grad(y, x, g)[0], g * t(mask))
 
 
 @pytest.mark.parametrize("size", ["small", "large"])
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_fake_quant_clamps_like_torch(size, per_channel):
-    """Fixed qparams with much of the input outside the range: forward and STE mask equal torch's."""
+def test_fake_quant_clamps_like_the_formula(size, per_channel):
+    """Fixed qparams with much of the input outside the range: forward and STE mask by the formula."""
     shape = SHAPES[size]
     x = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 4).requires_grad_(True)
     n = shape[0] if per_channel else 1
     scale = torch.rand(n, generator=torch.Generator().manual_seed(2)) * 0.05 + 0.01
     zero = torch.randint(0, 16, (n,), generator=torch.Generator().manual_seed(3), dtype=torch.int32)
     y = fake_quant(x, scale, zero, 0, 15, 0 if per_channel else None)
-    if per_channel:
-        ref = torch.fake_quantize_per_channel_affine(x, scale, zero, 0, 0, 15)
-    else:
-        ref = torch.fake_quantize_per_tensor_affine(x, scale, zero, 0, 15)
-    exact(y, ref)
-    gx, gref = torch.autograd.grad(y.sum(), x)[0], torch.autograd.grad(ref.sum(), x)[0]
-    exact(gx, gref)
+    want, _, mask = np_fake_quant(
+        x.detach().numpy(), scale.numpy(), zero.numpy(), 0, 15, 0 if per_channel else None
+    )
+    exact(y, t(want))
+    gx = torch.autograd.grad(y.sum(), x)[0]
+    exact(gx, t(mask).float())
     assert 0 < float(gx.mean()) < 1  # both clamped and unclamped elements were exercised
 
 
@@ -133,13 +219,10 @@ def test_asymmetric_zero_exactly_representable(bits, case, per_channel):
     exact(y[:, ::7], torch.zeros_like(y[:, ::7]))  # 0 -> exactly 0
     scale, zero = q.qparams(x)
     assert bool(((zero >= q.qmin) & (zero <= q.qmax)).all())
-    # the range is widened to contain 0: S = (max(hi,0) - min(lo,0)) / (2^b - 1), Z = -round(min/S)
-    lo = x.amin(1) if per_channel else x.min().reshape(1)
-    hi = x.amax(1) if per_channel else x.max().reshape(1)
-    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-    ref_scale = ((hi - lo) / (2**bits - 1)).clamp_min(torch.finfo(torch.float32).tiny * 2**24)
-    exact(scale, ref_scale)
-    exact(zero, (-torch.round(lo / ref_scale)).to(torch.int32))
+    s, z = np_qparams(x.numpy(), bits, False, axis=0 if per_channel else None)
+    exact(scale, t(s).reshape(scale.shape))
+    exact(zero, t(z).reshape(zero.shape).to(torch.int32))
+    exact(y, t(np_fake_quant(x.numpy(), s, z, 0, 2**bits - 1, 0 if per_channel else None)[0]))
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -160,28 +243,33 @@ def test_symmetric_narrow_range(bits):
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_scalar_qparams_equal_tensor_qparams(bits, symmetric):
-    """The activation quantizer's Python-number fast path computes the same float32 numbers."""
+def test_qparams_tensor_and_scalar_paths_match_formula(bits, symmetric):
+    """Both the tensor qparams and the activation quantizer's Python-number fast path equal the
+    formula, over ranges spanning 11 decades and the degenerate ones."""
     g = torch.Generator().manual_seed(bits)
     ranges = torch.randn(200, 2, generator=g) * torch.logspace(-8, 3, 200).reshape(-1, 1)
     ranges = torch.cat(
         [ranges, torch.tensor([[0.0, 0.0], [0.0, 1e-30], [-3.0, 0.0], [1.0, 2.0], [-2.0, -1.0]])]
     )
     lo, hi = ranges.min(1).values, ranges.max(1).values
+    s, z = np_qparams_from_range(lo.numpy(), hi.numpy(), bits, symmetric)
     scale, zero = affine_qparams(lo, hi, bits, symmetric)
+    exact(scale, t(s))
+    exact(zero, t(z).to(torch.int32))
     for i in range(len(lo)):
-        s, z = affine_qparams_scalar(lo[i].item(), hi[i].item(), bits, symmetric)
-        assert (s, z) == (scale[i].item(), int(zero[i])), (lo[i], hi[i])
+        got = affine_qparams_scalar(lo[i].item(), hi[i].item(), bits, symmetric)
+        assert got == (float(s[i]), int(z[i])), (lo[i], hi[i])
 
 
 @pytest.mark.parametrize("n", [40, FUSED_MAX_NUMEL + 40])
-def test_scalar_fake_quant_equals_torch(n):
+def test_scalar_fake_quant_matches_formula(n):
     x = (torch.randn(n, generator=torch.Generator().manual_seed(0)) * 3).requires_grad_(True)
-    scale = float(torch.tensor(0.0173))
+    scale = float(np.float32(0.0173))
     y = fake_quant_scalar(x, scale, 37, 0, 63)
-    ref = torch.fake_quantize_per_tensor_affine(x, scale, 37, 0, 63)
-    exact(y, ref)
-    exact(torch.autograd.grad(y.sum(), x)[0], torch.autograd.grad(ref.sum(), x)[0])
+    want, _, mask = np_fake_quant(x.detach().numpy(), scale, 37, 0, 63)
+    exact(y, t(want))
+    exact(torch.autograd.grad(y.sum(), x)[0], t(mask).float())
+    assert 0 < mask.sum() < n
 
 
 def test_loading_a_state_refreshes_the_activation_qparams():
@@ -193,24 +281,25 @@ def test_loading_a_state_refreshes_the_activation_qparams():
     q.load_state_dict(state)  # back to [-1, 1]
     q.eval()
     x = torch.tensor([0.5, 3.0])
-    exact(q(x), torch.fake_quantize_per_tensor_affine(x, state["scale"], state["zero_point"], 0, 255))
+    # S = 2/255 rounds up in float32, so 1/S = 127.49999 and Z = round(127.49999) = 127, not 128
+    s, z = np_qparams_from_range(-1.0, 1.0, 8, False)
+    assert (float(s), float(z)) == (float(F32(2) / F32(255)), 127.0)
+    exact(q(x), t(np_fake_quant(x.numpy(), s, z, 0, 255)[0]))
     # the same through a parent model's load_state_dict (how checkpoints and best-epoch selection load)
     m = cnn1d((40,), 10)
     quantize_(m, QuantConfig())
     m.train()
+    seen = []
+    hook = m.conv2.register_forward_pre_hook(lambda mod, i: seen.append(i[0].detach().clone()))
     m(torch.randn(8, 40))
+    hook.remove()
     state = {k: v.clone() for k, v in m.state_dict().items()}
     m(torch.randn(8, 40) * 10)
     m.load_state_dict(state)
     m.eval()
     h = torch.randn(8, 25, 19).relu() * 3
-    aq = m.conv2.aq
-    exact(
-        aq(h),
-        torch.fake_quantize_per_tensor_affine(
-            h, state["conv2.aq.scale"], state["conv2.aq.zero_point"], 0, 255
-        ),
-    )
+    s, z = np_qparams(seen[0].numpy(), 8, False)  # the range of the one calibration batch
+    exact(m.conv2.aq(h), t(np_fake_quant(h.numpy(), s, z, 0, 255)[0]))
 
 
 def test_affine_qparams_all_zero_range_keeps_scale_finite():
@@ -227,14 +316,22 @@ def test_ste_gradient_is_one_inside_the_clamp_range_zero_outside(n):
     q.train()
     q(calib)
     q.eval()
-    scale, zero = float(q.scale), int(q.zero_point)
+    # by hand: [-1, 1] at 4 bits asymmetric: S = 2/15 (0.13333334 in float32, a little above 2/15),
+    # so 1/S = 7.4999996 and Z = 7; the codes 0..15 cover x in [-7 S, 8 S] = [-0.9333, 1.0667];
+    # rounding widens that by S/2 on each side
+    s, z = F32(2) / F32(15), 7
+    assert float(F32(1) / s) < 7.5
+    assert (float(q.scale), int(q.zero_point)) == (float(s), z)
     x = torch.linspace(-3, 3, n).requires_grad_(True)
     (grad,) = torch.autograd.grad(q(x).sum(), x)
-    r = torch.round(x.detach() * (1.0 / q.scale)) + zero  # the unclamped code
-    inside = (r >= q.qmin) & (r <= q.qmax)
-    exact(grad, inside.float())
+    r = np.rint(x.detach().numpy() * (F32(1) / s)) + z  # the unclamped code
+    inside = (r >= 0) & (r <= 15)
+    exact(grad, t(inside).float())
+    xs = x.detach().numpy()
+    assert inside[(xs > -0.9333 - float(s) / 2 + 1e-3) & (xs < 1.0667 + float(s) / 2 - 1e-3)].all()
+    assert not inside[(xs < -1.0) | (xs > 1.134)].any()
     assert 0 < int(inside.sum()) < n  # both cases present
-    assert scale == float(q.scale)  # eval mode froze the range
+    assert float(s) == float(q.scale)  # eval mode froze the range
 
 
 def test_activation_minmax_is_running_and_frozen_in_eval():
@@ -247,9 +344,10 @@ def test_activation_minmax_is_running_and_frozen_in_eval():
     q.eval()
     q(torch.tensor([-10.0, 10.0]))
     exact(q.max_val, torch.tensor([3.0]))
-    scale, zero = affine_qparams(torch.tensor([-1.0]), torch.tensor([3.0]), 8, False)
-    exact(q.scale, scale)
-    exact(q.zero_point, zero)
+    s, z = np_qparams_from_range(-1.0, 3.0, 8, False)  # S = 4/255, Z = round(63.75) = 64
+    assert float(z) == 64
+    exact(q.scale, t(s).reshape(1))
+    exact(q.zero_point, t(z).reshape(1).to(torch.int32))
 
 
 def test_ema_range_update():
@@ -260,16 +358,19 @@ def test_ema_range_update():
     q(b1)
     exact(q.min_val, torch.tensor([-1.0]))  # first batch initializes
     exact(q.max_val, torch.tensor([2.0]))
-    lo, hi = torch.tensor([-1.0]), torch.tensor([2.0])
+    lo, hi = F32(-1.0), F32(2.0)
+    d, e = F32(decay), F32(1 - decay)
     for b in (b2, b3):
         q(b)
-        lo = lo * decay + b.min() * (1 - decay)
-        hi = hi * decay + b.max() * (1 - decay)
-        exact(q.min_val, lo)
-        exact(q.max_val, hi)
-    scale, zero = affine_qparams(lo, hi, 8, False)
-    exact(q.scale, scale)
-    exact(q.zero_point, zero)
+        lo = lo * d + F32(b.min()) * e  # min <- decay min + (1 - decay) batch min, in float32
+        hi = hi * d + F32(b.max()) * e
+        exact(q.min_val, t(np.array([lo])))
+        exact(q.max_val, t(np.array([hi])))
+    # by hand: lo = (-1 * .8 - 3 * .2) * .8 + 0.5 * .2 = -1.02, hi = (2 * .8 + .2) * .8 + .8 = 2.24
+    assert math.isclose(lo, -1.02, rel_tol=1e-6) and math.isclose(hi, 2.24, rel_tol=1e-6)
+    s, z = np_qparams_from_range(lo, hi, 8, False)
+    exact(q.scale, t(s).reshape(1))
+    exact(q.zero_point, t(z).reshape(1).to(torch.int32))
 
 
 def test_eval_before_calibration_is_refused():
@@ -295,9 +396,10 @@ def test_lsq_unsigned_activation_init_uses_qp_of_the_unsigned_range():
     x = torch.rand(100) * 3  # post-ReLU: Z = 0, Q_P = 2^b - 1 (the paper's unsigned case)
     q = act_q(bits=4, range_="lsq")
     q.train()
-    q(x)
+    y = q(x)
     exact(q.zero_point, torch.zeros(1, dtype=torch.int32))
     exact(q.scale.detach(), 2 * x.abs().mean().reshape(1) / math.sqrt(15))
+    exact(y.detach(), t(np_fake_quant(x.numpy(), q.scale.detach().numpy(), 0, 0, 15)[0]))
 
 
 def lsq_scale_grad(x, g, s, qn, qp):
@@ -317,8 +419,9 @@ def lsq_scale_grad(x, g, s, qn, qp):
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_lsq_gradients_per_tensor_match_formula(bits):
-    """dx: STE mask; ds = sum g * (round(x/s) - x/s) inside, -Q_N / Q_P below / above, times
-    1/sqrt(N Q_P) (Esser et al. 2020, eq. 3 and section 2.2), computed by hand."""
+    """Forward: the textbook formula at the learned step. dx: STE mask; ds = sum g * (round(x/s) - x/s)
+    inside, -Q_N / Q_P below / above, times 1/sqrt(N Q_P) (Esser et al. 2020, eq. 3 and section 2.2),
+    computed by hand."""
     x = (torch.randn(30, 7, generator=torch.Generator().manual_seed(bits)) * 1.5).requires_grad_(True)
     q = weight_q(bits, symmetric=True, range_="lsq")
     q(x.detach())  # initializes the step
@@ -326,12 +429,15 @@ def test_lsq_gradients_per_tensor_match_formula(bits):
         q.scale.copy_(x.abs().max() / q.qmax * 0.5)  # push some values outside the range
     g = torch.randn_like(x)
     y = q(x)
+    qn, qp = 2 ** (bits - 1) - 1, 2 ** (bits - 1) - 1
+    want, _, mask = np_fake_quant(x.detach().numpy(), q.scale.detach().numpy(), 0, -qn, qp)
+    exact(y.detach(), t(want))
     gx, gs = torch.autograd.grad(y, (x, q.scale), g)
-    qn, qp = -q.qmin, q.qmax
     s = q.scale.detach()
     grad_scale = 1.0 / math.sqrt(x.numel() * qp)
     assert q.grad_factor(x) == grad_scale
     per_elem, inside = lsq_scale_grad(x.detach(), g, s, qn, qp)
+    exact(inside, t(mask))
     exact(gx, g * inside)
     exact(gs, (per_elem * grad_scale).sum().reshape(1))
     assert bool(inside.any()) and not bool(inside.all())  # both branches exercised
@@ -342,8 +448,10 @@ def test_lsq_gradients_per_channel_match_formula():
     q = weight_q(3, symmetric=True, per_channel=True, channels=4, range_="lsq")
     q(x.detach())
     g = torch.randn_like(x)
-    gx, gs = torch.autograd.grad(q(x), (x, q.scale), g)
-    qn, qp = -q.qmin, q.qmax
+    y = q(x)
+    exact(y.detach(), t(np_fake_quant(x.detach().numpy(), q.scale.detach().numpy(), 0, -3, 3, axis=0)[0]))
+    gx, gs = torch.autograd.grad(y, (x, q.scale), g)
+    qn, qp = 3, 3
     s = q.scale.detach().reshape(-1, 1, 1)
     grad_scale = 1.0 / math.sqrt(x.numel() / 4 * qp)
     per_elem, inside = lsq_scale_grad(x.detach(), g, s, qn, qp)
@@ -351,10 +459,38 @@ def test_lsq_gradients_per_channel_match_formula():
     exact(gs, (per_elem * grad_scale).sum((1, 2)))
 
 
-# -- log quantizers --------------------------------------------------------------------------------
+# -- log quantizers: references from the definitions -----------------------------------------------
+def np_pow2(x, bits: int, axis: int | None = None):
+    """Power-of-two quantization (Miyashita et al. 2016) by its definition: ``sign(x) 2^k`` with
+    ``k = round(log2 |x|)`` limited to the ``L = 2^(b-1) - 1`` exponents ``k_max - L + 1 .. k_max``,
+    ``k_max = round(log2 max|x|)`` (per tensor, or per channel along ``axis``); a value whose exponent
+    rounds below the range is 0. Computed in float64."""
+    x = np.asarray(x, np.float64)
+    a = np.abs(x)
+    m = a.max() if axis is None else np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1).max(1)
+    if axis is not None:
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        m = m.reshape(shape)
+    kmax = np.rint(np.log2(m))
+    kmin = kmax - (2 ** (bits - 1) - 1) + 1
+    with np.errstate(divide="ignore"):
+        k = np.rint(np.log2(a))
+    return np.where((a == 0) | (k < kmin), 0.0, np.sign(x) * np.exp2(np.minimum(k, kmax)))
+
+
+def mu_law(x, mu: float):
+    """The mu-law compressor ``F(x) = sign(x) ln(1 + mu |x|) / ln(1 + mu)`` on [-1, 1] and its inverse."""
+    return np.sign(x) * np.log1p(mu * np.abs(x)) / np.log1p(mu)
+
+
+def mu_law_inv(y, mu: float):
+    return np.sign(y) * ((1 + mu) ** np.abs(y) - 1) / mu
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_pow2_levels_are_exact_powers_of_two(bits, per_channel):
+def test_pow2_matches_the_definition(bits, per_channel):
     x = torch.randn(6, 200, generator=torch.Generator().manual_seed(bits)) * torch.logspace(-2, 1, 6).reshape(
         -1, 1
     )
@@ -363,18 +499,11 @@ def test_pow2_levels_are_exact_powers_of_two(bits, per_channel):
         QuantSpec(bits=bits, scheme="log", granularity="channel" if per_channel else "tensor"), True, 6
     )
     y = q(x)
-    nz = y[y != 0]
-    mant, _ = torch.frexp(nz.abs())
-    exact(mant, torch.full_like(mant, 0.5))  # |y| = 2^k exactly
-    assert bool((y[:, 0] == 0).all())
+    want = np_pow2(x.numpy(), bits, axis=0 if per_channel else None)
+    exact(y, t(want.astype(np.float32)))
     levels = 2 ** (bits - 1) - 1
-    m = x.abs().amax(1, keepdim=True) if per_channel else x.abs().max()
-    kmax = torch.round(torch.log2(m))
-    k = torch.log2(nz.abs())
-    kmax_each = (kmax.expand_as(y) if per_channel else kmax.expand(y.shape))[y != 0]
-    assert bool((k <= kmax_each).all()) and bool((k >= kmax_each - (levels - 1)).all())
-    for row in y if per_channel else [y]:
-        assert len(torch.unique(row.abs())) <= levels + 1  # L magnitudes and 0
+    for row in want if per_channel else [want]:
+        assert 1 < len(np.unique(np.abs(row))) <= levels + 1  # at most L magnitudes and 0
 
 
 def test_pow2_rounds_in_the_log_domain_and_flushes_small_values_to_zero():
@@ -385,6 +514,7 @@ def test_pow2_rounds_in_the_log_domain_and_flushes_small_values_to_zero():
     want = torch.tensor([4.0, 4.0, 4.0, 2.0, 1.0, 1.0, 0.0, 0.0, -4.0, 0.0, 0.0, 0.0])
     exact(q(x), want)
     exact(q.int_repr(x), torch.tensor([3, 3, 3, 2, 1, 1, 0, 0, -3, 0, 0, 0], dtype=torch.int32))
+    exact(t(np_pow2(x.numpy(), 3).astype(np.float32)), want)  # the reference agrees with the hand values
 
 
 def test_log_ste_gradient_is_identity():
@@ -394,20 +524,39 @@ def test_log_ste_gradient_is_identity():
         exact(torch.autograd.grad(q(x).sum(), x)[0], torch.ones(50))
 
 
+def test_companding_by_hand():
+    """3 bits: a = 2^2 - 1 = 3 levels per sign, mu-law with mu = 1 on x / max|x| (max|x| = 1 here):
+    code = round(3 log2(1 + |x|)), value = 2^(code/3) - 1, so the levels are 0, 0.2599, 0.5874, 1."""
+    x = torch.tensor([1.0, 0.5, 0.26, 0.2, 0.1, 0.0, -0.7, -0.15])
+    # 3 log2(1.5) = 1.75 -> 2; 3 log2(1.26) = 1.0003 -> 1; 3 log2(1.2) = 0.79 -> 1; 3 log2(1.1) = 0.41
+    # -> 0; 3 log2(1.7) = 2.30 -> 2; 3 log2(1.15) = 0.60 -> 1
+    q = CompandingQuantizer(QuantSpec(bits=3, scheme="companding"), True)
+    exact(q.int_repr(x), torch.tensor([3, 2, 1, 1, 0, 0, -2, -1], dtype=torch.int32))
+    lv = [0.0, 2 ** (1 / 3) - 1, 2 ** (2 / 3) - 1, 1.0]
+    want = torch.tensor([lv[3], lv[2], lv[1], lv[1], 0.0, 0.0, -lv[2], -lv[1]])
+    torch.testing.assert_close(q(x), want, atol=1e-7, rtol=1e-6)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_companding_codes_and_decode_formula(bits):
-    x = torch.randn(300, generator=torch.Generator().manual_seed(bits)) * 2
+@pytest.mark.parametrize("scale", [1e-3, 2.0, 300.0])
+def test_companding_is_mu_law_with_mu_1(bits, scale):
+    """Codes ``round(a F(x / M))`` with the mu-law compressor F (mu = 1), ``a = 2^(b-1) - 1`` and
+    ``M = max|x|``; values ``M F^-1(code / a)``: uniform in the compressed domain, the top level M."""
+    x = torch.randn(300, generator=torch.Generator().manual_seed(bits)) * scale
     q = CompandingQuantizer(QuantSpec(bits=bits, scheme="companding"), True)
     a = 2 ** (bits - 1) - 1
-    m = x.abs().max()
-    codes = q.int_repr(x)
-    exact(codes, (torch.sign(x) * torch.round(a * torch.log2(1 + x.abs() / m))).to(torch.int32))
-    assert int(codes.abs().max()) == a
-    exact(q(x), torch.sign(codes) * m * (torch.exp2(codes.abs() / a) - 1))
-    exact(q(x)[x.abs().argmax()].abs(), m)  # the top level is max|x|
-    # levels are denser near zero: the gaps grow with |code|
-    lv = m * (torch.exp2(torch.arange(a + 1) / a) - 1)
-    assert bool((torch.diff(torch.diff(lv)) > 0).all()) or a == 1
+    xn = x.double().numpy()
+    m = np.abs(xn).max()
+    codes = np.rint(a * mu_law(xn / m, 1.0))
+    exact(q.int_repr(x), t(codes.astype(np.int32)))
+    assert np.abs(codes).max() == a
+    want = m * mu_law_inv(codes / a, 1.0)
+    # float32 rounding of 2^(code/a) - 1 (cancellation near 0): a couple of ulps of M
+    torch.testing.assert_close(q(x), t(want.astype(np.float32)), atol=2.5e-7 * m, rtol=4e-7)
+    exact(q(x)[x.abs().argmax()].abs(), x.abs().max())  # the top level is max|x|
+    if a > 1:  # levels are denser near zero: the gaps grow with |code|
+        lv = mu_law_inv(np.arange(a + 1) / a, 1.0)
+        assert (np.diff(np.diff(lv)) > 0).all()
 
 
 # -- model preparation ------------------------------------------------------------------------------

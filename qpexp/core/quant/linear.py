@@ -6,7 +6,7 @@ qmin, qmax)``, ``x_hat = (q - Z) S``, gradient 1 where the unclamped ``q`` lies 
 kernels (``torch.fake_quantize_per_tensor_affine`` / ``..._per_channel_affine``); larger ones
 (activations) through a vectorized chain of four ops (:func:`fake_quant`, :func:`fake_quant_scalar`),
 because in torch 2.13 on CPU the fused kernel is a scalar loop, about 3x slower than the chain on a
-50k-element activation. Tests check both paths against the fused kernels with ``atol=0``.
+50k-element activation. Tests check both paths against the textbook formula in numpy with ``atol=0``.
 
 A per-tensor activation quantizer keeps Python copies of its range and qparams: a training step
 reads the batch min/max (two scalar reads) and touches its buffers only when the running range
