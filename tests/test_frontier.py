@@ -332,8 +332,13 @@ def test_threads_per_worker_only_in_multirun(monkeypatch):
     assert "QPEXP_THREADS" not in os.environ  # a single run keeps all cores
     SweepProgress().on_job_start(cfg("RunMode.MULTIRUN", threads=3))
     assert "QPEXP_THREADS" not in os.environ  # an explicit threads= wins
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
     SweepProgress().on_job_start(cfg("RunMode.MULTIRUN"))
-    assert os.environ["QPEXP_THREADS"] == str(worker_threads(2))
+    assert os.environ["QPEXP_THREADS"] == "3"  # 6 cores shared by n_jobs=2 workers
+    monkeypatch.delenv("QPEXP_THREADS")
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # unknown: one thread each
+    SweepProgress().on_job_start(cfg("RunMode.MULTIRUN"))
+    assert os.environ["QPEXP_THREADS"] == "1"
     monkeypatch.setenv("QPEXP_THREADS", "7")
     SweepProgress().on_job_start(cfg("RunMode.MULTIRUN"))
     assert os.environ["QPEXP_THREADS"] == "7"  # the user's setting wins
