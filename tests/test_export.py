@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 import os
 import zipfile
+from importlib.util import find_spec
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -311,8 +313,10 @@ def test_layouts_and_payload_follow_the_accounting(tmp_path):
 
 
 # -- ONNX -----------------------------------------------------------------------------------------
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
+# only the tests that run ONNX are skipped without onnx/onnxruntime (not the whole module)
+needs_onnx = pytest.mark.skipif(
+    find_spec("onnx") is None or find_spec("onnxruntime") is None, reason="needs onnx and onnxruntime"
+)
 
 
 def _deploy(model, tmp_path, x, y, acc=None):
@@ -327,7 +331,10 @@ def _deploy(model, tmp_path, x, y, acc=None):
     return out, acc
 
 
+@needs_onnx
 def test_onnx_qdq_graph_and_integer_kernels(tmp_path):
+    import onnx
+
     from qpexp.deploy import integer_kernels, onnx_model, ort_session
 
     model = prepared(bits_w=8)
@@ -350,6 +357,7 @@ def test_onnx_qdq_graph_and_integer_kernels(tmp_path):
     assert integer_kernels(tmp_path / "opt.onnx").count("QLinearConv") == 3  # the convs run on int8
 
 
+@needs_onnx
 def test_onnx_matches_the_fake_quantized_model(tmp_path):
     from qpexp.deploy import onnx_model, ort_session
 
@@ -364,6 +372,7 @@ def test_onnx_matches_the_fake_quantized_model(tmp_path):
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.98
 
 
+@needs_onnx
 @pytest.mark.parametrize(
     "case, simulated, container",
     [
@@ -416,6 +425,7 @@ def e2e(tmp_path_factory):
     return out
 
 
+@needs_onnx
 @pytest.mark.parametrize("mode", ["ptq", "qat"])
 def test_end_to_end_quant_mode_and_deploy(e2e, mode):
     rec = e2e[mode]
@@ -431,6 +441,25 @@ def test_end_to_end_quant_mode_and_deploy(e2e, mode):
     assert rec["final/test_acc"] > 0.5  # a trained model, so the comparison means something
 
 
+def _latent(rec: dict, stage: str) -> dict[str, torch.Tensor]:
+    """A stage's saved float weights and biases (saved in the cache entry), keyed by layer."""
+    from qpexp.io import safe_torch_load
+
+    state = safe_torch_load(Path(rec[f"artifacts/{stage}"]) / "model.pt")["model"]
+    return {k.replace(".layer.", "."): v for k, v in state.items() if k.endswith((".weight", ".bias"))}
+
+
 def test_ptq_changes_no_weight_qat_does(e2e):
+    """PTQ only calibrates: the latent weights are bit for bit the input model's (the baseline's, as
+    the prune stage is off); one QAT epoch moves them."""
+    names = {f"{layer}.{p}" for layer in ("conv1", "conv2", "conv3", "fc") for p in ("weight", "bias")}
+    for mode in ("ptq", "qat"):
+        before, after = _latent(e2e[mode], "baseline"), _latent(e2e[mode], "qat")
+        assert set(before) == set(after) == names
+        changed = [k for k in names if not torch.equal(before[k], after[k])]
+        if mode == "ptq":
+            assert changed == [], changed
+        else:  # Adam moves every tensor that gets a gradient
+            assert sorted(changed) == sorted(names)
     assert e2e["ptq"]["qat/best_epoch"] == -1
     assert e2e["qat"]["qat/best_epoch"] == 0
