@@ -16,7 +16,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from qpexp.core.accounting import layer_sparsity, sparsity
 from qpexp.core.prune import MaskKeeper, PruneConfig, ensure_masks, make_criterion, prune_step, schedule
-from qpexp.core.prune.masks import prunable_layers, strip_masks
+from qpexp.core.prune.criteria.taylor import weight_grads
+from qpexp.core.prune.masks import strip_masks
 
 
 class DivergenceError(RuntimeError):
@@ -215,18 +216,8 @@ class PruneStage(Stage):
     def _grads(self) -> dict[str, list[torch.Tensor]] | None:
         if not getattr(self.criterion, "needs_grads", False):
             return None
-        grads: dict[str, list[torch.Tensor]] = {n: [] for n, _ in prunable_layers(self.model)}
         loader = self.trainer.datamodule.loader("train", shuffle=True)
-        with torch.enable_grad():
-            for i, (x, y) in enumerate(loader):
-                if i >= self.cfg.taylor_batches:
-                    break
-                self.model.zero_grad(set_to_none=True)
-                F.cross_entropy(self.model(x), y).backward()
-                for n, m in prunable_layers(self.model):
-                    grads[n].append(m.weight.grad.detach().clone())
-        self.model.zero_grad(set_to_none=True)
-        return grads
+        return weight_grads(self.model, loader, self.cfg.taylor_batches)  # BatchNorm statistics kept
 
     def _example(self) -> torch.Tensor:
         """One input sample, for pruners that trace the model (channel pruning)."""

@@ -10,11 +10,13 @@ saying which one was used::
                                                16-position run without a nonzero)
 
 Every scale and stored zero point costs 32 bits (a symmetric quantizer's Z = 0 is implicit); every
-tensor left in float (biases, BatchNorm, unpruned float weights) costs 32 bits per element.
+tensor left in float (biases, BatchNorm, unpruned float weights) costs 32 bits per element. A tensor
+shared by several layers (tied weights) is stored and counted once. Nothing here changes the model.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -45,16 +47,16 @@ class LayerView:
 
     @torch.no_grad()
     def effective_weight(self) -> torch.Tensor:
-        """The weight the model computes with: masked, and fake-quantized if quantized."""
+        """The weight the model computes with: masked, and fake-quantized if quantized.
+
+        Computed on a copy of the quantizer, in eval mode: no state changes (a learned step size
+        that was never initialized stays so; the copy initializes itself as the first forward would).
+        """
         w = self.layer.weight.detach()
         if self.wq is None:
             return w
-        was = self.wq.training
-        self.wq.eval()
-        try:
-            return self.wq(w).detach()
-        finally:
-            self.wq.train(was)
+        wq = copy.deepcopy(self.wq).eval()
+        return wq(w).detach()
 
 
 def layer_views(model: nn.Module) -> list[LayerView]:
@@ -67,6 +69,16 @@ def layer_views(model: nn.Module) -> list[LayerView]:
         elif isinstance(m, PRUNABLE) and id(m) not in wrapped:
             views.append(LayerView(name, m, None, None, m))
     return views
+
+
+def unique_views(model: nn.Module) -> list[LayerView]:
+    """:func:`layer_views` with each weight tensor once (a weight shared by several layers counts once)."""
+    seen, out = set(), []
+    for v in layer_views(model):
+        if id(v.layer.weight) not in seen:
+            seen.add(id(v.layer.weight))
+            out.append(v)
+    return out
 
 
 def relative_index_padding(w: torch.Tensor, index_bits: int = INDEX_BITS) -> int:
@@ -102,11 +114,13 @@ def size_bits(model: nn.Module, detail: bool = False):
     """Total storage in bits of everything needed to run ``model`` (see the module docstring)."""
     total, rows, counted = 0, {}, set()
     for v in layer_views(model):
-        w = v.effective_weight()
         compressed = v.wq is not None or get_mask(v.layer) is not None
-        if compressed:
-            t = tensor_bits(w, v.bits_w)
+        if id(v.layer.weight) in counted:  # a tied weight: stored once, with the first layer using it
+            t = {"bits": 0, "format": "shared", "n": 0, "nnz": 0}
+        elif compressed:
+            t = tensor_bits(v.effective_weight(), v.bits_w)
         else:
+            w = v.layer.weight.detach()
             t = {
                 "bits": w.numel() * FLOAT_BITS,
                 "format": "float",
@@ -114,7 +128,8 @@ def size_bits(model: nn.Module, detail: bool = False):
                 "nnz": int(w.count_nonzero()),
             }
         qbits = _quantizer_bits(v.wq) + _quantizer_bits(v.aq)
-        bias = v.layer.bias.numel() * FLOAT_BITS if v.layer.bias is not None else 0
+        has_bias = v.layer.bias is not None and id(v.layer.bias) not in counted
+        bias = v.layer.bias.numel() * FLOAT_BITS if has_bias else 0
         rows[v.name] = {**t, "weight_bits": t["bits"], "qparam_bits": qbits, "bias_bits": bias}
         total += t["bits"] + qbits + bias
         counted.update({id(v.layer.weight), id(v.layer.bias)})
@@ -133,13 +148,42 @@ def _is_model_state_buffer(name: str) -> bool:
     return leaf in ("running_mean", "running_var")
 
 
+DENSE_PARAMS_ATTR = "qpexp_dense_prunable_params"  # set on a model by physical channel pruning
+
+
+def prunable_params(model: nn.Module) -> int:
+    """Number of prunable weights (conv/linear weights; a tied weight once) the model stores now."""
+    return sum(v.layer.weight.numel() for v in unique_views(model))
+
+
 @torch.no_grad()
-def sparsity(model: nn.Module) -> float:
-    """Fraction of prunable weights (conv/linear) that are exactly zero in the model's weights."""
+def pruned_fraction(model: nn.Module, dense_params: int | None = None) -> float:
+    """Fraction of the dense model's prunable weights (conv/linear) that are pruned: exactly zero in
+    the model's own (latent, unquantized) weights, or removed with their channels.
+
+    ``dense_params``: the prunable weight count of the dense model (:func:`prunable_params` of it).
+    Default: the count :func:`qpexp.core.prune.channel.physically_prune` remembered on the model,
+    else the model's own count (which cannot see channels removed by other means). This is the
+    record's ``final/sparsity``.
+    """
+    kept = sum(int(v.layer.weight.count_nonzero()) for v in unique_views(model))
+    dense = dense_params or getattr(model, DENSE_PARAMS_ATTR, None) or prunable_params(model)
+    return 1 - kept / max(dense, 1)
+
+
+sparsity = pruned_fraction  # the name the README and notebooks use
+
+
+@torch.no_grad()
+def zero_fraction(model: nn.Module) -> float:
+    """Fraction of the stored prunable weights (conv/linear) that are exactly zero as the model
+    computes with them: masked *and quantized* (a kept weight that quantizes to 0 counts). These
+    are the zeros the size accounting stores for free. The record's ``final/zero_fraction``."""
     zeros = total = 0
-    for v in layer_views(model):
-        zeros += int((v.layer.weight == 0).sum())
-        total += v.layer.weight.numel()
+    for v in unique_views(model):
+        w = v.effective_weight()
+        zeros += w.numel() - int(w.count_nonzero())
+        total += w.numel()
     return zeros / max(total, 1)
 
 
@@ -162,37 +206,40 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 
 @torch.no_grad()
 def model_macs(model: nn.Module, example: torch.Tensor) -> dict:
-    """Dense MACs per sample of every conv/linear layer, total MACs and BOPs.
+    """MACs per sample of every conv/linear layer, total MACs and BOPs, counted by torch's
+    :class:`~torch.utils.flop_counter.FlopCounterMode` on one forward of ``example[:1]``
+    (MACs = FLOPs / 2; any input rank, grouped convs, a layer called twice counted twice).
 
+    ``macs`` also counts matrix products outside conv/linear layers (e.g. attention), in float.
     BOPs = sum over layers of MACs x weight bits x input activation bits (32 when in float).
     Unstructured zeros do not reduce MACs (no sparse kernel is assumed); physically removed
-    channels do.
+    channels do. The forward runs on a copy of the model in eval mode: nothing in ``model`` changes.
     """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = copy.deepcopy(model).eval()
     views = {id(v.owner): v for v in layer_views(model)}
-    per_layer: dict[str, int] = {}
-    hooks = []
+    per_layer: dict[str, int] = dict.fromkeys((v.name for v in views.values()), 0)
+    counter = FlopCounterMode(display=False)
+    started: list[int] = []
+
+    def pre_hook(mod, inp):
+        started.append(counter.get_total_flops())
 
     def hook(mod, inp, out):
-        v = views[id(mod)]
-        mod = v.layer
-        if isinstance(mod, nn.Linear):
-            macs = mod.in_features * mod.out_features
-        else:
-            k = int(torch.tensor(mod.kernel_size).prod())
-            macs = (out[0].numel()) * (mod.in_channels // mod.groups) * k
-        per_layer[v.name] = int(macs)
+        per_layer[views[id(mod)].name] += (counter.get_total_flops() - started.pop()) // 2
 
+    hooks = []
     for v in views.values():
+        hooks.append(v.owner.register_forward_pre_hook(pre_hook))
         hooks.append(v.owner.register_forward_hook(hook))
-    was = model.training
-    model.eval()
     try:
-        model(example[:1])
+        with counter:
+            model(example[:1])
     finally:
-        model.train(was)
         for h in hooks:
             h.remove()
-    bops = 0
-    for v in views.values():
-        bops += per_layer.get(v.name, 0) * v.bits_w * v.bits_a
-    return {"macs": sum(per_layer.values()), "bops": bops, "layers": per_layer}
+    total = counter.get_total_flops() // 2
+    bops = sum(per_layer[v.name] * v.bits_w * v.bits_a for v in views.values())
+    bops += (total - sum(per_layer.values())) * FLOAT_BITS * FLOAT_BITS
+    return {"macs": total, "bops": bops, "layers": per_layer}

@@ -365,6 +365,7 @@ def physically_prune(model: nn.Module, example: torch.Tensor, atol: float = 1e-4
     indices per root layer (``{layer: [kept, ...]}``, plain ints: weights_only-serializable).
 
     Checks that the smaller model computes what the masked one did on ``example`` (in eval mode)."""
+    _remember_dense_params(model)
     before = _logits(model, example)
     grps = groups(model, example)
     kept = {}
@@ -386,8 +387,18 @@ def physically_prune(model: nn.Module, example: torch.Tensor, atol: float = 1e-4
 def restore_structure(model: nn.Module, structure: dict[str, list[int]], example: torch.Tensor) -> None:
     """Give a freshly built full-size ``model`` the channel structure ``physically_prune`` returned,
     so that the pruned state dict loads into it."""
+    _remember_dense_params(model)
     strip_masks(model)
     _prune_groups(model, example, dict(structure or {}))
+
+
+def _remember_dense_params(model: nn.Module) -> None:
+    """Keep the full-size model's prunable weight count on it (once, before any channel goes), so that
+    :func:`qpexp.core.accounting.pruned_fraction` counts the removed channels as pruned."""
+    from qpexp.core.accounting import DENSE_PARAMS_ATTR, prunable_params
+
+    if getattr(model, DENSE_PARAMS_ATTR, None) is None:
+        setattr(model, DENSE_PARAMS_ATTR, prunable_params(model))
 
 
 __all__ = ["channel_prune_step", "physically_prune", "restore_structure", "groups", "Group"]

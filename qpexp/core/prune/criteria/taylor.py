@@ -8,8 +8,39 @@ absolute value (``'abs'``, Molchanov 2017), averaged over the observed batches.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from qpexp.core.prune.criteria import Target, slice_view
+from qpexp.core.prune.masks import prunable_layers
+
+
+def weight_grads(model: nn.Module, batches, n_batches: int) -> dict[str, list[torch.Tensor]]:
+    """The cross-entropy gradient of every prunable weight on each of the first ``n_batches`` of
+    ``batches`` ((x, y) pairs): what a criterion with ``needs_grads`` reads from ``Target.grads``.
+
+    The model runs in the mode it is in (training mode during a pruning stage: batch statistics), but
+    the pass leaves it as it found it: every buffer (BatchNorm running statistics, observers) is
+    restored and the gradients are cleared.
+    """
+    layers = prunable_layers(model)
+    grads: dict[str, list[torch.Tensor]] = {n: [] for n, _ in layers}
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        with torch.enable_grad():
+            for i, (x, y) in enumerate(batches):
+                if i >= n_batches:
+                    break
+                model.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x), y).backward()
+                for n, m in layers:
+                    grads[n].append(m.weight.grad.detach().clone())
+    finally:
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+    return grads
 
 
 class Taylor:
