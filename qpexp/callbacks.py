@@ -129,6 +129,8 @@ class SweepProgress(Callback):
         from filelock import FileLock
         from hydra.core.utils import JobStatus
 
+        from qpexp.frontier import ACCURACY_STANDS
+
         sweep_dir = Path(OmegaConf.select(config, "hydra.sweep.dir") or "")
         state = sweep_dir / ".qpexp"
         if not _multirun(config) or not (state / "progress.json").exists():
@@ -140,7 +142,7 @@ class SweepProgress(Callback):
             status = rv.get("status", "ok") if isinstance(rv, dict) else "ok"
             run_dir = Path(OmegaConf.select(config, "hydra.runtime.output_dir") or "")
             rec = run_dir / "record.json"
-            if status == "ok" and rec.exists() and rec.stat().st_mtime < info["start"]:
+            if status in ACCURACY_STANDS and rec.exists() and rec.stat().st_mtime < info["start"]:
                 status = "reused"
         num = OmegaConf.select(config, "hydra.job.num")
         logfile = state / f"progress-{info['run_id']}.log"
@@ -149,7 +151,7 @@ class SweepProgress(Callback):
                 f.write(f"{num} {status}\n")
             lines = logfile.read_text().split()
         outcomes = lines[1::2]
-        done, failed = len(outcomes), sum(o != "ok" and o != "reused" for o in outcomes)
+        done, failed = len(outcomes), sum(o not in (*ACCURACY_STANDS, "reused") for o in outcomes)
         reused = sum(o == "reused" for o in outcomes)
         total = info.get("total")
         msg = f"[sweep] {done}/{total if total is not None else '?'} done, {failed} failed"

@@ -56,6 +56,14 @@ def summary_table(record: dict) -> str:
             f"{r['bits_w']:>4g}/{r['bits_a']:<4g} {r['size_bits']:>10,} {r['compression_ratio']:>6.2f}x "
             f"{seconds:>8.1f}{hit}"
         )
+    if "deploy/onnx_test_acc" in record:
+        lines.append(
+            f"onnxruntime test acc {record['deploy/onnx_test_acc']:.4f} "
+            f"({record['deploy/onnx_integer_kernels']} integer kernels)"
+        )
+    status = record.get("status", "unknown")
+    reason = record.get("error") or record.get("status_reason")
+    lines.append(f"status: {status}" + (f" ({reason})" if status != "ok" and reason else ""))
     return "\n".join(lines)
 
 

@@ -89,6 +89,7 @@ class ExportSchema:
     enabled: bool = True
     onnx: bool = True
     latency_batches: int = 50
+    max_acc_diff: float = 0.002  # onnxruntime vs fake-quantized test accuracy; beyond it: deploy_mismatch
 
 
 @dataclass

@@ -348,10 +348,13 @@ def test_onnx_qdq_graph_and_integer_kernels(tmp_path):
     }
     assert axes["conv1_wq"] == [0] and axes["fc_wq"] == [1]  # per output channel (MatMul takes W^T)
     inits = {t.name: t for t in qm.graph.initializer}
-    assert (
-        inits["conv2_wq"].data_type == onnx.TensorProto.INT8
-        and inits["conv2_a_zero"].data_type == onnx.TensorProto.UINT8
-    )
+    # 8-bit codes travel as uint8 (signed ones shifted by 128 with their zero point: u8u8 kernels)
+    assert inits["conv2_wq"].data_type == onnx.TensorProto.UINT8
+    assert inits["conv2_a_zero"].data_type == onnx.TensorProto.UINT8
+    conv2 = dict(quant_layers(model))["conv2"]
+    codes = torch.round(conv2.layer.weight / conv2.wq.scale.reshape(-1, 1, 1)).clamp(-127, 127)
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(inits["conv2_wq"]), codes.numpy() + 128)
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(inits["conv2_w_zero"]), np.full(len(codes), 128))
     assert info["simulated"] == []
     ort_session(qm, 1, tmp_path / "opt.onnx")
     assert integer_kernels(tmp_path / "opt.onnx").count("QLinearConv") == 3  # the convs run on int8
@@ -376,7 +379,7 @@ def test_onnx_matches_the_fake_quantized_model(tmp_path):
 @pytest.mark.parametrize(
     "case, simulated, container",
     [
-        ({"bits_w": 8}, False, "int8"),
+        ({"bits_w": 8}, False, "uint8"),
         ({"bits_w": 4}, False, "int4"),
         ({"bits_w": 3}, True, "int4"),
         ({"bits_w": 6, "symmetric": False}, True, "uint8"),
