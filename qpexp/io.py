@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -51,17 +52,25 @@ class UnsafeFileError(ValueError):
     """A checkpoint or model file that would need arbitrary code (pickle) to load."""
 
 
+class DamagedFileError(ValueError):
+    """A checkpoint or model file that is truncated or corrupt (not a complete torch file), or that
+    does not match the checksum recorded for it: damaged, not unsafe."""
+
+
 def safe_torch_load(path: str | Path):
     """``torch.load(..., weights_only=True)``: tensors and plain containers only; a crafted pickle
-    is refused with a clear error and nothing in it runs."""
+    is refused with a clear error (:class:`UnsafeFileError`) and nothing in it runs. A file that is
+    not a complete torch file (truncated zip, early end of file) raises :class:`DamagedFileError`."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
-    except Exception as e:
+    except pickle.UnpicklingError as e:  # the weights-only unpickler refused what it read
         raise UnsafeFileError(
             f"{path}: refused to load (weights_only=True allows tensors and plain containers only): {e}"
         ) from e
+    except Exception as e:  # the container itself is broken: a partial copy, a flaky file system
+        raise DamagedFileError(f"{path}: damaged, not a complete torch file ({type(e).__name__}: {e})") from e
 
 
 def read_json(path: str | Path):

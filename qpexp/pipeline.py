@@ -22,7 +22,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from qpexp import __version__
 from qpexp.cache import StageCache, cache_key
-from qpexp.core.accounting import count_params, layer_views, model_macs, size_bits
+from qpexp.core.accounting import (
+    count_params,
+    layer_views,
+    model_macs,
+    prunable_params,
+    pruned_fraction,
+    size_bits,
+    zero_fraction,
+)
 from qpexp.core.prune import ensure_masks
 from qpexp.core.quant import quantize_
 from qpexp.io import atomic_write_json, read_json, safe_torch_load
@@ -34,10 +42,27 @@ CACHE_VERSION = 2  # bump when a stage's training code changes what it produces
 
 
 # -- helpers --------------------------------------------------------------------------------------
+def resolve_threads(threads: int | None) -> int:
+    """The torch thread count a run trains with: ``threads``, else ``$QPEXP_THREADS``, else all cores."""
+    return threads or int(os.environ.get("QPEXP_THREADS", 0)) or (os.cpu_count() or 1)
+
+
 def set_threads(threads: int | None) -> int:
-    n = threads or int(os.environ.get("QPEXP_THREADS", 0)) or (os.cpu_count() or 1)
+    n = resolve_threads(threads)
     torch.set_num_threads(n)
     return n
+
+
+def prune_key(prune: dict) -> dict:
+    """The prune config as it determines the stage's result: settings that give the same masks share
+    one key (unstructured ``l2`` scores each weight by ``|w|``, exactly as ``l1`` does)."""
+    from qpexp.core.prune.spec import CRITERIA
+
+    p = dict(prune)
+    short = {v: k for k, v in CRITERIA.items()}.get(p.get("criterion"), p.get("criterion"))
+    if p.get("structure", "unstructured") == "unstructured" and short in ("l1", "l2"):
+        p["criterion"] = "l1"
+    return p
 
 
 @torch.no_grad()
@@ -135,20 +160,43 @@ class Pipeline:
         self.cache = StageCache(Path(c.cache_dir) if c.cache else None, self.run_dir)
         trainer = OmegaConf.to_container(c.trainer) if c.trainer is not None else {}
         self.trainer_cfg = {k: v for k, v in trainer.items() if k != "_target_"}
-        base = {
-            "v": CACHE_VERSION,
-            "data": OmegaConf.to_container(c.data),
-            "model": OmegaConf.to_container(c.model),
-            "baseline": OmegaConf.to_container(c.baseline),
-            "trainer": self.trainer_cfg,
-            "seed": c.seed,
-        }
-        self.keys = {"baseline": cache_key(base)}
-        self.keys["prune"] = cache_key(
-            {"base": self.keys["baseline"], "prune": OmegaConf.to_container(c.prune)}
-        )
-        after = self.keys["prune"] if self.prune_on else self.keys["baseline"]
-        self.keys["qat"] = cache_key({"base": after, "quant": OmegaConf.to_container(c.quant)})
+        self.threads = resolve_threads(c.threads)
+        self._dm = None
+        self._keys: dict[str, str] | None = None
+
+    def data(self):
+        """The data module, prepared once (data errors surface here, before any training)."""
+        if self._dm is None:
+            dm = instantiate(self.cfg.data)
+            dm.prepare()
+            self._dm = dm
+        return self._dm
+
+    @property
+    def keys(self) -> dict[str, str]:
+        """Each stage's cache key: the config that determines it, the torch thread count it trains
+        with (1 and 2 threads give different trajectories) and the data's content fingerprint beside
+        its config (a file changed under the same ``data.path`` trains again). Prepares the data."""
+        if self._keys is None:
+            c = self.cfg
+            base = {
+                "v": CACHE_VERSION,
+                "data": OmegaConf.to_container(c.data),
+                "data_fingerprint": getattr(self.data(), "fingerprint", None),
+                "model": OmegaConf.to_container(c.model),
+                "baseline": OmegaConf.to_container(c.baseline),
+                "trainer": self.trainer_cfg,
+                "seed": c.seed,
+                "threads": self.threads,
+            }
+            keys = {"baseline": cache_key(base)}
+            prune = prune_key(OmegaConf.to_container(c.prune))
+            keys["prune"] = cache_key({"base": keys["baseline"], "prune": prune, "threads": self.threads})
+            after = keys["prune"] if self.prune_on else keys["baseline"]
+            quant = OmegaConf.to_container(c.quant)
+            keys["qat"] = cache_key({"base": after, "quant": quant, "threads": self.threads})
+            self._keys = keys
+        return self._keys
 
     @property
     def prune_on(self) -> bool:
@@ -166,9 +214,10 @@ class Pipeline:
     def _stage(self, name: str, module_fn, epochs: int, dm, model, record: dict) -> dict:
         start = time.perf_counter()
         with self.cache.entry(name, self.keys[name]) as entry:
-            hit = entry.complete
+            loaded = entry.load_or_discard()  # None: missing, or damaged (moved aside, warned: retrain)
+            hit = loaded is not None
             if hit:
-                state, meta = entry.load()
+                state, meta = loaded
                 if state.get("structure") is not None:  # physically pruned channels
                     from qpexp.core.prune.channel import restore_structure
 
@@ -202,12 +251,22 @@ class Pipeline:
         record[f"{name}/test_acc"] = meta["test_acc"]
         record[f"{name}/best_epoch"] = meta["best_epoch"]
         record[f"cache/{name}_hit"] = hit
+        if entry.moved_aside is not None:
+            record[f"cache/{name}_moved_aside"] = str(entry.moved_aside)
         record[f"train_seconds/{name}"] = meta["train_seconds"]
         record[f"seconds/{name}"] = time.perf_counter() - start
         record[f"artifacts/{name}"] = str(entry.path)
         # each stage's model, counted as the final one; the last stage's count is the final record
         snap = self.last_measure = self.measure(model, self.example, self.dense_bits)
-        for k in ("sparsity", "params", "bits_w", "bits_a", "size_bits", "compression_ratio"):
+        for k in (
+            "sparsity",
+            "zero_fraction",
+            "params",
+            "bits_w",
+            "bits_a",
+            "size_bits",
+            "compression_ratio",
+        ):
             record[f"{name}/{k}"] = snap[f"final/{k}"]
         if self.logger is not None:
             self.logger.log_metrics(
@@ -218,9 +277,8 @@ class Pipeline:
     def run(self) -> dict:
         c = self.cfg
         t0 = time.perf_counter()
-        threads = set_threads(c.threads)
-        dm = instantiate(c.data)
-        dm.prepare()  # data errors surface here, before any training
+        threads = set_threads(self.threads)
+        dm = self.data()  # data errors surface here, before any training
         import lightning as L
 
         L.seed_everything(c.seed, workers=False, verbose=False)
@@ -229,7 +287,9 @@ class Pipeline:
         self.dense_bits = size_bits(model)
         # dense prunable weights per layer: sparsity counts physically removed channels as pruned
         self.dense_weights = {v.name: v.layer.weight.numel() for v in layer_views(model)}
+        self.dense_prunable = prunable_params(model)
         record: dict = {"status": "running", "seed": c.seed, "threads": threads}
+        record["data/fingerprint"] = getattr(dm, "fingerprint", None)
         record["dense/params"] = count_params(model)[0]
         record["dense/macs"] = model_macs(model, example)["macs"]
 
@@ -326,7 +386,10 @@ class Pipeline:
         dense = getattr(self, "dense_weights", None) or weights
         nnz = {v.name: int(v.layer.weight.count_nonzero()) for v in views}
         out = {
-            "final/sparsity": 1 - sum(nnz.values()) / max(sum(dense.values()), 1),
+            # pruned (zero latent weights, removed channels) of the dense model's prunable weights
+            "final/sparsity": pruned_fraction(model, dense_params=getattr(self, "dense_prunable", None)),
+            # exact zeros of the stored weights after quantization (what the size accounting sees)
+            "final/zero_fraction": zero_fraction(model),
             "final/params": params,
             "final/nonzero_params": nonzero,
             "final/bits_w": bw.pop() if len(bw) == 1 else sum(v.bits_w * weights[v.name] for v in views) / n,
