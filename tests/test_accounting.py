@@ -60,6 +60,36 @@ def test_channel_pruned_model_counts_removed_channels():
     assert prunable_params(model) == now
 
 
+def test_record_sparsity_and_zero_fraction_from_the_saved_model(tmp_path):
+    import numpy as np
+    from conftest import TINY, compose
+
+    from qpexp.io import safe_torch_load
+    from qpexp.pipeline import Pipeline
+
+    cfg = compose(
+        [*TINY, "quant.bits_w=2", "prune.ratio=0.5", "export.enabled=false", f"cache_dir={tmp_path}"]
+    )
+    rec = Pipeline(cfg, tmp_path / "run").run()
+    final = safe_torch_load(f"{rec['artifacts/qat']}/model.pt")["model"]
+    latent_zeros = stored_zeros = total = 0
+    for key, w in final.items():
+        if not key.endswith(".layer.weight"):
+            continue
+        w = w.numpy().astype(np.float32)
+        # the textbook 2-bit symmetric per-channel quantizer: S = max|w_c| / 1, q = round(w / S) in [-1, 1]
+        amax = np.abs(w.reshape(len(w), -1)).max(1).reshape(-1, *[1] * (w.ndim - 1))
+        q = np.where(amax > 0, np.round(w * (np.float32(1) / np.maximum(amax, 1e-30))), 0)
+        latent_zeros += int((w == 0).sum())
+        stored_zeros += int((np.clip(q, -1, 1) == 0).sum())
+        total += w.size
+    assert rec["final/sparsity"] == pytest.approx(latent_zeros / total)
+    assert rec["final/zero_fraction"] == pytest.approx(stored_zeros / total)
+    assert latent_zeros >= round(0.5 * total) and stored_zeros > latent_zeros
+    # in float (the prune stage) every stored zero is a pruned weight
+    assert rec["prune/zero_fraction"] == pytest.approx(rec["prune/sparsity"])
+
+
 # -- MACs ------------------------------------------------------------------------------------------
 def _formula_macs(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, int], int]:
     """Per-layer MACs from the textbook formulas (hooks on the modules), and FlopCounterMode's total/2."""
