@@ -78,9 +78,9 @@ def unmasked(model) -> int:
     return total
 
 
-def masked_train(model, x, steps: int = 20, lr: float = 0.05, keep: bool = True) -> None:
+def masked_train(model, x, steps: int = 20, lr: float = 0.05, keep: bool = True, opt=None) -> None:
     """Adam steps (momentum and all) on random labels, masks re-applied after each step."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = opt or torch.optim.Adam(model.parameters(), lr=lr)
     keeper = MaskKeeper(model)
     y = torch.arange(len(x)) % 10
     model.train()
@@ -90,6 +90,85 @@ def masked_train(model, x, steps: int = 20, lr: float = 0.05, keep: bool = True)
         opt.step()
         if keep:
             keeper()
+
+
+# -- channel arithmetic, written out ---------------------------------------------------------------
+# kept weights per prunable layer when the hidden layers keep a[0], a[1], ... output channels: a
+# channel takes its filter (row) and its input columns in the next layer
+CHAIN = {
+    # cnn1d on 40 samples: conv1 25x1x5, conv2 and conv3 25x25x3, fc 10 x (25 channels x 5 positions)
+    "cnn1d": lambda a: [a[0] * 1 * 5, a[1] * a[0] * 3, a[2] * a[1] * 3, 10 * a[2] * 5],
+    # mlp 40-100-100-10
+    "mlp": lambda a: [a[0] * 40, a[1] * a[0], 10 * a[1]],
+}
+DENSE = {"cnn1d": (25, 25, 25), "mlp": (100, 100)}
+
+
+def keep_min(n: int) -> int:
+    """The most a layer of ``n`` weights may lose leaves it ``max(1, ceil(1% of n))`` (min_keep_frac)."""
+    return max(1, -(-n // 100))
+
+
+def kept_channels(model) -> list[int]:
+    """Output channels with any nonzero weight, per prunable layer but the classifier."""
+    return [
+        int((m.weight != 0).reshape(m.weight.shape[0], -1).any(1).sum()) for _, m in prunable_layers(model)
+    ][:-1]
+
+
+def removable(arch: str, a: list[int]) -> bool:
+    """Whether the kept channels ``a`` respect every layer's minimum (1 channel, keep_min weights)."""
+    dense = CHAIN[arch](DENSE[arch])
+    return min(a) >= 1 and all(w >= keep_min(n) for w, n in zip(CHAIN[arch](a), dense))
+
+
+def channel_walk(arch: str, kept: list[int], order: list[int], goal: int) -> list[int]:
+    """The channel pruner's rule, replayed on counts: remove channels one by one in ``order`` (a
+    layer index each), skipping one that would leave a layer under its minimum, and stop at the
+    removed-weight count closest to ``goal`` (ties: the smaller count)."""
+    total = sum(CHAIN[arch](DENSE[arch]))
+    kept = list(kept)
+    before = total - sum(CHAIN[arch](kept))
+    if before >= goal:
+        return kept
+    for layer in order:
+        trial = kept.copy()
+        trial[layer] -= 1
+        if not removable(arch, trial):
+            continue
+        after = total - sum(CHAIN[arch](trial))
+        if after >= goal:
+            return trial if after - goal < goal - before else kept
+        kept, before = trial, after
+    return kept
+
+
+def l1_global_order(model, pool: list[int]) -> list[int]:
+    """The order in which scope=global removes the remaining channels of the layers ``pool``: each
+    filter's L1 norm divided by the mean of its layer's remaining filters, lowest first (ties: layer
+    order, then channel order); one entry (the layer index) per channel."""
+    layers = [m for _, m in prunable_layers(model)]
+    keys = []
+    for layer in pool:
+        w = layers[layer].weight.detach()
+        s = w.abs().reshape(w.shape[0], -1).sum(1)
+        alive = [c for c in range(w.shape[0]) if bool((w[c] != 0).any())]
+        mean = float(s[alive].mean())
+        ranked = sorted(alive, key=lambda c: float(s[c]))
+        keys += [(float(s[c]) / mean, layer, j) for j, c in enumerate(ranked)]
+    return [layer for _, layer, _ in sorted(keys)]
+
+
+def test_channel_walk_by_hand():
+    """The replayed rule on cnn1d, by hand: one conv2 channel costs its 25x3 filter and its 25x3
+    columns of conv3 (150 weights); conv1's costs 5 + 75 = 80, conv3's 75 + 50 = 125."""
+    assert sum(CHAIN["cnn1d"](DENSE["cnn1d"])) == 5125 and sum(CHAIN["mlp"](DENSE["mlp"])) == 15000
+    assert channel_walk("cnn1d", [25, 25, 25], [1], 100) == [25, 24, 25]  # 150 - 100 < 100 - 0
+    assert channel_walk("cnn1d", [25, 25, 25], [1], 75) == [25, 25, 25]  # a tie: the smaller count
+    # conv1: 80; conv2 then costs 24 x 3 + 75 = 147 (227); conv3 then 24 x 3 + 50 = 122 (349)
+    assert channel_walk("cnn1d", [25, 25, 25], [0, 1, 2], 280) == [24, 24, 25]  # 349 - 280 >= 280 - 227
+    assert channel_walk("cnn1d", [25, 25, 25], [0, 1, 2], 300) == [24, 24, 24]  # 349 - 300 < 300 - 227
+    assert not removable("cnn1d", [2, 3, 3]) and removable("cnn1d", [3, 3, 3])  # conv2: 18 < 19
 
 
 # -- the same masks as torch.nn.utils.prune ------------------------------------------------------
@@ -150,15 +229,18 @@ def test_schedule_reaches_each_target_exactly(name):
 def test_channel_schedule_reaches_target_as_closely_as_channels_allow():
     model = cnn(bn=True)
     n = n_weights(model)
-    # the largest step one channel can make: its filter plus its columns in the next layer
-    biggest = max(m.weight[0].numel() for _, m in prunable_layers(model)) * 2
     prev = weights_zero(model)
     for t in schedule("geometric", 0.75, 3):
         cfg = PruneConfig(ratio=0.75, structure="channel")
+        want = channel_walk("cnn1d", kept_channels(model), l1_global_order(model, [0, 1, 2]), round(t * n))
         layers = channel_prune_step(model, cfg, t, example=X1D[:1])
         zero = weights_zero(model)
         removed = sum(int(z.sum()) for z in zero.values())
-        assert abs(removed - round(t * n)) <= biggest / 2
+        assert kept_channels(model) == want
+        assert [int(z.sum()) for z in zero.values()] == [
+            d - k for d, k in zip(CHAIN["cnn1d"](DENSE["cnn1d"]), CHAIN["cnn1d"](want))
+        ]
+        assert abs(removed - round(t * n)) <= 150 / 2  # the dearest channel (conv2's) at most half over
         assert layers == {k: int(z.sum()) / z.numel() for k, z in zero.items()}  # reported = realized
         assert all(bool(zero[k][prev[k]].all()) for k in zero)
         prev = zero
@@ -173,9 +255,13 @@ def test_first_and_last_layer_own_ratio_total_still_reached():
     assert int(zero["fc"].sum()) == round(0.3 * zero["fc"].numel())
     assert sum(int(z.sum()) for z in zero.values()) == round(0.6 * n)  # the pool makes up the rest
     ch = cnn()
+    # the pool (conv2, conv3) takes channels in the global order until the count is closest to the goal
+    want = channel_walk("cnn1d", [25, 25, 25], l1_global_order(ch, [1, 2]), round(0.5 * n))
     channel_prune_step(ch, PruneConfig(ratio=0.5, first_ratio=0.0, structure="channel"), 0.5, example=X1D[:1])
-    assert bool((ch.conv1.weight != 0).reshape(25, -1).any(1).all())  # no first-layer channel removed
-    assert sparsity(ch) > 0.45
+    assert kept_channels(ch) == want and want[0] == 25  # no first-layer channel removed
+    removed = sum(int(z.sum()) for z in weights_zero(ch).values())
+    assert removed == n - sum(CHAIN["cnn1d"](want))
+    assert abs(removed - round(0.5 * n)) <= 150 / 2
 
 
 # -- scopes ------------------------------------------------------------------------------------------
@@ -200,7 +286,8 @@ def test_global_and_layer_scope_differ():
             else:
                 out[structure, scope] = prune_step(model, cfg, 0.6)
     lay = out["unstructured", "layer"]
-    assert all(abs(v - 0.6) < 1e-3 for v in lay.values())  # the same fraction of every layer
+    n = dict(zip(lay, CHAIN["cnn1d"](DENSE["cnn1d"])))
+    assert lay == {k: float(torch.tensor(round(0.6 * n[k]) / n[k])) for k in lay}  # round(0.6 n) each
     glob = out["unstructured", "global"]
     assert glob["fc"] > 0.8 and glob["conv1"] < 0.3  # one threshold: small weights go first
     # channels: layer scope removes the same fraction of every layer's filters; global takes the
@@ -214,7 +301,11 @@ def test_global_and_layer_scope_differ():
 @pytest.mark.parametrize("structure", ["unstructured", "channel"])
 @pytest.mark.parametrize("scope", ["global", "layer"])
 def test_no_layer_emptied_at_099(structure, scope):
-    for build in (lambda: cnn(bn=True), lambda: mlp((40,), 10)):
+    """0.99 asks for more than the per-layer minimum (1% of each layer, at least one weight; one
+    channel) allows: unstructured pruning removes exactly ``min(round(0.99 N), N - sum of minimums)``
+    (globally) or ``min(round(0.99 n), n - minimum)`` per layer; channel pruning removes every channel
+    it can (no further channel is removable) and the counts follow from the channels kept."""
+    for arch, build in (("cnn1d", lambda: cnn(bn=True)), ("mlp", lambda: mlp((40,), 10))):
         torch.manual_seed(0)
         model = build()
         cfg = PruneConfig(ratio=0.99, scope=scope, structure=structure, criterion="l1")
@@ -224,7 +315,21 @@ def test_no_layer_emptied_at_099(structure, scope):
             assert nz >= keep_minimum(m.weight.numel(), cfg.min_keep_frac), name
             assert bool((m.weight != 0).reshape(m.weight.shape[0], -1).any(1).any()), name
         assert torch.isfinite(model(X1D)).all()
-        assert sparsity(model) > 0.9
+        n = [m.weight.numel() for _, m in prunable_layers(model)]
+        zeros = [int((m.weight == 0).sum()) for _, m in prunable_layers(model)]
+        if structure == "unstructured" and scope == "global":
+            assert sum(zeros) == min(round(0.99 * sum(n)), sum(n) - sum(keep_min(k) for k in n))
+            assert sum(zeros) == {"cnn1d": 5125 - (2 + 19 + 19 + 13), "mlp": 14850}[arch]  # by hand
+        elif structure == "unstructured":
+            assert zeros == [min(round(0.99 * k), k - keep_min(k)) for k in n]
+        else:
+            a = kept_channels(model)
+            assert zeros == [d - k for d, k in zip(n, CHAIN[arch](a))]
+            assert sum(zeros) < round(0.99 * sum(n))  # out of reach
+            for i in range(len(a)):  # nothing left to remove
+                assert not removable(arch, [c - (j == i) for j, c in enumerate(a)]), (a, i)
+            if scope == "layer":  # the same count from every layer: 3 a^2 >= 19 weights, a^2 >= 100
+                assert a == {"cnn1d": [3, 3, 3], "mlp": [10, 10]}[arch]
 
 
 # -- physically smaller model ------------------------------------------------------------------------
@@ -342,20 +447,25 @@ def test_stage_collects_taylor_gradients_per_batch():
 # -- masks through training, QAT and checkpoints ------------------------------------------------------
 @pytest.mark.parametrize("structure", ["unstructured", "channel"])
 def test_pruned_weights_stay_zero_through_adam_and_qat(structure):
-    model = cnn(bn=True)
     cfg = PruneConfig(ratio=0.6, structure=structure)
-    PRUNERS[structure](model, cfg, 0.6, example=X1D[:1])
-    masks = {n: b.clone() for n, b in model.named_buffers() if n.endswith("_mask")}
-    masked_train(model, X1D, steps=15, lr=0.1)
-    params = dict(model.named_parameters())
-    for key, mask in masks.items():
-        p = params[key[: -len("_mask")]]
-        assert torch.equal(p[mask == 0], torch.zeros(int((mask == 0).sum()))), key
-    control = cnn(bn=True)  # the same training without the keeper revives pruned weights (momentum)
-    PRUNERS[structure](control, cfg, 0.6, example=X1D[:1])
-    masked_train(control, X1D, steps=15, lr=0.1, keep=False)
-    if structure == "unstructured":  # (a masked conv-BN-ReLU channel gets no gradient at all)
-        assert sparsity(control) < 0.5
+    runs, models = {}, {}
+    for keep in (True, False):  # the same training, with the keeper and without it (the control)
+        model = cnn(bn=True)
+        # pruning in the middle of fine-tuning: Adam's momentum already moves every weight (a pruned
+        # conv-BN-ReLU channel gets no gradient of its own; its momentum still revives it)
+        opt = torch.optim.Adam(model.parameters(), lr=0.1)
+        masked_train(model, X1D, steps=3, opt=opt)
+        PRUNERS[structure](model, cfg, 0.6, example=X1D[:1])
+        masks = {n: b.clone() for n, b in model.named_buffers() if n.endswith("_mask")}
+        masked_train(model, X1D, steps=15, keep=keep, opt=opt)
+        params = dict(model.named_parameters())
+        runs[keep] = {k: params[k[: -len("_mask")]][m == 0] for k, m in masks.items()}
+        models[keep] = model
+    assert runs[True].keys() == runs[False].keys() and runs[True]
+    for key, pruned in runs[True].items():
+        assert torch.equal(pruned, torch.zeros(len(pruned))), key  # the keeper holds them at zero
+        assert bool((runs[False][key] != 0).all()), key  # without it every pruned entry comes back
+    model = models[True]
     # QAT: wrap, fold BN, fine-tune; masked weights and their fake-quantized values stay zero
     quantize_(model, QuantConfig(QuantSpec(4), QuantSpec(8, granularity="tensor", symmetric=False)))
     masked_train(model, X1D, steps=10, lr=0.05)
@@ -468,12 +578,18 @@ def test_channel_end_to_end_smaller_and_cache_restores_structure(tmp_path):
     rec = run_pipeline(tmp_path, over)
     assert rec["final/params"] < 0.6 * rec["dense/params"]
     assert rec["final/macs"] < 0.6 * rec["dense/macs"]
-    assert (
-        abs(rec["prune/realized_ratio"] - 0.6) < 0.03 and rec["final/sparsity"] >= rec["prune/realized_ratio"]
-    )
+    assert rec["final/sparsity"] >= rec["prune/realized_ratio"]
     assert rec["prune/stopped_at_step"] == rec["prune/steps_planned"] == 2
     pruned = safe_torch_load(Path(rec["artifacts/prune"]) / "model.pt")
     assert set(pruned["structure"]) == {"conv1", "conv2", "conv3"}
+    # the realized ratio is what the kept channels leave, within half a channel of round(0.6 N): a
+    # channel costs at most 150 weights (conv2's filter and conv3's columns)
+    kept = [len(pruned["structure"][f"conv{i}"]) for i in (1, 2, 3)]
+    removed = 5125 - sum(CHAIN["cnn1d"](kept))
+    assert rec["prune/realized_ratio"] == pytest.approx(removed / 5125, rel=1e-12)
+    assert abs(removed - round(0.6 * 5125)) <= 150 / 2
+    weights = [pruned["model"][f"{n}.weight"] for n in ("conv1", "conv2", "conv3", "fc")]
+    assert [w.numel() for w in weights] == CHAIN["cnn1d"](kept)  # physically that much smaller
     assert not any(k.endswith("_mask") for k in pruned["model"])
     again = run_pipeline(tmp_path, over, run="run2")  # cache hit: restore_structure, then load
     assert again["cache/prune_hit"] and again["cache/qat_hit"]
@@ -495,12 +611,23 @@ def test_agp_end_to_end_zeros_survive_qat(tmp_path):
 
 
 def test_budget_end_to_end_record(tmp_path):
-    rec = run_pipeline(tmp_path, ["prune.ratio=0.99", "prune.max_acc_drop=0.0", "quant.bits_w=32"])
-    assert rec["prune/stop_reason"].startswith("accuracy budget")
-    assert rec["prune/stopped_at_step"] < rec["prune/steps_planned"]
-    assert rec["prune/val_acc"] >= rec["baseline/val_acc"]  # the kept step is within the (zero) budget
-    if rec["prune/stopped_at_step"] == 0:
-        assert rec["final/sparsity"] == 0 and rec["prune/test_acc"] == rec["baseline/test_acc"]
+    """A budget no pruned step meets: 99% of the weights in one shot, no real fine-tuning (lr 1e-9
+    leaves them where pruning put them; val accuracy falls to near chance) and max_acc_drop=0. The
+    stage stops at step 0 and keeps the baseline model itself, bit for bit, without masks."""
+    over = ["prune.ratio=0.99", "prune.schedule=oneshot", "prune.lr=1e-9", "prune.max_acc_drop=0.0"]
+    rec = run_pipeline(tmp_path, [*over, "quant.bits_w=32"])
+    assert rec["prune/stop_reason"].startswith("accuracy budget: step 1 reached val acc")
+    assert f"below {rec['baseline/val_acc']:.4f}" in rec["prune/stop_reason"]
+    assert rec["prune/stopped_at_step"] == 0 and rec["prune/steps_planned"] == 1
+    base = safe_torch_load(Path(rec["artifacts/baseline"]) / "model.pt")["model"]
+    pruned = safe_torch_load(Path(rec["artifacts/prune"]) / "model.pt")["model"]
+    assert pruned.keys() == base.keys()  # no masks left
+    assert all(torch.equal(pruned[k], base[k]) for k in base)
+    assert sum(int((v == 0).sum()) for k, v in pruned.items() if k.endswith(".weight")) == 0
+    assert rec["final/sparsity"] == 0
+    assert (
+        rec["prune/test_acc"] == rec["baseline/test_acc"] and rec["prune/val_acc"] == rec["baseline/val_acc"]
+    )
 
 
 def test_fpgm_needs_channel_structure():
