@@ -61,6 +61,9 @@ from pathlib import Path
 
 log = logging.getLogger("qpexp")
 
+# statuses of a finished run whose accuracy stands (deploy_*: the fake-quantized model is fine, its
+# deployment is not; the point stays on the front, is listed with its status, and a re-run reuses it)
+ACCURACY_STANDS = ("ok", "deploy_mismatch", "deploy_error")
 ACC, RATIO, BOPS = "final/test_acc", "final/compression_ratio", "final/bops"
 AXES = ("quant.bits_w", "prune.ratio", "prune.scope", "seed")
 # config keys that never change what a point computes: not axes, not part of a config's identity
@@ -160,7 +163,7 @@ def collect(dirs) -> tuple[list[dict], list[str]]:
         for a in axes:
             row[a] = f.get(a)
         row["status"] = rec.get("status", "failed" if "error" in rec else "unknown")
-        row["error"] = rec.get("error")
+        row["error"] = rec.get("error") or rec.get("status_reason")
         for k, v in rec.items():
             if k in ("status", "error"):
                 continue
@@ -183,7 +186,7 @@ def _dense_rows(points, flat_cfgs, axes) -> list[dict]:
     real, derived = set(), OrderedDict()
     for p, f in zip(points, flat_cfgs):
         rec, cfg = p["rec"], p["rec"].get("config") or {}
-        if rec.get("status") != "ok":
+        if rec.get("status") not in ACCURACY_STANDS:
             continue
         ident = _identity(cfg, BASELINE_KEYS)
         if f.get("quant.bits_w") == 32 and not f.get("prune.ratio"):
@@ -236,7 +239,7 @@ def _num(v) -> float | None:
 
 
 def _ok(row: dict) -> bool:
-    return row.get("status") == "ok" and _num(row.get(ACC)) is not None
+    return row.get("status") in ACCURACY_STANDS and _num(row.get(ACC)) is not None
 
 
 def pareto_flags(points: list[tuple[float | None, float | None]], higher_better_x: bool = True) -> list[bool]:
@@ -340,7 +343,9 @@ def summarize(rows: list[dict], gs: list[dict], hv_window: float = HV_WINDOW) ->
     s: dict = {
         "points": sum(r["point"] == "run" for r in rows),
         "points_ok": sum(r["point"] == "run" and r["status"] == "ok" for r in rows),
-        "points_failed": sum(r["point"] == "run" and r["status"] not in ("ok",) for r in rows),
+        "points_failed": sum(r["point"] == "run" and r["status"] not in ACCURACY_STANDS for r in rows),
+        "points_deploy_mismatch": sum(r["point"] == "run" and r["status"] == "deploy_mismatch" for r in rows),
+        "points_deploy_error": sum(r["point"] == "run" and r["status"] == "deploy_error" for r in rows),
         "configs": len(gs),
     }
     if dense_rows:
@@ -410,7 +415,7 @@ def read_reference(path: str | Path) -> dict:
     pts = []
     for r in raw:
         if r.get("point") is not None:  # a qpexp frontier.csv
-            if r.get("status") != "ok":
+            if r.get("status") not in ACCURACY_STANDS:
                 continue
             acc, ratio, std, n = _num(r.get(ACC)), _num(r.get(RATIO)), 0.0, 1
             bits, sp = _num(r.get("quant.bits_w")), _num(r.get("prune.ratio"))
@@ -708,6 +713,7 @@ def write_frontier(
             warnings.warn(f"frontier W&B run failed: {e}", stacklevel=2)
     tmp = out / "frontier.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2, default=str))
+        wb["view"] = view  # the fronts drawn on the page, logged as native W&B charts too
     os.replace(tmp, out / "frontier.json")
     if not quiet:
         print(report(summary), flush=True)

@@ -33,8 +33,9 @@ from qpexp.core.accounting import (
 )
 from qpexp.core.prune import ensure_masks
 from qpexp.core.quant import quantize_
+from qpexp.frontier import ACCURACY_STANDS
 from qpexp.io import atomic_write_json, read_json, safe_torch_load
-from qpexp.schema import plain_config, prune_config, quant_config, validate
+from qpexp.schema import ConfigError, plain_config, prune_config, quant_config, validate
 from qpexp.stages import BaselineStage, PruneStage, QATStage
 
 log = logging.getLogger("qpexp")
@@ -366,14 +367,18 @@ class Pipeline:
         record["final/test_acc"] = record[f"{last}/test_acc"]
         record.update(self.last_measure)
         if self.quant_on and c.export.enabled:
-            from qpexp.deploy import deploy
+            from qpexp.deploy import deploy, deploy_status
 
             record.update(deploy(model, dm, self.run_dir / "deploy", c.export, record))
         record["seconds/total"] = time.perf_counter() - t0
-        record["status"] = "ok"
+        record["status"] = status if self.quant_on and c.export.enabled else "ok"
         return record
 
     @torch.no_grad()
+            status, why = deploy_status(record, record["final/test_acc"], c.export.max_acc_diff)
+            if status != "ok":  # the point keeps its accuracy; the status and the reason say what broke
+                record["status_reason"] = why
+                log.warning("%s: %s", status, why)
     def measure(self, model, example, dense_bits: int) -> dict:
         total, rows, other = size_bits(model, detail=True)
         params, nonzero = count_params(model)
@@ -425,7 +430,7 @@ def complete_record(run_dir: Path, cfg: DictConfig) -> dict | None:
         rec = read_json(path)
     except ValueError:
         return None
-    return rec if rec.get("status") == "ok" and rec.get("config_hash") == config_hash(cfg) else None
+    return rec if rec.get("status") in ACCURACY_STANDS and rec.get("config_hash") == config_hash(cfg) else None
 
 
 def write_record(run_dir: Path, record: dict) -> None:
