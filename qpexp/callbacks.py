@@ -32,18 +32,22 @@ class FrontierCallback(Callback):
         self.wandb = wandb
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        """Validate every point (schema and data) before the first one trains; exit 2 on any problem."""
+        """Validate every point (schema and data) before the first one trains; exit 2 on any problem:
+        one ``qpexp: error:`` line, then one line per further invalid point."""
         import sys
 
+        from qpexp.errors import full_error
         from qpexp.sweepcheck import check_sweep
 
-        n, problems = check_sweep(config)
+        n, problems = check_sweep(config, raise_first=full_error())
         if problems:
-            print(
-                f"qpexp: {len(problems)} of {n} sweep points are invalid; nothing was run:", file=sys.stderr
-            )
-            for p in problems:
-                print(f"  - {p}", file=sys.stderr)
+            head = f"qpexp: error: {len(problems)} of {n} sweep points invalid, nothing was run"
+            if len(problems) == 1:
+                print(f"{head}: {problems[0]}", file=sys.stderr)
+            else:
+                print(f"{head}:", file=sys.stderr)
+                for p in problems:
+                    print(f"  - {p}", file=sys.stderr)
             sys.exit(2)
         log.info("sweep: %d points validated", n)
 

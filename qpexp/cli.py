@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import sys
+import os
 from pathlib import Path
 
 import hydra
@@ -68,28 +68,38 @@ def summary_table(record: dict) -> str:
 
 
 def run_job(cfg: DictConfig) -> dict:
-    from qpexp.data import DataError
-    from qpexp.pipeline import Pipeline, base_record, complete_record, write_record
-    from qpexp.schema import ConfigError
-    from qpexp.tracking import make_tracker
+    from qpexp.errors import error_line, is_user_error, report
+    from qpexp.schema import check_data_path, validate
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
-    done = complete_record(run_dir, cfg)
-    if done is not None:
-        log.info("%s: complete record found, nothing to run", run_dir)
-        return done
-    record = base_record(cfg)
     try:
+        check_data_path(validate(cfg).data)  # schema, targets, data file: before Lightning is imported
+        from qpexp.pipeline import Pipeline, base_record, complete_record, write_record
+
+        done = complete_record(run_dir, cfg)
+        if done is not None:
+            log.info("%s: complete record found, nothing to run", run_dir)
+            return done
+        record = base_record(cfg)
         pipeline = Pipeline(cfg, run_dir)
-    except ConfigError as e:
-        if multirun:
-            record.update(status="failed", error=f"ConfigError: {e}")
-            write_record(run_dir, record)
-            return record
-        print(f"qpexp: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        if not multirun:
+            report(e)  # one line, exit 2 (the traceback under HYDRA_FULL_ERROR=1)
+        from qpexp.pipeline import base_record, write_record
+
+        try:
+            record = base_record(cfg)
+        except Exception:  # the config does not even resolve
+            record = {}
+        record.update(status="failed", error=f"{type(e).__name__}: {error_line(e)}")
+        write_record(run_dir, record)
+        return record
+    from qpexp.tracking import make_tracker
+
     name = hc.job.override_dirname or None
     tracker = make_tracker(pipeline.cfg.logger, run_dir, OmegaConf.to_container(pipeline.cfg), name=name)
     pipeline.logger = tracker.logger
@@ -97,15 +107,14 @@ def run_job(cfg: DictConfig) -> dict:
     try:
         record.update(pipeline.run())
         ok = True
-    except (ConfigError, DataError) as e:
-        record.update(status="failed", error=f"{type(e).__name__}: {e}")
-        if not multirun:
-            print(f"qpexp: error: {e}", file=sys.stderr)
-            sys.exit(2)
     except Exception as e:
-        record.update(status="failed", error=f"{type(e).__name__}: {e}")
-        log.exception("run failed")
+        user = is_user_error(e)  # bad data, a model that refuses the data's shape, ...
+        record.update(status="failed", error=f"{type(e).__name__}: {error_line(e) if user else e}")
+        if not user:
+            log.exception("run failed")
         if not multirun:
+            if user:
+                report(e)  # after `finally` has written the record
             raise
     finally:
         write_record(run_dir, record)
@@ -118,8 +127,33 @@ def run_job(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def main(cfg: DictConfig) -> dict:
+def hydra_main(cfg: DictConfig) -> dict:
     return run_job(cfg)
+
+
+def main() -> None:
+    """The ``qpexp`` command: the Hydra app, with config, override and data errors in one line.
+
+    Hydra prints a composition error (an unknown key, group option or override syntax) over several
+    lines, a job's error with its traceback. With ``HYDRA_FULL_ERROR`` set for the call, Hydra
+    re-raises instead, and :func:`qpexp.errors.report` prints ``qpexp: error: ...`` and exits 2,
+    or re-raises for the full traceback when the user set ``HYDRA_FULL_ERROR=1`` themselves.
+    """
+    from qpexp.errors import SAVED_FULL_ERROR, report
+
+    saved = {k: os.environ.get(k) for k in ("HYDRA_FULL_ERROR", SAVED_FULL_ERROR)}
+    os.environ[SAVED_FULL_ERROR] = os.environ.get("HYDRA_FULL_ERROR", "")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        hydra_main()
+    except Exception as e:
+        report(e)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 if __name__ == "__main__":

@@ -15,13 +15,10 @@ import lightning as L
 import numpy as np
 import torch
 
+from qpexp.errors import DataError
 from qpexp.io import atomic_write_bytes
 
 REQUIRED = ("x_train", "y_train", "x_test", "y_test")
-
-
-class DataError(ValueError):
-    """Bad data: the message names the file and the array."""
 
 
 def default_cache_dir() -> Path:

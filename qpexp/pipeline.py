@@ -147,7 +147,12 @@ def fit(module, dm, epochs: int, work_dir: Path, logger, trainer_cfg: dict) -> f
 
 
 def make_model(cfg: DictConfig, dm):
-    return instantiate(cfg.model)(dm.input_shape, dm.num_classes)
+    """The model for the data's sample shape; a builder that refuses it is a config error."""
+    try:
+        return instantiate(cfg.model)(dm.input_shape, dm.num_classes)
+    except (ValueError, TypeError) as e:  # e.g. lenet5 on 1-D signals, an unknown builder option
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith("model") else f"model={cfg.model._target_}: {msg}") from e
 
 
 # -- the pipeline ---------------------------------------------------------------------------------
@@ -370,15 +375,15 @@ class Pipeline:
             from qpexp.deploy import deploy, deploy_status
 
             record.update(deploy(model, dm, self.run_dir / "deploy", c.export, record))
+            status, why = deploy_status(record, record["final/test_acc"], c.export.max_acc_diff)
+            if status != "ok":  # the point keeps its accuracy; the status and the reason say what broke
+                record["status_reason"] = why
+                log.warning("%s: %s", status, why)
         record["seconds/total"] = time.perf_counter() - t0
         record["status"] = status if self.quant_on and c.export.enabled else "ok"
         return record
 
     @torch.no_grad()
-            status, why = deploy_status(record, record["final/test_acc"], c.export.max_acc_diff)
-            if status != "ok":  # the point keeps its accuracy; the status and the reason say what broke
-                record["status_reason"] = why
-                log.warning("%s: %s", status, why)
     def measure(self, model, example, dense_bits: int) -> dict:
         total, rows, other = size_bits(model, detail=True)
         params, nonzero = count_params(model)

@@ -6,18 +6,17 @@ Unknown keys (a typo like ``prune.ration``), wrong types and out-of-range values
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from qpexp.core.prune import PruneConfig
 from qpexp.core.quant import QuantConfig, QuantSpec
-
-
-class ConfigError(ValueError):
-    """A config value that cannot run; the message names the key."""
+from qpexp.errors import ConfigError
 
 
 @dataclass
@@ -113,6 +112,9 @@ class RootSchema:
 def _err(e: OmegaConfBaseException) -> ConfigError:
     key = getattr(e, "full_key", None) or ""
     msg = str(e).split("\n")[0]
+    if isinstance(e, MissingMandatoryValue) or "Missing mandatory value" in msg:  # `???` left unset
+        missing = msg.partition("Missing mandatory value: ")[2].strip() or key  # also via an interpolation
+        return ConfigError(f"config key {missing!r} is required and not set (add {missing}=VALUE)")
     return ConfigError(f"config key {key!r}: {msg}" if key else f"config: {msg}")
 
 
@@ -177,4 +179,49 @@ def validate(cfg: DictConfig) -> DictConfig:
         node = t[key]
         if not isinstance(node, DictConfig) or "_target_" not in node:
             raise ConfigError(f"{key}: needs a config with _target_ (choose one with {key}=NAME)")
+    _check_target("model", t.model)  # imports torch only
+    _check_target("data", t.data)  # the data module imports Lightning: checked last
     return t
+
+
+def check_data_path(data: DictConfig) -> None:
+    """A ``data.path`` that names nothing on disk (unless the source downloads it): refused before
+    the data module (and Lightning) is imported; the data source itself checks the file's content."""
+    path = data.get("path")
+    if path is None or OmegaConf.select(data, "source.download", default=False):
+        return
+    if not Path(str(path)).expanduser().exists():
+        raise ConfigError(f"data.path={str(path)!r}: file not found")
+
+
+def locate(target: str, key: str):
+    """The object a ``_target_`` names (``package.module.attr[.attr]``), or a ConfigError naming ``key``.
+
+    Unlike ``hydra.utils.get_object`` it logs nothing; a module that exists but fails to import
+    (a missing dependency) is reported as such, not as a wrong name.
+    """
+    parts = target.split(".") if isinstance(target, str) else []
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"{key}={target!r} must be a dotted path such as package.module.function")
+    for i in range(len(parts) - 1, 0, -1):
+        mod = ".".join(parts[:i])
+        try:
+            obj = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name and (mod == e.name or mod.startswith(e.name + ".")):
+                continue  # this prefix is no module: try a shorter one
+            raise ConfigError(f"{key}={target!r}: importing {mod} failed ({e})") from e
+        except Exception as e:
+            raise ConfigError(f"{key}={target!r}: importing {mod} failed ({type(e).__name__}: {e})") from e
+        for j, attr in enumerate(parts[i:], start=i):
+            if not hasattr(obj, attr):
+                where = ".".join(parts[:j])
+                raise ConfigError(f"{key}={target!r}: {where} has no attribute {attr!r}")
+            obj = getattr(obj, attr)
+        return obj
+    raise ConfigError(f"{key}={target!r}: no module named {parts[0]!r}")
+
+
+def _check_target(key: str, node: DictConfig) -> None:
+    if not callable(locate(node._target_, f"{key}._target_")):
+        raise ConfigError(f"{key}._target_={node._target_!r} is not callable")

@@ -21,12 +21,13 @@ def sweep_points(config: DictConfig) -> list[list[str]]:
     return [point for batch in BasicSweeper.split_arguments(parsed, None) for point in batch]
 
 
-def check_sweep(config: DictConfig) -> tuple[int, list[str]]:
-    """(number of points, problems). Composition, schema and data errors are all collected."""
+def check_sweep(config: DictConfig, raise_first: bool = False) -> tuple[int, list[str]]:
+    """(number of points, problems): composition, schema and data errors, each as one line naming
+    the point and the key. ``raise_first`` re-raises the first one instead (``HYDRA_FULL_ERROR=1``)."""
     from hydra.core.global_hydra import GlobalHydra
 
-    from qpexp.data import DataError
-    from qpexp.schema import ConfigError, plain_config, validate
+    from qpexp.errors import error_line
+    from qpexp.schema import check_data_path, plain_config, validate
 
     loader = GlobalHydra.instance().config_loader()
     points = sweep_points(config)
@@ -34,14 +35,13 @@ def check_sweep(config: DictConfig) -> tuple[int, list[str]]:
     seen_data: dict[str, str | None] = {}
     for point in points:
         label = " ".join(point) or "(no overrides)"
-        try:
+        try:  # composition (unknown group option, bad override), schema, data path and targets
             cfg = loader.load_sweep_config(config, list(point))
             typed = validate(cfg)
-        except ConfigError as e:
-            problems.append(f"{label}: {e}")
-            continue
-        except Exception as e:  # composition errors: unknown group option, bad override syntax
-            problems.append(f"{label}: {type(e).__name__}: {str(e).splitlines()[0]}")
+        except Exception as e:
+            if raise_first:
+                raise
+            problems.append(f"{label}: {error_line(e)}")
             continue
         key = str(plain_config(cfg).get("data"))
         if key not in seen_data:
@@ -49,9 +49,12 @@ def check_sweep(config: DictConfig) -> tuple[int, list[str]]:
             try:
                 from hydra.utils import instantiate
 
+                check_data_path(typed.data)
                 instantiate(typed.data).prepare()
-            except (DataError, ValueError, OSError) as e:
-                seen_data[key] = str(e)
+            except Exception as e:  # bad arrays, an unreadable file, a bad data option
+                if raise_first:
+                    raise
+                seen_data[key] = error_line(e)
         if seen_data[key]:
             problems.append(f"{label}: {seen_data[key]}")
     return len(points), problems

@@ -187,8 +187,53 @@ def test_bad_multirun_refused_before_any_point_trains(tmp_path, sweep_args, need
     )
     assert proc.returncode != 0, proc.stdout
     assert needle in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.count("qpexp: error:") == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert not list(sweep.glob("*/record.json")) and not (tmp_path / "cache").exists()
     assert time.time() - start < 60
+
+
+# -- one line for each error a newcomer meets ------------------------------------------------------
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["data=npz"], ["'data.path'", "required"]),
+        (["data=npz", "data.path=/nonexistent/x.npz"], ["data.path", "/nonexistent/x.npz", "not found"]),
+        (["baseline.epochs=abc"], ["'baseline.epochs'", "'abc'"]),
+        (["model._target_=qpexp.models.nope"], ["model._target_", "qpexp.models.nope"]),
+        (["prune.criterion=magnitude"], ["prune.criterion", "magnitude"]),
+        (["prune.ration=0.5"], ["prune.ration"]),  # Hydra's own composition errors, too
+        (["data=foo"], ["data/foo", "mnist1d"]),
+        (["quant.bits_w=[4"], ["quant.bits_w=[4"]),
+    ],
+)
+def test_config_error_is_one_line_before_lightning(tmp_path, args, needles):
+    # PYTHONPROFILEIMPORTTIME lists every module imported (on stderr): Lightning must not be among them
+    proc = run_cli(
+        [*args, "logger=none", f"hydra.run.dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}"],
+        cwd=tmp_path,
+        env={"PYTHONPROFILEIMPORTTIME": "1"},
+        check=False,
+    )
+    imports = [ln for ln in proc.stderr.splitlines() if ln.startswith("import time:")]
+    rest = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("import time:")]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(rest) == 1 and rest[0].startswith("qpexp: error: "), rest
+    assert all(n in rest[0] for n in needles), rest[0]
+    assert imports and not any(ln.split("|")[-1].strip().startswith("lightning") for ln in imports)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run" / "record.json").exists()
+
+
+@pytest.mark.parametrize("args", [["data=npz"], ["data=foo"]])
+def test_config_error_traceback_with_hydra_full_error(tmp_path, args):
+    proc = run_cli(
+        [*args, "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
+        env={"HYDRA_FULL_ERROR": "1"},
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "qpexp: error:" not in proc.stderr, proc.stderr[-3000:]
+    assert ("data.path" if args == ["data=npz"] else "data/foo") in proc.stderr
 
 
 # -- W&B without a network -------------------------------------------------------------------------
