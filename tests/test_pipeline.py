@@ -27,10 +27,95 @@ RECORD_KEYS = [
 ]  # fmt: skip
 
 
-def run_pipeline(tmp_path: Path, overrides: list[str]) -> tuple[dict, Pipeline]:
-    cfg = compose([*TINY, f"cache_dir={tmp_path / 'cache'}", "export.enabled=false", *overrides])
+def run_pipeline(tmp_path: Path, overrides: list[str], cache: Path | None = None) -> tuple[dict, Pipeline]:
+    cfg = compose([*TINY, f"cache_dir={cache or tmp_path / 'cache'}", "export.enabled=false", *overrides])
     pipe = Pipeline(cfg, tmp_path / "run")
     return pipe.run(), pipe
+
+
+# -- the final model, rebuilt from what the run saved, and measured here ---------------------------
+PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
+def rebuild_final(rec: dict, pipe: Pipeline):
+    """The run's final model rebuilt from its saved stage files (the last stage's ``model.pt``, the
+    prune stage's channel structure), its data module and the dense model's counts."""
+    from hydra.utils import instantiate
+
+    from qpexp.core.prune import ensure_masks
+    from qpexp.core.prune.channel import restore_structure
+    from qpexp.pipeline import make_model
+    from qpexp.schema import quant_config
+
+    c = pipe.cfg
+    dm = instantiate(c.data)
+    dm.prepare()
+    model = make_model(c, dm)
+    shapes = [m.weight.shape for m in model.modules() if isinstance(m, PRUNABLE)]
+    dense = {
+        "params": sum(p.numel() for p in model.parameters()),
+        "weights": sum(s.numel() for s in shapes),
+        # the most weights one channel takes: its filter and its columns of the next layer
+        "channel_cost": max(a[1:].numel() + b.numel() // a[0] for a, b in zip(shapes, shapes[1:])),
+    }
+    stage = next(s for s in ("qat", "prune", "baseline") if f"artifacts/{s}" in rec)
+    if "artifacts/prune" in rec:
+        structure = safe_torch_load(Path(rec["artifacts/prune"]) / "model.pt").get("structure")
+        if structure:
+            restore_structure(model, structure, dm.splits["val"][0][:1])
+    if stage == "qat":
+        quantize_(model, quant_config(c.quant))
+    state = safe_torch_load(Path(rec[f"artifacts/{stage}"]) / "model.pt")["model"]
+    ensure_masks(model, state)
+    model.load_state_dict(state)
+    return model.eval(), dm, dense
+
+
+@torch.no_grad()
+def measured_test_acc(model, dm) -> float:
+    """Correct argmax predictions over the test split, counted here."""
+    x, y = dm.splits["test"]
+    pred = torch.cat([model(x[i : i + 1000]).argmax(1) for i in range(0, len(x), 1000)])
+    return int((pred == y).sum()) / len(y)
+
+
+def layers(model) -> list[tuple[str, nn.Module, nn.Module | None]]:
+    """(name, conv/linear layer, its weight quantizer or None) in model order."""
+    out, inside = [], set()
+    for name, m in model.named_modules():
+        if isinstance(getattr(m, "layer", None), PRUNABLE) and hasattr(m, "wq"):
+            out.append((name, m.layer, m.wq))
+            inside.add(id(m.layer))
+        elif isinstance(m, PRUNABLE) and id(m) not in inside:
+            out.append((name, m, None))
+    return out
+
+
+def sym_codes(w: np.ndarray, bits: int) -> np.ndarray:
+    """Symmetric per-output-channel min/max codes ``round(w / S)``, ``S = max|w_c| / (2^(b-1) - 1)``
+    (round half to even, ``w / S`` as ``w * (1/S)`` in float32)."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = np.abs(w.reshape(len(w), -1)).max(1) / np.float32(qmax)
+    scale = np.maximum(scale, np.float32(np.finfo(np.float32).tiny) * np.float32(2**24))
+    inv = (np.float32(1) / scale).reshape(-1, *[1] * (w.ndim - 1))
+    return np.clip(np.rint(w * inv), -qmax, qmax)
+
+
+def stored_bits(codes: np.ndarray, bits: int) -> int:
+    """README: the cheapest of dense ``n b``, bitmask ``nnz b + n`` and relative indices
+    ``(nnz + pad) (b + 4)`` (a filler per run of 16 positions without a nonzero), plus a 2-bit flag."""
+    flat = codes.reshape(-1)
+    n, pos = flat.size, np.flatnonzero(flat)
+    gaps = np.diff(pos, prepend=-1)
+    pad = int(((gaps - 1) // 16).sum())
+    return min(n * bits, len(pos) * bits + n, (len(pos) + pad) * (bits + 4)) + 2
+
+
+def test_stored_bits_by_hand():
+    assert stored_bits(np.ones(10), 4) == 40 + 2  # dense
+    assert stored_bits(np.array([1] + [0] * 40 + [1]), 8) == (2 + 2) * 12 + 2  # 2 fillers: gap of 41
+    assert stored_bits(np.array([3, 0] * 20), 8) == 20 * 8 + 40 + 2  # bitmask 200 < relative 20 x 12
+    assert stored_bits(np.array([0] * 15 + [1]), 2) == 1 * 6 + 2  # relative: one entry, gap 16
 
 
 def make_npz(path: Path, shape=(1, 12, 12), n=300, classes=3, **changes) -> Path:
@@ -55,16 +140,33 @@ def make_npz(path: Path, shape=(1, 12, 12), n=300, classes=3, **changes) -> Path
     [["data=mnist1d", "model=cnn1d"], ["data=digits", "model=lenet5"], ["data=digits", "model=lenet300"]],
 )
 def test_end_to_end_each_dataset(tmp_path, data):
+    """The record against the saved final model, measured here: its test accuracy, its size by the
+    README's formula (4-bit symmetric per-channel weights at 50% sparsity, 8-bit asymmetric per-tensor
+    activations), the dense model at 32 bits a parameter, and its zeros."""
     rec, pipe = run_pipeline(tmp_path, data)
     assert rec["status"] == "ok"
     for k in RECORD_KEYS:
         if k not in ("config", "git_sha", "versions"):  # added by the CLI around the pipeline
             assert k in rec, k
-    assert 0.0 <= rec["final/test_acc"] <= 1.0
-    assert rec["final/test_acc"] == rec["qat/test_acc"]
+    model, dm, dense = rebuild_final(rec, pipe)
+    assert rec["final/test_acc"] == measured_test_acc(model, dm)
+    size = zeros = qzeros = 0
+    for _, layer, wq in layers(model):
+        assert wq is not None and wq.bits == 4
+        w = layer.weight.detach().numpy()
+        codes = sym_codes(w, 4)
+        # codes at 4 bits; a weight scale per output channel (Z = 0 is implicit); the activation's
+        # scale and zero point; the bias in float
+        size += stored_bits(codes, 4) + len(w) * 32 + 2 * 32 + layer.bias.numel() * 32
+        zeros += int((w == 0).sum())
+        qzeros += int((codes == 0).sum())
+    assert rec["final/size_bits"] == size
+    assert rec["dense/size_bits"] == 32 * dense["params"]
+    assert rec["final/compression_ratio"] == pytest.approx(32 * dense["params"] / size, rel=1e-12)
+    assert zeros == round(0.5 * dense["weights"])  # global unstructured pruning: exactly round(r N)
+    assert rec["final/sparsity"] == pytest.approx(zeros / dense["weights"], rel=1e-12)
+    assert rec["final/zero_fraction"] == pytest.approx(qzeros / dense["weights"], rel=1e-12)
     assert rec["final/bits_w"] == 4 and rec["final/bits_a"] == 8
-    assert rec["final/compression_ratio"] == pytest.approx(rec["dense/size_bits"] / rec["final/size_bits"])
-    assert rec["final/compression_ratio"] > 4  # 4-bit weights at 50% sparsity
 
 
 def test_npz_images_any_shape(tmp_path):
@@ -153,9 +255,11 @@ def test_same_seed_same_record(tmp_path):
 
 
 def test_stages_switch_off(tmp_path):
-    rec, _ = run_pipeline(tmp_path, ["prune.ratio=0", "quant=none"])
+    rec, pipe = run_pipeline(tmp_path, ["prune.ratio=0", "quant=none"])
     assert "prune/test_acc" not in rec and "qat/test_acc" not in rec
-    assert rec["final/test_acc"] == rec["baseline/test_acc"]
+    model, dm, dense = rebuild_final(rec, pipe)  # the baseline's saved model
+    assert rec["final/test_acc"] == measured_test_acc(model, dm)
+    assert rec["final/size_bits"] == rec["dense/size_bits"] == 32 * dense["params"]
     assert rec["final/compression_ratio"] == 1.0 and rec["final/bits_w"] == 32
     rec, _ = run_pipeline(tmp_path / "b", ["quant.bits_w=32"])
     assert "qat/test_acc" not in rec and rec["final/test_acc"] == rec["prune/test_acc"]
@@ -264,3 +368,82 @@ def test_every_shipped_config_composes_and_validates(choice):
     extra = ["data.path=x.npz"] if choice in ("data=npz", "data=vision") else []
     typed = validate(compose([choice, *extra]))
     assert typed.seed == 0 and typed.data._target_.startswith("qpexp.")
+
+
+# -- every preset runs through the pipeline ---------------------------------------------------------
+RUNNABLE = [c for c in CHOICES if c not in ("data=npz", "data=vision")]  # those two: own tests, own files
+ON_DATA = {"model=lenet5": ["data=digits"], "data=digits": ["model=lenet5"]}  # LeNet-5 takes images
+
+
+@pytest.fixture(scope="module")
+def preset_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("preset_cache")  # one baseline per (data, model) for all presets
+
+
+@pytest.mark.parametrize("choice", RUNNABLE)
+def test_every_preset_runs_through_the_pipeline(tmp_path, preset_cache, choice):
+    """Each preset on a tiny budget; the record checked against the saved final model and the
+    preset's settings: the test accuracy, the pruned count (exactly round(r N) unstructured, within
+    half a channel channelwise), the weight codes (integer multiples of the step at the preset's
+    width, or powers of two for log), PTQ leaving the weights alone."""
+    over = [choice, *ON_DATA.get(choice, [])]
+    if not any("digits" in o for o in over):  # MNIST-1D: 1,000 samples train 3x faster than 5,000
+        over.append("data.source.num_samples=1000")
+    rec, pipe = run_pipeline(tmp_path, over, cache=preset_cache)
+    assert rec["status"] == "ok"
+    c = pipe.cfg
+    model, dm, dense = rebuild_final(rec, pipe)
+    assert rec["final/test_acc"] == measured_test_acc(model, dm)
+    assert rec["dense/params"] == dense["params"] and rec["dense/size_bits"] == 32 * dense["params"]
+    found = layers(model)
+    # pruning: weights removed (zero, or gone with their channel) of the dense model's
+    stored = sum(layer.weight.numel() for _, layer, _ in found)
+    removed = dense["weights"] - sum(int(layer.weight.count_nonzero()) for _, layer, _ in found)
+    assert rec["final/sparsity"] == pytest.approx(removed / dense["weights"], rel=1e-12)
+    ratio = c.prune.ratio
+    if ratio == 0:
+        assert removed == 0 and "artifacts/prune" not in rec
+    else:
+        assert rec["prune/stopped_at_step"] == rec["prune/steps_planned"]  # no budget in any preset
+        goal = round(ratio * dense["weights"])
+        if c.prune.structure == "unstructured":
+            assert removed == goal
+        else:
+            assert stored == dense["weights"] - removed  # physically removed, the rest nonzero
+            assert abs(removed - goal) <= dense["channel_cost"] / 2
+    # quantization: the widths, and the codes of the final weights
+    bits = c.quant.bits_w
+    if bits == 32:
+        assert "artifacts/qat" not in rec and all(wq is None for _, _, wq in found)
+        assert rec["final/bits_w"] == 32
+        return
+    assert rec["final/bits_w"] == bits and rec["final/bits_a"] == c.quant.bits_a
+    assert rec["final/quant_mode"] == ("ptq" if c.quant.epochs == 0 else "qat")
+    qmax = 2 ** (bits - 1) - 1
+    codes = []
+    for name, layer, wq in found:
+        assert wq is not None and wq.bits == bits, name
+        rows = wq(layer.weight).detach().double().reshape(layer.weight.shape[0], -1)
+        rows = rows[rows.abs().amax(1) > 0]  # a fully pruned row has no step to read
+        if c.quant.scheme == "log":  # sign x 2^k, at most 2^(b-1) - 1 exponents per channel
+            mags = rows.abs()
+            assert bool((torch.frexp(mags[mags > 0])[0] == 0.5).all()), name
+            assert max(len(torch.unique(r[r > 0])) for r in mags) <= qmax, name
+            continue
+        if c.quant.range == "lsq":  # the learned step of each channel
+            step = (
+                wq.scale.detach()
+                .double()
+                .reshape(-1)[layer.weight.abs().reshape(len(layer.weight), -1).amax(1) > 0]
+            )
+        else:  # min/max: the largest weight of each channel is the top code
+            step = rows.abs().amax(1) / qmax
+        q = rows / step.reshape(-1, 1)
+        assert float((q - q.round()).abs().max()) < 1e-3 and float(q.abs().max()) <= qmax + 1e-3, name
+        codes.append(q.round().reshape(-1))
+    if codes:  # more distinct codes than one bit fewer could give
+        assert len(torch.unique(torch.cat(codes))) > 2 ** (bits - 1) - 1
+    if c.quant.epochs == 0:  # PTQ: the latent weights are the input model's, bit for bit
+        before = safe_torch_load(Path(rec["artifacts/prune" if ratio else "artifacts/baseline"]) / "model.pt")
+        for name, layer, _ in found:
+            assert torch.equal(layer.weight, before["model"][f"{name}.weight"]), name
