@@ -352,8 +352,10 @@ def test_onnx_qdq_graph_and_integer_kernels(tmp_path):
     assert inits["conv2_wq"].data_type == onnx.TensorProto.UINT8
     assert inits["conv2_a_zero"].data_type == onnx.TensorProto.UINT8
     conv2 = dict(quant_layers(model))["conv2"]
-    codes = torch.round(conv2.layer.weight / conv2.wq.scale.reshape(-1, 1, 1)).clamp(-127, 127)
-    np.testing.assert_array_equal(onnx.numpy_helper.to_array(inits["conv2_wq"]), codes.numpy() + 128)
+    w = conv2.layer.weight.detach().numpy()
+    scale = np.abs(w).reshape(len(w), -1).max(1).astype(np.float32) / np.float32(127)  # symmetric per channel
+    codes = np.clip(np.rint(w * (np.float32(1) / scale)[:, None, None]), -127, 127)
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(inits["conv2_wq"]), codes + 128)
     np.testing.assert_array_equal(onnx.numpy_helper.to_array(inits["conv2_w_zero"]), np.full(len(codes), 128))
     assert info["simulated"] == []
     ort_session(qm, 1, tmp_path / "opt.onnx")
