@@ -613,6 +613,10 @@ def log_wandb(rows, cols, summary, png: Path, out_dir: Path, wb: dict) -> str | 
                 ),
             }
         )
+        if wb.get("view"):  # per-front means coloured by bits / by front, one line per front
+            from qpexp.wandb_views import frontier_charts
+
+            run.log(frontier_charts(wb["view"]))
         run.summary.update(
             {f"frontier/{k}": v for k, v in summary.items() if isinstance(v, (int, float, str, dict))}
         )
@@ -703,9 +707,13 @@ def write_frontier(
         if r["point"] == "run" and r["status"] != "ok"
     ]
     summary["files"] = {"csv": str(out / "frontier.csv"), "png": str(png)}
+    from qpexp.dashboard import write_html
+
+    view = write_html(out, summary, reference, title)  # frontier.html (interactive, self-contained)
     wb = _wandb_settings(rows, out, wandb)
     if wb is not None:
         wb["dirs"] = [str(d) for d in dirs]
+        wb["view"] = view  # the fronts drawn on the page, logged as native W&B charts too
         try:
             wb_summary = {**_scalars(summary), "hv_reference_point": summary.get("hv_reference_point")}
             summary["files"]["wandb"] = log_wandb(rows, cols, wb_summary, png, out, wb)
@@ -713,7 +721,6 @@ def write_frontier(
             warnings.warn(f"frontier W&B run failed: {e}", stacklevel=2)
     tmp = out / "frontier.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2, default=str))
-        wb["view"] = view  # the fronts drawn on the page, logged as native W&B charts too
     os.replace(tmp, out / "frontier.json")
     if not quiet:
         print(report(summary), flush=True)
