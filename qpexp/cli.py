@@ -101,7 +101,10 @@ def run_job(cfg: DictConfig) -> dict:
     from qpexp.tracking import make_tracker
 
     name = hc.job.override_dirname or None
-    tracker = make_tracker(pipeline.cfg.logger, run_dir, OmegaConf.to_container(pipeline.cfg), name=name)
+    sweep = Path(hc.sweep.dir).name if multirun else None  # the W&B group unless logger.group is set
+    tracker = make_tracker(
+        pipeline.cfg.logger, run_dir, OmegaConf.to_container(pipeline.cfg), name=name, sweep=sweep
+    )
     pipeline.logger = tracker.logger
     ok = False
     try:

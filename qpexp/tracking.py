@@ -97,7 +97,12 @@ def wandb_init(
         return wandb.init(mode="offline", settings=wandb.Settings(silent=True), **kwargs)
 
 
-def make_tracker(logger_cfg, run_dir: Path, config: dict, name: str | None = None) -> Tracker:
+def make_tracker(
+    logger_cfg, run_dir: Path, config: dict, name: str | None = None, sweep: str | None = None
+) -> Tracker:
+    """``sweep``: the sweep folder's name in a multirun: the W&B group unless ``logger.group`` is set
+    (the frontier run of that folder lands in the same group). W&B runs get the point's config axes
+    as top-level config keys (``bits_w``, ``ratio``, ``scope``, ...; :func:`qpexp.wandb_views.point_axes`)."""
     kind = (logger_cfg or {}).get("kind", "none") if logger_cfg is not None else "none"
     if kind == "none":
         return Tracker("none", run_dir)
@@ -108,13 +113,16 @@ def make_tracker(logger_cfg, run_dir: Path, config: dict, name: str | None = Non
     if kind == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
+        from qpexp.wandb_views import point_axes
+
+        group = logger_cfg.get("group") or sweep
         run = wandb_init(
             run_dir,
             project=logger_cfg.get("project") or "qpexp",
-            group=logger_cfg.get("group"),
+            group=group,
             job_type=logger_cfg.get("job_type") or "pipeline",
             name=name,
-            config=config,
+            config={**point_axes(config, group), **config},
             mode=logger_cfg.get("mode"),
             tags=list(logger_cfg.get("tags") or []),
             init_timeout=float(logger_cfg.get("init_timeout") or 20),
