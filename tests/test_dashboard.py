@@ -272,7 +272,6 @@ def _chromium():
     exe = Chromium.find()
     if exe is None:
         pytest.skip("no chromium on this machine (Debian: apt-get install chromium; .ci/run installs it)")
-    pytest.importorskip("websocket", reason="websocket-client (the dev extra) drives chromium")
     return Chromium(exe, width=1400, height=1000, timeout=120)
 
 
