@@ -671,9 +671,10 @@ function draw(kind, el, height) {
   const t = traces(kind);
   const div = document.getElementById(el);
   if (!t.data.length) {
-    div.innerHTML = `<div class="note" style="padding:20px">no ${kind === "latency" ?
-      "measured latency (deploy/onnx_latency_ms) in these records: export was off" :
-      "BOPs (final/bops) in these records"}</div>`;
+    const why = {ratio: "point with an accuracy yet (every point failed or is missing)",
+                 bops: "BOPs (final/bops) in these records",
+                 latency: "measured latency (deploy/onnx_latency_ms) in these records: export was off"};
+    div.innerHTML = `<div class="note" style="padding:20px">no ${why[kind]}</div>`;
     div.style.height = "auto";
     return false;
   }
