@@ -273,15 +273,9 @@ def _weight(op, name, quantized, info, inits, nodes, const) -> str:
 
 
 def _dequant_linear(w: dict) -> np.ndarray:
-    shape = [1] * len(w["shape"])
-    shape[w["ch_axis"]] = -1
-    scale = w["scale"].astype(np.float32).reshape(shape if w["per_channel"] else [])
-    zero = (
-        0
-        if w.get("zero_point") is None
-        else w["zero_point"].astype(np.float32).reshape(shape if w["per_channel"] else [])
-    )
-    return ((w["codes"].astype(np.float32) - zero) * scale).astype(np.float32)
+    from qpexp.core.quant.export import dequantize_linear  # the one definition (the integer model's too)
+
+    return dequantize_linear(w)
 
 
 def ort_session(

@@ -31,6 +31,7 @@ from qpexp.core.accounting import (
     size_bits,
     zero_fraction,
 )
+from qpexp.core.modules import clone_state
 from qpexp.core.prune import ensure_masks
 from qpexp.core.quant import quantize_
 from qpexp.frontier import ACCURACY_STANDS
@@ -248,7 +249,7 @@ class Pipeline:
                     "epochs": epochs,
                     **getattr(module, "stage_meta", lambda: {})(),
                 }
-                state = {"model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+                state = {"model": clone_state(model)}
                 state.update(getattr(module, "stage_state", lambda: {})())
                 entry.save(state, meta)
                 for f in entry.work.glob("*.ckpt"):

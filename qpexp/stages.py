@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from qpexp.core.accounting import layer_sparsity, sparsity
+from qpexp.core.modules import clone_state
 from qpexp.core.prune import MaskKeeper, PruneConfig, ensure_masks, make_criterion, prune_step, schedule
 from qpexp.core.prune.criteria.taylor import weight_grads
 from qpexp.core.prune.masks import strip_masks
@@ -22,10 +23,6 @@ from qpexp.core.prune.masks import strip_masks
 
 class DivergenceError(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-def _state(model: torch.nn.Module) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 class Stage(L.LightningModule):
@@ -106,7 +103,11 @@ class Stage(L.LightningModule):
 
     def epoch_end(self, val_acc: float) -> None:
         if val_acc > self.best_val:
-            self.best_val, self.best_epoch, self.best_state = val_acc, self.current_epoch, _state(self.model)
+            self.best_val, self.best_epoch, self.best_state = (
+                val_acc,
+                self.current_epoch,
+                clone_state(self.model),
+            )
 
     def select_best(self) -> None:
         if self.best_state is not None:
@@ -152,12 +153,12 @@ class BaselineStage(Stage):
     def __init__(self, *args, rewind_epoch: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
         self.rewind_epoch = rewind_epoch
-        self.rewind = {"init": _state(self.model)}
+        self.rewind = {"init": clone_state(self.model)}
 
     def epoch_end(self, val_acc: float) -> None:
         super().epoch_end(val_acc)
         if self.current_epoch + 1 == self.rewind_epoch:
-            self.rewind["epoch"] = _state(self.model)
+            self.rewind["epoch"] = clone_state(self.model)
 
     def extra_state(self) -> dict:
         return {**super().extra_state(), "rewind": self.rewind}
@@ -205,7 +206,7 @@ class PruneStage(Stage):
         self.targets = schedule(prune.schedule, prune.ratio, prune.steps)
         self.criterion = make_criterion(prune)
         self.pruner = pruner or prune_step
-        self.start_state = _state(self.model)  # the unpruned model, kept when no step is within budget
+        self.start_state = clone_state(self.model)  # the unpruned model, kept when no step is within budget
         self.step_best: dict[int, tuple[float, dict, int]] = {}  # step -> (val acc, state, epoch)
         self.done_step = -1  # last pruning step applied
         self.stop_reason = "target reached"
@@ -283,7 +284,7 @@ class PruneStage(Stage):
             return
         best = self.step_best.get(step)
         if best is None or val_acc > best[0]:
-            self.step_best[step] = (val_acc, _state(self.model), self.current_epoch)
+            self.step_best[step] = (val_acc, clone_state(self.model), self.current_epoch)
         last_epoch_of_step = (self.current_epoch + 1) % self.finetune_epochs == 0
         if self.max_acc_drop is not None and last_epoch_of_step and self.cfg.schedule != "agp":
             if not self.within_budget(self.step_best[step][0]):

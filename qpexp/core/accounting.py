@@ -19,10 +19,13 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
-from qpexp.core.prune.masks import PRUNABLE, get_mask
+from qpexp.core.modules import CONV_LINEAR
+from qpexp.core.prune.masks import get_mask
+from qpexp.core.quant.layers import is_quant_layer
 
 FLOAT_BITS = 32
 INDEX_BITS = 4
@@ -63,10 +66,10 @@ def layer_views(model: nn.Module) -> list[LayerView]:
     """Every conv/linear layer with its weight and input quantizers (None when in float)."""
     views, wrapped = [], set()
     for name, m in model.named_modules():
-        if hasattr(m, "wq") and hasattr(m, "aq") and isinstance(getattr(m, "layer", None), PRUNABLE):
+        if is_quant_layer(m) and isinstance(m.layer, CONV_LINEAR):
             views.append(LayerView(name, m.layer, m.wq, m.aq, m))
             wrapped.add(id(m.layer))
-        elif isinstance(m, PRUNABLE) and id(m) not in wrapped:
+        elif isinstance(m, CONV_LINEAR) and id(m) not in wrapped:
             views.append(LayerView(name, m, None, None, m))
     return views
 
@@ -81,24 +84,45 @@ def unique_views(model: nn.Module) -> list[LayerView]:
     return out
 
 
-def relative_index_padding(w: torch.Tensor, index_bits: int = INDEX_BITS) -> int:
-    """Filler entries needed when gaps between nonzeros are stored in ``index_bits`` bits."""
-    pos = torch.nonzero(w.reshape(-1)).reshape(-1)
-    if pos.numel() == 0:
-        return 0
-    gaps = torch.diff(pos, prepend=torch.tensor([-1]))
-    return int(((gaps - 1) // (2**index_bits)).sum())
+# -- the storage layouts: the one definition, used here to count and by the integer export to write ---
+def relative_entries(keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Deep Compression relative indexing of the kept positions of a flat mask.
+
+    Returns (gap index per entry in ``[0, 15]``, flat position per entry). An entry ``d`` says
+    "skip ``d`` positions, then one stored value"; a run of ``d >= 16`` positions without a kept
+    one takes ``d // 16`` filler entries (each ``d = 15`` with the zero code as its value).
+    """
+    pos = np.flatnonzero(keep)
+    if pos.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    span = 2**INDEX_BITS
+    d = np.diff(pos, prepend=-1) - 1
+    fillers = d // span
+    reps = fillers + 1
+    entry_d = np.full(int(reps.sum()), span - 1, np.int64)
+    last = np.cumsum(reps) - 1  # the real entry closes each group
+    entry_d[last] = d - fillers * span
+    entry_pos = np.cumsum(entry_d + 1) - 1
+    return entry_d, entry_pos
+
+
+def relative_index_padding(w: torch.Tensor) -> int:
+    """Filler entries :func:`relative_entries` needs for the nonzeros of ``w``."""
+    keep = (w.detach().reshape(-1) != 0).cpu().numpy()
+    return int(relative_entries(keep)[0].size - keep.sum())
+
+
+def layout_bits(n: int, nnz: int, n_entries: int, bits: int) -> dict[str, int]:
+    """Payload bits of each layout (format flag excluded) for ``n`` positions, ``nnz`` stored values
+    at ``bits`` bits and ``n_entries`` relative-index entries (stored values plus fillers)."""
+    return {"dense": n * bits, "bitmask": nnz * bits + n, "relative": n_entries * (bits + INDEX_BITS)}
 
 
 def tensor_bits(w: torch.Tensor, bits: int) -> dict:
     """Storage of one compressed weight tensor: the cheapest format, plus the format flag."""
     n = w.numel()
     nnz = int(torch.count_nonzero(w))
-    options = {
-        "dense": n * bits,
-        "bitmask": nnz * bits + n,
-        "relative": (nnz + relative_index_padding(w)) * (bits + INDEX_BITS),
-    }
+    options = layout_bits(n, nnz, nnz + relative_index_padding(w), bits)
     fmt = min(options, key=options.get)
     return {"bits": options[fmt] + FLAG_BITS, "format": fmt, "n": n, "nnz": nnz}
 

@@ -50,11 +50,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from qpexp.core.modules import CONV, CONV_LINEAR
 from qpexp.core.prune.criteria import Target
-from qpexp.core.prune.masks import PRUNABLE, prunable_layers, strip_masks
+from qpexp.core.prune.masks import prunable_layers, strip_masks
 from qpexp.core.prune.unstructured import keep_minimum
-
-CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclass
@@ -96,7 +95,7 @@ def _feeds_output(node, seen: set | None = None) -> bool:
         if id(o) in seen:
             continue
         seen.add(id(o))
-        if isinstance(o.module, PRUNABLE):
+        if isinstance(o.module, CONV_LINEAR):
             continue  # consumed by the next layer: its input columns are pruned with it
         if _feeds_output(o, seen):
             return True
@@ -105,7 +104,7 @@ def _feeds_output(node, seen: set | None = None) -> bool:
 
 def _param_slices(module, handler_name: str) -> list[tuple[str, int]]:
     """Which parameters of ``module`` a Torch-Pruning handler slices, and along which dim."""
-    if isinstance(module, PRUNABLE):
+    if isinstance(module, CONV_LINEAR):
         if isinstance(module, CONV) and module.groups != 1:
             raise NotImplementedError(f"channel pruning of grouped convolutions ({module}) is not supported")
         if "out" in handler_name:
@@ -129,10 +128,10 @@ def groups(model: nn.Module, example: torch.Tensor, graph=None) -> list[Group]:
     layer_names = {id(m): n for n, m in prunable_layers(model)}
     order = {n: i for i, n in enumerate(names.values())}
     out = []
-    for g in dg.get_all_groups(root_module_types=PRUNABLE):
+    for g in dg.get_all_groups(root_module_types=CONV_LINEAR):
         root = g[0].dep.target.module
         members = [it.dep.target for it in g if dg.is_out_channel_pruning_fn(it.dep.handler)]
-        if any(isinstance(nd.module, PRUNABLE) and _feeds_output(nd) for nd in members):
+        if any(isinstance(nd.module, CONV_LINEAR) and _feeds_output(nd) for nd in members):
             continue  # the classifier (or a layer coupled to it): its outputs are the model's outputs
         n = dg.get_out_channels(root)
         grp = Group(names[root], root, n, [[] for _ in range(n)])

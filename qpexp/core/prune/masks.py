@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+from qpexp.core.modules import CONV_LINEAR
 
 
 def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -13,7 +13,7 @@ def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     dropped)."""
     out = []
     for name, m in model.named_modules():
-        if isinstance(m, PRUNABLE):
+        if isinstance(m, CONV_LINEAR):
             out.append((name[: -len(".layer")] if name.endswith(".layer") else name, m))
     return out
 

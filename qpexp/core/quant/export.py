@@ -52,13 +52,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qpexp.core.accounting import FLAG_BITS, INDEX_BITS
+from qpexp.core.accounting import FLAG_BITS, INDEX_BITS, layout_bits, relative_entries
+from qpexp.core.modules import CONV, CONV_LINEAR
+from qpexp.core.quant.layers import is_quant_layer
 from qpexp.core.quant.linear import LinearQuantizer
 from qpexp.core.quant.log import CompandingQuantizer, Pow2Quantizer, _bcast
 from qpexp.core.quant.spec import QuantSpec
 
 FORMAT = "qpexp.intmodel/1"
-CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 LOG_SCHEMES = {"log": Pow2Quantizer, "companding": CompandingQuantizer}
 EXACT_INT = 2**53  # float64 holds every integer below this exactly
 
@@ -165,11 +166,11 @@ def model_ir(model: nn.Module, quantized: bool = True) -> list[dict]:
     ops = []
     for name, m in _flat_children(model):
         layer, wq, aq = m, None, None
-        if hasattr(m, "layer") and hasattr(m, "wq") and hasattr(m, "aq"):
+        if is_quant_layer(m):
             layer, wq, aq = m.layer, m.wq, m.aq
             if not quantized:
                 wq = aq = None
-        if isinstance(layer, (*CONV, nn.Linear)):
+        if isinstance(layer, CONV_LINEAR):
             op = {"name": name, "op": type(layer).__name__}
             if isinstance(layer, CONV):
                 if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
@@ -253,30 +254,17 @@ def unpack_bits(buf: np.ndarray, bits: int, count: int) -> np.ndarray:
     return (planes << np.arange(bits)).sum(1)
 
 
-def relative_entries(keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Deep Compression relative indexing of the kept positions of a flat mask.
-
-    Returns (gap index per entry in ``[0, 15]``, flat position per entry). An entry ``d`` says
-    "skip ``d`` positions, then one stored value"; a run of ``d >= 16`` positions without a kept
-    one takes ``d // 16`` filler entries (each ``d = 15`` with the zero code as its value).
-    """
-    pos = np.flatnonzero(keep)
-    if pos.size == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    span = 2**INDEX_BITS
-    d = np.diff(pos, prepend=-1) - 1
-    fillers = d // span
-    reps = fillers + 1
-    entry_d = np.full(int(reps.sum()), span - 1, np.int64)
-    last = np.cumsum(reps) - 1  # the real entry closes each group
-    entry_d[last] = d - fillers * span
-    entry_pos = np.cumsum(entry_d + 1) - 1
-    return entry_d, entry_pos
-
-
-def layout_bits(n: int, nnz: int, n_entries: int, bits: int) -> dict[str, int]:
-    """Payload bits of each layout, as :func:`qpexp.core.accounting.tensor_bits` counts them."""
-    return {"dense": n * bits, "bitmask": nnz * bits + n, "relative": n_entries * (bits + INDEX_BITS)}
+def dequantize_linear(w: dict) -> np.ndarray:
+    """A linear-quantized weight's values from its IR (:func:`model_ir`): ``(q - Z) * S`` in float32,
+    per tensor or per output channel; the fake-quantize kernel's arithmetic, so bit for bit the
+    weight the fake-quantized model computes with."""
+    shape = [1] * len(w["shape"])
+    shape[w.get("ch_axis", 0)] = -1
+    bshape = shape if w["per_channel"] else []
+    scale = np.asarray(w["scale"], np.float32).reshape(bshape)
+    zp = w.get("zero_point")
+    zero = np.float32(0) if zp is None else np.asarray(zp).astype(np.float32).reshape(bshape)
+    return ((np.asarray(w["codes"]).astype(np.float32) - zero) * scale).astype(np.float32)
 
 
 def _zero_codes(ir: dict) -> np.ndarray:
@@ -594,8 +582,7 @@ class IntegerLayer(nn.Module):
                 )
                 self.register_buffer("w_scale", scale)
                 self.register_buffer("w_zero", zero)
-                # the fused kernel's dequantization: (q - Z) * S in float
-                self.register_buffer("w_hat", (codes.float() - zero) * scale)
+                self.register_buffer("w_hat", t(dequantize_linear(w)))
             else:
                 self.wlog = _log_quantizer(w, True, shape[0])
                 m = t(w["max_abs"]).float()

@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qpexp.core.modules import CONV, CONV_LINEAR
 from qpexp.core.quant.spec import SCHEMES, QuantConfig, QuantSpec
 from qpexp.core.resolve import resolve
-
-QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 class QuantLayer(nn.Module):
@@ -36,6 +35,11 @@ class QuantLayer(nn.Module):
         return self.layer._conv_forward(x, w, self.layer.bias)
 
 
+def is_quant_layer(m: nn.Module) -> bool:
+    """Whether ``m`` is a quantization wrapper (its conv/linear under ``.layer``, quantizers ``wq``, ``aq``)."""
+    return isinstance(m, QuantLayer)
+
+
 def make_quantizer(spec: QuantSpec, is_weight: bool, channels: int = 1) -> nn.Module | None:
     if not spec.enabled:
         return None
@@ -45,7 +49,7 @@ def make_quantizer(spec: QuantSpec, is_weight: bool, channels: int = 1) -> nn.Mo
 
 def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Conv/linear layers in forward-definition order (first and last are the ends of this list)."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, CONV_LINEAR)]
 
 
 def fold_batchnorm_(model: nn.Module) -> int:
@@ -58,8 +62,7 @@ def fold_batchnorm_(model: nn.Module) -> int:
         names = list(seq._modules)
         for a, b in zip(names, names[1:]):
             conv, bn = seq._modules[a], seq._modules[b]
-            is_conv = isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
-            if not (is_conv and isinstance(bn, nn.modules.batchnorm._BatchNorm)):
+            if not (isinstance(conv, CONV) and isinstance(bn, nn.modules.batchnorm._BatchNorm)):
                 continue
             with torch.no_grad():
                 std = torch.sqrt(bn.running_var + bn.eps)
