@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from qpexp.core.quant.export import convert, load, load_ops, package_stats
+from qpexp.core.quant.layers import is_quant_layer
 
 FILE_NAME = "model.qpx.npz"
 INTEGER_OPS = {
@@ -331,7 +332,7 @@ def _roundtrip(model, path: Path, x: torch.Tensor, y: torch.Tensor, batch: int) 
     float rounding; an activation code can flip where a value sits on a rounding edge)."""
     exact = load(path, arithmetic="float")
     integer = load(path, arithmetic="integer")
-    wrappers = [m for m in model.modules() if hasattr(m, "layer") and hasattr(m, "wq") and hasattr(m, "aq")]
+    wrappers = [m for m in model.modules() if is_quant_layer(m)]
     codes_equal = True
     for wrapper, layer in zip(wrappers, exact.integer_layers()):
         if wrapper.wq is not None:
