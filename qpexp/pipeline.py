@@ -228,7 +228,7 @@ class Pipeline:
         example = self.example = dm.splits["val"][0][:1]
         self.dense_bits = size_bits(model)
         # dense prunable weights per layer: sparsity counts physically removed channels as pruned
-        self.dense_weights = {v.name: v.layer.weight.numel() for v in layer_views(model)}
+        self.dense_weights = {v.name: v.weight.numel() for v in layer_views(model)}
         record: dict = {"status": "running", "seed": c.seed, "threads": threads}
         record["dense/params"] = count_params(model)[0]
         record["dense/macs"] = model_macs(model, example)["macs"]
@@ -321,10 +321,10 @@ class Pipeline:
         views = layer_views(model)
         bw = {v.bits_w for v in views}
         ba = {v.bits_a for v in views}
-        weights = {v.name: v.layer.weight.numel() for v in views}
+        weights = {v.name: v.weight.numel() for v in views}
         n = sum(weights.values())
         dense = getattr(self, "dense_weights", None) or weights
-        nnz = {v.name: int(v.layer.weight.count_nonzero()) for v in views}
+        nnz = {v.name: int(v.weight.count_nonzero()) for v in views}
         out = {
             "final/sparsity": 1 - sum(nnz.values()) / max(sum(dense.values()), 1),
             "final/params": params,

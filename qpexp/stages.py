@@ -16,7 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from qpexp.core.accounting import layer_sparsity, sparsity
 from qpexp.core.prune import MaskKeeper, PruneConfig, ensure_masks, make_criterion, prune_step, schedule
-from qpexp.core.prune.masks import prunable_layers, strip_masks
+from qpexp.core.prune.masks import prunable_weights, strip_masks
 
 
 class DivergenceError(RuntimeError):
@@ -215,7 +215,8 @@ class PruneStage(Stage):
     def _grads(self) -> dict[str, list[torch.Tensor]] | None:
         if not getattr(self.criterion, "needs_grads", False):
             return None
-        grads: dict[str, list[torch.Tensor]] = {n: [] for n, _ in prunable_layers(self.model)}
+        weights = prunable_weights(self.model)
+        grads: dict[str, list[torch.Tensor]] = {n: [] for n, _, _ in weights}
         loader = self.trainer.datamodule.loader("train", shuffle=True)
         with torch.enable_grad():
             for i, (x, y) in enumerate(loader):
@@ -223,8 +224,11 @@ class PruneStage(Stage):
                     break
                 self.model.zero_grad(set_to_none=True)
                 F.cross_entropy(self.model(x), y).backward()
-                for n, m in prunable_layers(self.model):
-                    grads[n].append(m.weight.grad.detach().clone())
+                for n, m, pname in weights:
+                    g = getattr(m, pname).grad
+                    grads[n].append(
+                        g.detach().clone() if g is not None else torch.zeros_like(getattr(m, pname))
+                    )
         self.model.zero_grad(set_to_none=True)
         return grads
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qpexp.core.prune.masks import PRUNABLE, get_mask
+from qpexp.core.prune.masks import PRUNABLE, get_mask, is_raw_weight
 
 FLOAT_BITS = 32
 INDEX_BITS = 4
@@ -34,6 +34,16 @@ class LayerView:
     wq: nn.Module | None
     aq: nn.Module | None
     owner: nn.Module  # the module whose forward computes this layer (a quantization wrapper or the layer)
+    param: str = "weight"  # the weight's parameter name on ``layer`` (``in_proj_weight`` for attention)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return getattr(self.layer, self.param)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The bias added to this weight's product (``in_proj_bias`` for ``in_proj_weight``)."""
+        return getattr(self.layer, self.param.replace("weight", "bias"), None)
 
     @property
     def bits_w(self) -> int:
@@ -46,7 +56,7 @@ class LayerView:
     @torch.no_grad()
     def effective_weight(self) -> torch.Tensor:
         """The weight the model computes with: masked, and fake-quantized if quantized."""
-        w = self.layer.weight.detach()
+        w = self.weight.detach()
         if self.wq is None:
             return w
         was = self.wq.training
@@ -58,14 +68,20 @@ class LayerView:
 
 
 def layer_views(model: nn.Module) -> list[LayerView]:
-    """Every conv/linear layer with its weight and input quantizers (None when in float)."""
+    """Every conv/linear layer with its weight and input quantizers (None when in float), then every
+    raw weight matrix (attention ``in_proj_weight``, ...; see :func:`prunable_weights`)."""
     views, wrapped = [], set()
     for name, m in model.named_modules():
         if hasattr(m, "wq") and hasattr(m, "aq") and isinstance(getattr(m, "layer", None), PRUNABLE):
             views.append(LayerView(name, m.layer, m.wq, m.aq, m))
             wrapped.add(id(m.layer))
-        elif isinstance(m, PRUNABLE) and id(m) not in wrapped:
-            views.append(LayerView(name, m, None, None, m))
+        elif isinstance(m, PRUNABLE):
+            if id(m) not in wrapped:
+                views.append(LayerView(name, m, None, None, m))
+        else:
+            for pname, p in m._parameters.items():
+                if is_raw_weight(pname, p):
+                    views.append(LayerView(f"{name}.{pname}" if name else pname, m, None, None, m, pname))
     return views
 
 
@@ -103,7 +119,7 @@ def size_bits(model: nn.Module, detail: bool = False):
     total, rows, counted = 0, {}, set()
     for v in layer_views(model):
         w = v.effective_weight()
-        compressed = v.wq is not None or get_mask(v.layer) is not None
+        compressed = v.wq is not None or get_mask(v.layer, v.param) is not None
         if compressed:
             t = tensor_bits(w, v.bits_w)
         else:
@@ -114,10 +130,10 @@ def size_bits(model: nn.Module, detail: bool = False):
                 "nnz": int(w.count_nonzero()),
             }
         qbits = _quantizer_bits(v.wq) + _quantizer_bits(v.aq)
-        bias = v.layer.bias.numel() * FLOAT_BITS if v.layer.bias is not None else 0
+        bias = v.bias.numel() * FLOAT_BITS if v.bias is not None else 0
         rows[v.name] = {**t, "weight_bits": t["bits"], "qparam_bits": qbits, "bias_bits": bias}
         total += t["bits"] + qbits + bias
-        counted.update({id(v.layer.weight), id(v.layer.bias)})
+        counted.update({id(v.weight), id(v.bias)})
     counted.update(id(p) for n, p in model.named_parameters() if ".wq." in n or ".aq." in n)
     other = sum(p.numel() for p in model.parameters() if id(p) not in counted)
     other += sum(b.numel() for n, b in model.named_buffers() if _is_model_state_buffer(n))
@@ -138,14 +154,14 @@ def sparsity(model: nn.Module) -> float:
     """Fraction of prunable weights (conv/linear) that are exactly zero in the model's weights."""
     zeros = total = 0
     for v in layer_views(model):
-        zeros += int((v.layer.weight == 0).sum())
-        total += v.layer.weight.numel()
+        zeros += int((v.weight == 0).sum())
+        total += v.weight.numel()
     return zeros / max(total, 1)
 
 
 @torch.no_grad()
 def layer_sparsity(model: nn.Module) -> dict[str, float]:
-    return {v.name: float((v.layer.weight == 0).float().mean()) for v in layer_views(model)}
+    return {v.name: float((v.weight == 0).float().mean()) for v in layer_views(model)}
 
 
 @torch.no_grad()
@@ -160,30 +176,73 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     return total, nonzero
 
 
+def _tokens(x: torch.Tensor, batch_first: bool) -> int:
+    """Sequence length of one attention input: (N, L, E) if batch_first else (L, N, E); (L, E) unbatched."""
+    return x.shape[1] if x.dim() == 3 and batch_first else x.shape[0]
+
+
+def _attention_macs(mod: nn.Module, name: str, inp, views: dict, names: dict, per_layer: dict) -> None:
+    """An attention module (``nn.MultiheadAttention`` or a head-pruned one): its input projections,
+    its two attention matmuls (``<name>.matmul``) and, for ``nn.MultiheadAttention`` whose
+    ``out_proj`` is never called as a module, the output projection."""
+    first = bool(getattr(mod, "batch_first", False))
+    lq, lk, lv = (_tokens(t, first) for t in inp[:3])
+    inner = 0
+    for pname, v in views.items():
+        w = v.weight
+        if pname == "in_proj_weight":  # packed q, k, v rows
+            inner = w.shape[0] // 3
+            per_layer[v.name] = inner * w.shape[1] * (lq + lk + lv)
+        else:
+            per_layer[v.name] = (
+                w.numel() * {"q_proj_weight": lq, "k_proj_weight": lk, "v_proj_weight": lv}[pname]
+            )
+            inner = w.shape[0] if pname == "q_proj_weight" else inner
+    if inner:
+        per_layer[f"{name}.matmul"] = 2 * lq * lk * inner  # Q K^T and A V
+    out = getattr(mod, "out_proj", None)
+    if isinstance(mod, nn.MultiheadAttention) and id(out) in names:
+        per_layer[names[id(out)]] = lq * out.in_features * out.out_features
+
+
+ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
 @torch.no_grad()
 def model_macs(model: nn.Module, example: torch.Tensor) -> dict:
-    """Dense MACs per sample of every conv/linear layer, total MACs and BOPs.
+    """Dense MACs per sample of every conv/linear layer and attention projection, total MACs and BOPs.
 
-    BOPs = sum over layers of MACs x weight bits x input activation bits (32 when in float).
-    Unstructured zeros do not reduce MACs (no sparse kernel is assumed); physically removed
-    channels do.
+    A linear layer applied to tokens counts once per token. An attention module adds its two
+    matmuls (``<name>.matmul``, not a weight layer: no BOPs). Other raw weight matrices (embedding
+    tables) cost no MACs. BOPs = sum over layers of MACs x weight bits x input activation bits (32
+    when in float). Unstructured zeros do not reduce MACs (no sparse kernel is assumed); physically
+    removed channels do.
     """
-    views = {id(v.owner): v for v in layer_views(model)}
+    all_views = layer_views(model)
+    owners: dict[int, dict[str, LayerView]] = {}
+    for v in all_views:
+        owners.setdefault(id(v.owner), {})[v.param] = v
+    names = {id(v.layer): v.name for v in all_views if v.param == "weight"}
+    module_names = {id(m): n for n, m in model.named_modules()}
     per_layer: dict[str, int] = {}
-    hooks = []
 
     def hook(mod, inp, out):
-        v = views[id(mod)]
-        mod = v.layer
-        if isinstance(mod, nn.Linear):
-            macs = mod.in_features * mod.out_features
+        vs = owners[id(mod)]
+        if "weight" not in vs:  # raw weight matrices of an attention module
+            attn = {p: v for p, v in vs.items() if p in ATTENTION_WEIGHTS}
+            if attn and len(inp) >= 3:
+                _attention_macs(mod, module_names[id(mod)], inp, attn, names, per_layer)
+            return
+        v = vs["weight"]
+        layer = v.layer
+        if isinstance(layer, nn.Linear):
+            macs = out[0].numel() * layer.in_features
         else:
-            k = int(torch.tensor(mod.kernel_size).prod())
-            macs = (out[0].numel()) * (mod.in_channels // mod.groups) * k
+            k = int(torch.tensor(layer.kernel_size).prod())
+            macs = (out[0].numel()) * (layer.in_channels // layer.groups) * k
         per_layer[v.name] = int(macs)
 
-    for v in views.values():
-        hooks.append(v.owner.register_forward_hook(hook))
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if id(m) in owners]
     was = model.training
     model.eval()
     try:
@@ -193,6 +252,6 @@ def model_macs(model: nn.Module, example: torch.Tensor) -> dict:
         for h in hooks:
             h.remove()
     bops = 0
-    for v in views.values():
+    for v in all_views:
         bops += per_layer.get(v.name, 0) * v.bits_w * v.bits_a
     return {"macs": sum(per_layer.values()), "bops": bops, "layers": per_layer}
