@@ -121,7 +121,10 @@ def fit(module, dm, epochs: int, work_dir: Path, logger, trainer_cfg: dict) -> f
 
 
 def make_model(cfg: DictConfig, dm):
-    return instantiate(cfg.model)(dm.input_shape, dm.num_classes)
+    """``cfg.model`` built for the data and checked on a batch of it (rules: :mod:`qpexp.build`)."""
+    from qpexp.build import make_model as build
+
+    return build(cfg.model, dm)
 
 
 # -- the pipeline ---------------------------------------------------------------------------------
@@ -230,6 +233,10 @@ class Pipeline:
         # dense prunable weights per layer: sparsity counts physically removed channels as pruned
         self.dense_weights = {v.name: v.weight.numel() for v in layer_views(model)}
         record: dict = {"status": "running", "seed": c.seed, "threads": threads}
+        if self.prune_on and c.prune.structure == "channel":  # refuse what it cannot prune, before training
+            from qpexp.build import check_channel_pruning
+
+            record["prune/frozen"] = check_channel_pruning(model, example)
         record["dense/params"] = count_params(model)[0]
         record["dense/macs"] = model_macs(model, example)["macs"]
 
