@@ -182,24 +182,17 @@ def _tokens(x: torch.Tensor, batch_first: bool) -> int:
 
 
 def _attention_macs(mod: nn.Module, name: str, inp, views: dict, names: dict, per_layer: dict) -> None:
-    """An attention module (``nn.MultiheadAttention`` or a head-pruned one): its input projections,
-    its two attention matmuls (``<name>.matmul``) and, for ``nn.MultiheadAttention`` whose
-    ``out_proj`` is never called as a module, the output projection."""
+    """An attention module (``nn.MultiheadAttention`` or a head-pruned one, whose projections are
+    linear layers): its raw input projections, its two attention matmuls (``<name>.matmul``) and, for
+    ``nn.MultiheadAttention`` whose ``out_proj`` is never called as a module, the output projection."""
     first = bool(getattr(mod, "batch_first", False))
     lq, lk, lv = (_tokens(t, first) for t in inp[:3])
-    inner = 0
+    tokens = {"in_proj_weight": lq + lk + lv, "q_proj_weight": lq, "k_proj_weight": lk, "v_proj_weight": lv}
     for pname, v in views.items():
         w = v.weight
-        if pname == "in_proj_weight":  # packed q, k, v rows
-            inner = w.shape[0] // 3
-            per_layer[v.name] = inner * w.shape[1] * (lq + lk + lv)
-        else:
-            per_layer[v.name] = (
-                w.numel() * {"q_proj_weight": lq, "k_proj_weight": lk, "v_proj_weight": lv}[pname]
-            )
-            inner = w.shape[0] if pname == "q_proj_weight" else inner
-    if inner:
-        per_layer[f"{name}.matmul"] = 2 * lq * lk * inner  # Q K^T and A V
+        rows = w.shape[0] // 3 if pname == "in_proj_weight" else w.shape[0]  # packed q, k, v rows
+        per_layer[v.name] = rows * w.shape[1] * tokens[pname]
+    per_layer[f"{name}.matmul"] = 2 * lq * lk * mod.num_heads * mod.head_dim  # Q K^T and A V
     out = getattr(mod, "out_proj", None)
     if isinstance(mod, nn.MultiheadAttention) and id(out) in names:
         per_layer[names[id(out)]] = lq * out.in_features * out.out_features
@@ -226,11 +219,15 @@ def model_macs(model: nn.Module, example: torch.Tensor) -> dict:
     module_names = {id(m): n for n, m in model.named_modules()}
     per_layer: dict[str, int] = {}
 
+    attention = {
+        id(m) for m in model.modules() if all(hasattr(m, a) for a in ("num_heads", "head_dim", "out_proj"))
+    }
+
     def hook(mod, inp, out):
-        vs = owners[id(mod)]
-        if "weight" not in vs:  # raw weight matrices of an attention module
+        vs = owners.get(id(mod), {})
+        if "weight" not in vs:  # an attention module: its raw projections (if any) and its matmuls
             attn = {p: v for p, v in vs.items() if p in ATTENTION_WEIGHTS}
-            if attn and len(inp) >= 3:
+            if id(mod) in attention and len(inp) >= 3:
                 _attention_macs(mod, module_names[id(mod)], inp, attn, names, per_layer)
             return
         v = vs["weight"]
@@ -242,7 +239,7 @@ def model_macs(model: nn.Module, example: torch.Tensor) -> dict:
             macs = (out[0].numel()) * (layer.in_channels // layer.groups) * k
         per_layer[v.name] = int(macs)
 
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if id(m) in owners]
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if id(m) in owners or id(m) in attention]
     was = model.training
     model.eval()
     try:
