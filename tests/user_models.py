@@ -34,7 +34,8 @@ class UserNet(nn.Module):
 
     def __init__(self, input_shape, num_classes: int, width: int = 16, heads: int = 4):
         super().__init__()
-        cin = 1 if len(input_shape) == 1 else input_shape[0]
+        self.sequence = len(input_shape) == 1  # (N, L) batches get a channel axis
+        cin = 1 if self.sequence else input_shape[0]
         self.stem = nn.Conv1d(cin, width, 5, stride=2, padding=2)
         self.block = ResidualBlock(width, depthwise=True)
         self.ln = nn.LayerNorm(width)
@@ -44,15 +45,15 @@ class UserNet(nn.Module):
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, x):
-        x = self.block(self.stem(_seq(x))).transpose(1, 2)  # (N, L, C) tokens
+        x = self.block(self.stem(x.unsqueeze(1) if self.sequence else x)).transpose(1, 2)  # (N, L, C) tokens
         h = self.ln(x)
         x = x + self.attn(h, h, h, need_weights=False)[0]
         x = x + self.fc2(torch.relu(self.fc1(x)))
         return self.head(x.mean(1))
 
 
-def user_net_fn(width: int = 8, num_classes: int = 10) -> nn.Module:
-    """A plain function without ``input_shape`` (MNIST-1D only): ``+model.num_classes=10`` or its default."""
+def user_net_fn(width: int = 8, classes: int = 10) -> nn.Module:
+    """A plain function without ``input_shape``/``num_classes`` (MNIST-1D only): ``+model.classes=N``."""
     return nn.Sequential(
         nn.Unflatten(1, (1, 40)),
         nn.Conv1d(1, width, 3, padding=1),
@@ -61,7 +62,7 @@ def user_net_fn(width: int = 8, num_classes: int = 10) -> nn.Module:
         nn.Conv1d(width, width, 3, padding=1, groups=width),
         nn.ReLU(),
         nn.Flatten(),
-        nn.Linear(width * 40, num_classes),
+        nn.Linear(width * 40, classes),
     )
 
 
