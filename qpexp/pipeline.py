@@ -25,6 +25,7 @@ from qpexp.cache import StageCache, cache_key
 from qpexp.core.accounting import count_params, layer_views, model_macs, size_bits
 from qpexp.core.prune import ensure_masks
 from qpexp.core.quant import quantize_
+from qpexp.core.quant.graph import float_ops
 from qpexp.io import atomic_write_json, read_json, safe_torch_load
 from qpexp.schema import plain_config, prune_config, quant_config, validate
 from qpexp.stages import BaselineStage, PruneStage, QATStage
@@ -290,7 +291,8 @@ class Pipeline:
                     record[f"prune/{k}"] = pr["meta"][k]
             record["prune/target_ratio"] = c.prune.ratio
         if self.quant_on:
-            quantize_(model, quant_config(c.quant))
+            quantize_(model, quant_config(c.quant), example=self.example)
+            record["quant/float_ops"] = ",".join(float_ops(model))  # what stays float: softmax, LayerNorm, ...
             self._stage(
                 "qat",
                 lambda: QATStage(

@@ -9,8 +9,11 @@ saying which one was used::
     relative  (nnz + pad) * (b + 4)           (Deep Compression: 4-bit gaps, a filler entry per
                                                16-position run without a nonzero)
 
-Every scale and stored zero point costs 32 bits (a symmetric quantizer's Z = 0 is implicit); every
-tensor left in float (biases, BatchNorm, unpruned float weights) costs 32 bits per element.
+Every scale and stored zero point costs 32 bits (a symmetric quantizer's Z = 0 is implicit), those of
+the graph-level activation quantizers (adds, concatenations, matmuls, pooling) included; every
+tensor left in float (biases, BatchNorm, LayerNorm, position embeddings, unpruned float weights)
+costs 32 bits per element. A raw weight matrix quantized by ``quantize_`` (attention
+``in_proj_weight``) is counted like a layer's weight, at its bit width.
 """
 
 from __future__ import annotations
@@ -80,9 +83,21 @@ def layer_views(model: nn.Module) -> list[LayerView]:
                 views.append(LayerView(name, m, None, None, m))
         else:
             for pname, p in m._parameters.items():
-                if is_raw_weight(pname, p):
-                    views.append(LayerView(f"{name}.{pname}" if name else pname, m, None, None, m, pname))
+                wq = getattr(m, f"{pname}_wq", None)  # set by quantize_ for raw weights
+                wq = wq if _is_quantizer(wq) else None
+                if p is not None and (is_raw_weight(pname, p) or wq is not None):
+                    aq = getattr(wq, "_qpexp_input_q", None)  # the quantizer of the input it multiplies
+                    views.append(LayerView(f"{name}.{pname}" if name else pname, m, wq, aq, m, pname))
     return views
+
+
+def _is_quantizer(m) -> bool:
+    return isinstance(m, nn.Module) and hasattr(m, "n_qparams") and hasattr(m, "int_repr")
+
+
+def _quantizer_param_ids(model: nn.Module) -> set[int]:
+    """Parameters of quantizers (learned step sizes): not model parameters."""
+    return {id(p) for m in model.modules() if _is_quantizer(m) for p in m.parameters()}
 
 
 def relative_index_padding(w: torch.Tensor, index_bits: int = INDEX_BITS) -> int:
@@ -116,7 +131,7 @@ def _quantizer_bits(q: nn.Module | None) -> int:
 
 def size_bits(model: nn.Module, detail: bool = False):
     """Total storage in bits of everything needed to run ``model`` (see the module docstring)."""
-    total, rows, counted = 0, {}, set()
+    total, rows, counted, counted_q = 0, {}, set(), set()
     for v in layer_views(model):
         w = v.effective_weight()
         compressed = v.wq is not None or get_mask(v.layer, v.param) is not None
@@ -129,18 +144,27 @@ def size_bits(model: nn.Module, detail: bool = False):
                 "n": w.numel(),
                 "nnz": int(w.count_nonzero()),
             }
-        qbits = _quantizer_bits(v.wq) + _quantizer_bits(v.aq)
+        qbits = sum(_quantizer_bits(q) for q in (v.wq, v.aq) if id(q) not in counted_q)
+        counted_q.update({id(v.wq), id(v.aq)})
         bias = v.bias.numel() * FLOAT_BITS if v.bias is not None else 0
         rows[v.name] = {**t, "weight_bits": t["bits"], "qparam_bits": qbits, "bias_bits": bias}
         total += t["bits"] + qbits + bias
         counted.update({id(v.weight), id(v.bias)})
-    counted.update(id(p) for n, p in model.named_parameters() if ".wq." in n or ".aq." in n)
+    counted.update(_quantizer_param_ids(model))
     other = sum(p.numel() for p in model.parameters() if id(p) not in counted)
     other += sum(b.numel() for n, b in model.named_buffers() if _is_model_state_buffer(n))
-    total += other * FLOAT_BITS
+    # graph-level activation quantizers (adds, concatenations, matmuls, pooling): their qparams
+    graph_q = sum(
+        _quantizer_bits(m) for m in _unique_modules(model) if _is_quantizer(m) and id(m) not in counted_q
+    )
+    total += other * FLOAT_BITS + graph_q
     if detail:
-        return total, rows, other * FLOAT_BITS
+        return total, rows, other * FLOAT_BITS + graph_q
     return total
+
+
+def _unique_modules(model: nn.Module):
+    return list({id(m): m for m in model.modules()}.values())
 
 
 def _is_model_state_buffer(name: str) -> bool:
@@ -168,8 +192,9 @@ def layer_sparsity(model: nn.Module) -> dict[str, float]:
 def count_params(model: nn.Module) -> tuple[int, int]:
     """(total, nonzero) model parameters, quantizer step sizes excluded."""
     total = nonzero = 0
+    quant = _quantizer_param_ids(model)
     for name, p in model.named_parameters():
-        if ".wq." in name or ".aq." in name:
+        if ".wq." in name or ".aq." in name or id(p) in quant:
             continue
         total += p.numel()
         nonzero += int(torch.count_nonzero(p))

@@ -771,7 +771,7 @@ class _Instrumenter:
         kinds = _placeholder_kinds(graph, self.site)
         counters: dict[tuple[str, str], int] = {}
         qver: dict[fx.Node, fx.Node] = {}
-        weightish: set[fx.Node] = set()
+        weightish: dict[fx.Node, nn.Module] = {}  # node -> the raw weight's quantizer it derives from
         inserted = []
 
         def kind(n) -> Kind:
@@ -809,11 +809,11 @@ class _Instrumenter:
                 q = insert(n, path, n)
                 for u in users:
                     u.replace_input_with(n, q)
-                weightish.add(q)
+                weightish[q] = self.registry[self.full(path)]
             for n in graph.nodes:  # what a quantized weight flows into through view ops is a weight
-                if n.all_input_nodes and any(a in weightish for a in n.all_input_nodes):
-                    if op_name(n, self.modules) in VIEW:
-                        weightish.add(n)
+                roots = [weightish[a] for a in n.all_input_nodes if a in weightish]
+                if roots and op_name(n, self.modules) in VIEW:
+                    weightish[n] = roots[0]
         if not cfg.act.enabled:
             return bool(inserted)
 
@@ -859,6 +859,7 @@ class _Instrumenter:
                         operands.append(node.args[1])  # the weight: skipped when it is a quantized weight
                 for i, src in enumerate(operands):
                     act(src, node, f"{b}_q{i}")
+                self._link_input(node, weightish, qver)
             elif name in CAT and kind(node).floating:
                 owner = self.owner(node)
                 b = base(owner, name)
@@ -868,6 +869,17 @@ class _Instrumenter:
                     u.replace_input_with(node, q)
                 qver[node] = q
         return bool(inserted)
+
+
+    def _link_input(self, node: fx.Node, weightish: dict, qver: dict) -> None:
+        """Tell a raw weight's quantizer which quantizer its input goes through (for the accounting's
+        activation width of that weight's product); a plain attribute, not a submodule."""
+        weights = [weightish[a] for a in node.all_input_nodes if a in weightish]
+        inputs = [a for a in node.all_input_nodes if a not in weightish and a.meta.get("qpexp_quantizer")]
+        if len(weights) == 1 and len(inputs) == 1:
+            mod = dict(self.module.named_modules()).get(inputs[0].target)
+            if mod is not None:
+                object.__setattr__(weights[0], "_qpexp_input_q", mod)
 
 
 def _compile(graph: fx.Graph, label: str):
