@@ -56,7 +56,7 @@ from __future__ import annotations
 import inspect
 import linecache
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -195,12 +195,48 @@ class Tracer(fx.Tracer):
     traced through.
     """
 
-    def __init__(self, mode: str = "inline", leaves: set[str] | None = None, prefix: str = ""):
+    def __init__(
+        self,
+        mode: str = "inline",
+        leaves: set[str] | None = None,
+        prefix: str = "",
+        ranks: dict | None = None,
+        input_ranks: list | None = None,
+    ):
         super().__init__()
         self.mode = mode
         self.leaves = set(leaves or ())
         self.prefix = prefix
         self.sites: list[tuple[str, nn.Module, tuple, dict]] = []
+        self.ranks = ranks or {}  # module path -> ranks of its tensor arguments on the example
+        self.input_ranks = list(input_ranks or ())
+        self._placeholders = 0
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _RankedProxy(node, self)
+
+    def create_proxy(self, kind, target, args, kwargs, *rest, **kw):
+        p = super().create_proxy(kind, target, args, kwargs, *rest, **kw)
+        if kind == "placeholder":
+            j = self._placeholders
+            self._placeholders += 1
+            if j < len(self.input_ranks) and self.input_ranks[j] is not None:
+                p.node.meta["qpexp_ndim"] = self.input_ranks[j]
+        return p
+
+    def _annotate_ranks(self, m: nn.Module, qualname: str, args, kwargs) -> None:
+        """A module's tensor arguments get the ranks seen on the example (``x.dim()`` is then an int)."""
+        ranks = self.ranks.get(self.full(qualname))
+        if not ranks:
+            return
+        try:
+            leaves, _ = pytree.tree_flatten(_bind(type(m).forward, m, args, kwargs))
+        except TypeError:
+            return
+        proxies = list({id(p): p for p in leaves if isinstance(p, fx.Proxy)}.values())
+        if len(proxies) == len(ranks):
+            for p, r in zip(proxies, ranks):
+                p.node.meta.setdefault("qpexp_ndim", r)
 
     def full(self, qualname: str) -> str:
         return f"{self.prefix}.{qualname}" if self.prefix and qualname else self.prefix or qualname
@@ -216,6 +252,7 @@ class Tracer(fx.Tracer):
 
     def call_module(self, m, forward, args, kwargs):
         qualname = self.path_of_module(m)
+        self._annotate_ranks(m, qualname, args, kwargs)
         if (
             self.mode == "export"
             and isinstance(m, nn.modules.batchnorm._BatchNorm)
@@ -253,6 +290,45 @@ class Tracer(fx.Tracer):
         return super().call_module(m, forward, args, kwargs)
 
 
+class _RankedProxy(fx.Proxy):
+    """A proxy whose rank is known when the example showed it: a forward may branch on
+    ``x.dim()``/``x.ndim`` (the rank is baked in; the installed graph checks it on every call)."""
+
+    def dim(self):
+        nd = self.node.meta.get("qpexp_ndim")
+        return nd if nd is not None else self.__getattr__("dim")()
+
+    @property
+    def ndim(self):
+        nd = self.node.meta.get("qpexp_ndim")
+        return nd if nd is not None else self.__getattr__("ndim")
+
+
+def record_ranks(model: nn.Module, example):
+    """Per module path, the ranks of the tensor arguments of its first call on ``example``; and
+    the model's output (eval mode)."""
+    ranks: dict[str, list[int]] = {}
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def hook(m, args, kwargs):
+        name = names.get(id(m))
+        if name is None or name in ranks:
+            return
+        try:
+            leaves, _ = pytree.tree_flatten(_bind(type(m).forward, m, args, kwargs))
+        except TypeError:
+            return
+        ranks[name] = [t.dim() for t in {id(t): t for t in leaves if isinstance(t, torch.Tensor)}.values()]
+
+    hooks = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules()]
+    try:
+        out = _eager(model, example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return ranks, out
+
+
 def _is_torch_layer(m: nn.Module) -> bool:
     """A torch.nn layer (conv, BN, LayerNorm, activation, pooling, ...): a leaf unless it has a
     traceable equivalent (whose class lives in qpexp)."""
@@ -277,6 +353,7 @@ class Site:
     leaves: list  # _Ph or constant
     n_inputs: int
     kinds: list  # Kind per placeholder
+    ranks: list = field(default_factory=list)  # rank per placeholder on the example (None: unknown)
 
     def same(self, other: Site) -> bool:
         return (
@@ -302,6 +379,9 @@ class Site:
                     return None
             elif not _same_const(want, got):
                 return None
+        for v, r in zip(vals, self.ranks):
+            if r is not None and isinstance(v, torch.Tensor) and v.dim() != r:
+                return None  # traced for another rank
         return vals
 
     def rebuild(self, values) -> dict:
@@ -335,7 +415,7 @@ def _bind(fn, module, args, kwargs) -> dict:
     return out
 
 
-def site_of_call(fn, module, args, kwargs, kinds_of) -> Site:
+def site_of_call(fn, module, args, kwargs, kinds_of, ranks: list | None = None) -> Site:
     arguments = _bind(fn, module, args, kwargs)
     leaves, spec = pytree.tree_flatten(arguments)
     ids: dict[int, int] = {}
@@ -348,10 +428,11 @@ def site_of_call(fn, module, args, kwargs, kinds_of) -> Site:
             out.append(_Ph(j))
         else:
             out.append(leaf)
-    return Site(spec, out, len(ids), kinds)
+    ranks = list(ranks) if ranks is not None and len(ranks) == len(ids) else [None] * len(ids)
+    return Site(spec, out, len(ids), kinds, ranks)
 
 
-def root_site(model: nn.Module) -> Site:
+def root_site(model: nn.Module, ranks: dict | None = None) -> Site:
     """The model's own call: arguments without a default are inputs (floating tensors), the others
     take their default."""
     sig = inspect.signature(type(model).forward)
@@ -367,7 +448,8 @@ def root_site(model: nn.Module) -> Site:
         else:
             arguments[name] = p.default
     leaves, spec = pytree.tree_flatten(arguments)
-    return Site(spec, leaves, j, [Kind(True, True)] * j)
+    r = (ranks or {}).get("")
+    return Site(spec, leaves, j, [Kind(True, True)] * j, list(r) if r and len(r) == j else [None] * j)
 
 
 def _trace_site(module: nn.Module, site: Site, tracer: Tracer, fn=None) -> fx.Graph:
@@ -400,20 +482,26 @@ def _trace_site(module: nn.Module, site: Site, tracer: Tracer, fn=None) -> fx.Gr
 
 
 def trace(
-    model: nn.Module, mode: str = "inline", leaves: set[str] | None = None, training: bool | None = None
+    model: nn.Module,
+    mode: str = "inline",
+    leaves: set[str] | None = None,
+    training: bool | None = None,
+    ranks: dict | None = None,
 ):
     """Trace ``model`` at its default call (:func:`root_site`) into one ``fx.Graph``; a submodule
     whose forward cannot be traced becomes a leaf and tracing is retried. Returns ``(graph, leaves)``."""
-    return _trace_with_retries(model, root_site(model), mode, set(leaves or ()), "", training)
+    return _trace_with_retries(
+        model, root_site(model, ranks), mode, set(leaves or ()), "", training, ranks=ranks
+    )
 
 
-def _trace_with_retries(module, site, mode, leaves, prefix, training, fn=None):
+def _trace_with_retries(module, site, mode, leaves, prefix, training, fn=None, ranks=None):
     was = module.training
     if training is not None:
         module.train(training)
     try:
         for _ in range(MAX_LEAF_RETRIES + 1):
-            tracer = Tracer(mode, leaves, prefix)
+            tracer = Tracer(mode, leaves, prefix, ranks, site.ranks)
             try:
                 graph = _trace_site(module, site, tracer, fn)
                 graph._qpexp_sites = tracer.sites  # type: ignore[attr-defined]
@@ -518,9 +606,23 @@ def static_kind(node: fx.Node, module: nn.Module, kinds: dict[str, Kind]) -> Kin
     return k
 
 
-def check_against_eager(model: nn.Module, graph: fx.Graph, example) -> None:
-    """Run ``graph`` and the model (eval mode, no grad, RNG state restored) on ``example``; raise
-    :class:`TraceFailure` if the outputs differ (a trace that baked in the wrong branch)."""
+@torch.no_grad()
+def _eager(model: nn.Module, example):
+    """The model's output on ``example`` in eval mode (RNG state restored)."""
+    args = example if isinstance(example, tuple) else (example,)
+    was = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng():
+            return model(*args)
+    finally:
+        model.train(was)
+
+
+def check_against_eager(model: nn.Module, graph: fx.Graph, example, ref) -> None:
+    """Run ``graph`` (eval mode, no grad, RNG state restored) on ``example``; raise
+    :class:`TraceFailure` if its outputs differ from the eager ``ref`` (a trace that baked in the
+    wrong branch)."""
     gm = fx.GraphModule(model, graph)
     args = example if isinstance(example, tuple) else (example,)
     was = model.training
@@ -528,7 +630,6 @@ def check_against_eager(model: nn.Module, graph: fx.Graph, example) -> None:
     try:
         with torch.no_grad(), torch.random.fork_rng():
             got = gm(*args)
-            ref = model(*args)
     finally:
         model.train(was)
     got_l, _ = pytree.tree_flatten(got)
@@ -646,6 +747,7 @@ class Plan:
     raw: list[RawWeight]
     folded: list[tuple[str, str]]
     traceable: list[str]
+    ranks: dict = field(default_factory=dict)  # module path -> ranks of its tensor arguments (example)
 
     def weight_names(self, model: nn.Module, layer_names: list[str]) -> list[str]:
         """Layer names and raw-weight names in module order (raw weights at their owner's place)."""
@@ -667,12 +769,21 @@ def analyse(model: nn.Module, cfg: QuantConfig, example=None) -> Plan:
     from qpexp.core.quant.traceable import make_traceable_
 
     swapped = make_traceable_(model)
-    graph, leaves = trace(model, "inline", training=False)
+    ranks, ref = record_ranks(model, example) if example is not None else ({}, None)
+    graph, leaves = trace(model, "inline", training=False, ranks=ranks)
     if example is not None:
-        check_against_eager(model, graph, example)
+        check_against_eager(model, graph, example, ref)
+        before = pytree.tree_flatten(ref)[0]
     folded = fold_batchnorm_graph_(model, graph) if cfg.fold_bn else []
+    if example is not None and folded:  # folding is exact up to float rounding: check it
+        after = pytree.tree_flatten(_eager(model, example))[0]
+        for a, b in zip(after, before):
+            if isinstance(a, torch.Tensor) and not torch.allclose(a, b, atol=1e-4, rtol=1e-3):
+                raise RuntimeError(
+                    f"quantize_: folding BatchNorm changed the outputs by {float((a - b).abs().max()):.3g}"
+                )
     raw = find_raw_weights(model, graph)
-    return Plan(leaves, raw, folded, swapped)
+    return Plan(leaves, raw, folded, swapped, ranks)
 
 
 def _weight_quantizer(spec: QuantSpec, channels: int, ch_axis: int) -> nn.Module:
@@ -696,11 +807,12 @@ class ModuleGraph:
     quantized: bool = False
 
 
-def build(model: nn.Module, leaves: set[str]) -> list[ModuleGraph]:
+def build(model: nn.Module, leaves: set[str], ranks: dict | None = None) -> list[ModuleGraph]:
     """One graph per (module, call site), from the model's own call down: user modules and
     traceable equivalents are traced separately, specialized to how their parent calls them."""
     out: list[ModuleGraph] = []
-    todo = [("", model, root_site(model))]
+    ranks = ranks or {}
+    todo = [("", model, root_site(model, ranks))]
     done: dict[str, list[Site]] = {}
     while todo:
         path, module, site = todo.pop(0)
@@ -709,13 +821,18 @@ def build(model: nn.Module, leaves: set[str]) -> list[ModuleGraph]:
         done.setdefault(path, []).append(site)
         graphs = {}
         for mode in (True, False):
-            graphs[mode], _ = _trace_with_retries(module, site, "prepare", leaves, path, mode)
+            graphs[mode], _ = _trace_with_retries(module, site, "prepare", leaves, path, mode, ranks=ranks)
         g = graphs[False]
         kinds = _placeholder_kinds(g, site)
         for qualname, child, args, kwargs in g._qpexp_sites:
             cpath = f"{path}.{qualname}" if path else qualname
             child_site = site_of_call(
-                type(child).forward, child, args, kwargs, lambda n, m=module, k=kinds: static_kind(n, m, k)
+                type(child).forward,
+                child,
+                args,
+                kwargs,
+                lambda n, m=module, k=kinds: static_kind(n, m, k),
+                ranks.get(cpath),
             )
             todo.append((cpath, child, child_site))
         out.append(ModuleGraph(path, module, site, graphs))
@@ -870,7 +987,6 @@ class _Instrumenter:
                 qver[node] = q
         return bool(inserted)
 
-
     def _link_input(self, node: fx.Node, weightish: dict, qver: dict) -> None:
         """Tell a raw weight's quantizer which quantizer its input goes through (for the accounting's
         activation width of that weight's product); a plain attribute, not a submodule."""
@@ -971,7 +1087,7 @@ def graph_source(module: nn.Module) -> list[dict]:
 def instrument_(model: nn.Module, cfg: QuantConfig, plan: Plan, bits: dict[str, int]) -> dict:
     """Steps 4-5 of the module doc; returns what was done (``model._qpexp_quant_info``)."""
     registry: dict[str, nn.Module] = {}
-    mgs = build(model, plan.leaves)
+    mgs = build(model, plan.leaves, plan.ranks)
     for mg in mgs:
         for mode in (True, False):
             mg.quantized |= _Instrumenter(model, cfg, plan, bits, registry, mg).run(mg.graphs[mode])
@@ -998,6 +1114,7 @@ def instrument_(model: nn.Module, cfg: QuantConfig, plan: Plan, bits: dict[str, 
         "raw_weights": [r.name for r in plan.raw],
         "traceable": plan.traceable,
         "untraced": sorted(plan.leaves),
+        "ranks": plan.ranks,
         "float_ops": _float_ops(mgs, plan),
     }
 

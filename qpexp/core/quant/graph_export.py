@@ -56,8 +56,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qpexp.core.quant import export as E
-from qpexp.core.quant.graph import is_quantizer, root_site
-from qpexp.core.quant.linear import LinearQuantizer
+from qpexp.core.quant.graph import is_quantizer, prepare_info, root_site
+from qpexp.core.quant.linear import LinearQuantizer, fake_quant_scalar
 from qpexp.core.quant.log import _bcast
 
 FORMAT = "qpexp.intgraph/1"
@@ -212,7 +212,8 @@ def export_graph(model: nn.Module) -> fx.Graph:
     model.eval()
     try:
         try:
-            graph, leaves = _trace_with_retries(model, root_site(model), "export", set(), "", False)
+            ranks = prepare_info(model).get("ranks") or {}
+            graph, leaves = _trace_with_retries(model, root_site(model, ranks), "export", set(), "", False, ranks=ranks)
         except TraceFailure as e:
             raise NotImplementedError(f"convert: {e}") from e
     finally:
@@ -432,7 +433,8 @@ class IntQuant(nn.Module):
             return _QDQ.apply(
                 x, self.scale, self.zero, self.qmin, self.qmax, self.elem, self.lo, self.hi, self.shift
             )
-        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero, self.qmin, self.qmax)
+        # the prepared quantizer's own function: the same kernel choice, the same output strides
+        return fake_quant_scalar(x, self.scale, self.zero, self.qmin, self.qmax)
 
     def codes(self, x):
         """Integer codes minus the zero point of a value this quantizer produced (exact)."""
@@ -718,6 +720,11 @@ def onnx_graph_model(gm: nn.Module, example: torch.Tensor, quantized: bool = Tru
             if n.input[slot] not in done:
                 retype(n.input[slot], elem)
                 done.add(n.input[slot])
+    # the deduplication Identity nodes nothing reads any more (their initializers were copied)
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    dead = [n for n in model.graph.node if n.op_type == "Identity" and n.output[0] not in used]
+    for n in dead:
+        model.graph.node.remove(n)
     del model.opset_import[:]
     model.opset_import.extend([helper.make_opsetid("", opset)])
     model.ir_version = 10
