@@ -557,3 +557,26 @@ def test_every_model_quantizes_and_exports_end_to_end(tmp_path_factory, cifar, a
     assert rec["deploy/int_test_acc"] == pytest.approx(rec["final/test_acc"], abs=0.02)
     floats = set(filter(None, rec["quant/float_ops"].split(",")))
     assert floats == ({"GELU", "LayerNorm", "softmax"} if arch == "transformer" else set())
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "channel"])
+def test_user_model_through_target_every_stage(tmp_path, structure):
+    """A residual block with a depthwise conv, LayerNorm and attention, defined in a test module and
+    selected only through ``model._target_``: prune (channel pruning removes heads), QAT, the
+    integer file and ONNX."""
+    from conftest import compose
+
+    from qpexp.pipeline import Pipeline
+
+    prune = ["prune=default", "prune.scope=global"] if structure == "unstructured" else ["prune=channel"]
+    cfg = compose([
+        "model=custom", "model._target_=user_models.UserNet", "+model.width=8", "data=mnist1d",
+        "data.source.num_samples=600", "baseline.epochs=1", "prune.steps=1", "prune.finetune_epochs=1",
+        "quant.epochs=1", "quant.calib_batches=2", "export.latency_batches=2", "logger=none",
+        f"cache_dir={tmp_path / 'cache'}", *prune,
+    ])  # fmt: skip
+    rec = Pipeline(cfg, tmp_path / "run").run()
+    assert rec["status"] == "ok" and "deploy/error" not in rec, rec.get("deploy/error")
+    assert rec["final/sparsity"] > 0.3 and rec["quant/float_ops"] == "LayerNorm,softmax"
+    assert rec["deploy/roundtrip_max_abs_diff"] == 0.0 and rec["deploy/roundtrip_codes_equal"] is True
+    assert rec["deploy/onnx_argmax_agree"] >= 0.9 and rec["deploy/simulated_only"] is False
