@@ -1,8 +1,10 @@
 """Check every point of a multirun before the first one trains.
 
 Expands the sweep exactly as Hydra's basic sweeper does (the sweep file's ``hydra.sweeper.params``
-first, then the command line), composes each point's config, validates it against the typed schema
-and loads each distinct data config once. Returns the list of problems, each naming the point.
+first, then the command line), composes each point's config, validates it against the typed schema,
+loads each distinct data config once and builds each distinct model on it (checked on a batch; the
+channel-pruning dry run when the point prunes channels). Returns the list of problems, each naming the
+point.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def check_sweep(config: DictConfig) -> tuple[int, list[str]]:
     points = sweep_points(config)
     problems: list[str] = []
     seen_data: dict[str, str | None] = {}
+    seen_model: dict[str, str | None] = {}
+    modules: dict = {}
     for point in points:
         label = " ".join(point) or "(no overrides)"
         try:
@@ -43,15 +47,33 @@ def check_sweep(config: DictConfig) -> tuple[int, list[str]]:
         except Exception as e:  # composition errors: unknown group option, bad override syntax
             problems.append(f"{label}: {type(e).__name__}: {str(e).splitlines()[0]}")
             continue
-        key = str(plain_config(cfg).get("data"))
+        plain = plain_config(cfg)
+        key = str(plain.get("data"))
         if key not in seen_data:
             seen_data[key] = None
             try:
                 from hydra.utils import instantiate
 
-                instantiate(typed.data).prepare()
+                modules[key] = instantiate(typed.data).prepare()
             except (DataError, ValueError, OSError) as e:
                 seen_data[key] = str(e)
         if seen_data[key]:
             problems.append(f"{label}: {seen_data[key]}")
+            continue
+        # the model, built and run on the data (and dry-run channel pruning), once per distinct combination
+        channel = typed.prune.ratio > 0 and typed.prune.structure == "channel"
+        mkey = f"{key}|{plain.get('model')}|{channel}"
+        if mkey not in seen_model:
+            seen_model[mkey] = None
+            try:
+                from qpexp.build import check_channel_pruning, make_model
+
+                dm = modules[key]
+                model = make_model(typed.model, dm)
+                if channel:
+                    check_channel_pruning(model, dm.splits["val"][0][:1])
+            except ConfigError as e:
+                seen_model[mkey] = str(e)
+        if seen_model[mkey]:
+            problems.append(f"{label}: {seen_model[mkey]}")
     return len(points), problems

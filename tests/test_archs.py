@@ -471,3 +471,14 @@ def test_cli_refuses_with_one_line(tmp_path):
                    cwd=tmp_path, check=False, env={"PYTHONPATH": str(ROOT / "tests") + ":" + str(ROOT)})  # fmt: skip
     assert proc.returncode == 2
     assert "qpexp: error: model._target_=user_models.wrong_classes: returns logits of shape" in proc.stderr
+
+
+def test_multirun_refuses_bad_model_before_any_point(tmp_path):
+    proc = run_cli(["--multirun", "model=custom", "model._target_=user_models.UserNet,user_models.wrong_classes",
+                    "logger=none", *DATA["mnist1d"], f"cache_dir={tmp_path / 'c'}",
+                    f"hydra.sweep.dir={tmp_path / 's'}"],
+                   cwd=tmp_path, check=False, env={"PYTHONPATH": str(ROOT / "tests") + ":" + str(ROOT)})  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "1 of 2 sweep points are invalid" in proc.stderr
+    assert "model._target_=user_models.wrong_classes: returns logits of shape" in proc.stderr
+    assert not (tmp_path / "c").exists()
