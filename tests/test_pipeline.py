@@ -262,5 +262,6 @@ def test_every_shipped_config_composes_and_validates(choice):
     from qpexp.schema import validate
 
     extra = ["data.path=x.npz"] if choice in ("data=npz", "data=vision") else []
+    extra += ["model._target_=qpexp.models.mlp"] if choice == "model=custom" else []
     typed = validate(compose([choice, *extra]))
     assert typed.seed == 0 and typed.data._target_.startswith("qpexp.")
