@@ -422,6 +422,10 @@ def test_every_model_prunes_end_to_end(tmp_path, cifar, arch, structure, data):
         assert rec["final/params"] < 0.75 * rec["dense/params"] and rec["final/macs"] < rec["dense/macs"]
         if arch == "transformer":  # the residual stream goes through LayerNorm: left unpruned, said so
             assert any("LayerNorm" in why for why in rec["prune/frozen"].values())
+            # the cached pruned model (heads removed) is rebuilt from its structure: same record
+            again = run(tmp_path, [*over, *DATA[data], *STRUCTURES[structure]])
+            assert again["cache/prune_hit"] and again["final/test_acc"] == rec["final/test_acc"]
+            assert again["final/params"] == rec["final/params"]
 
 
 @pytest.mark.parametrize("structure", list(STRUCTURES))
