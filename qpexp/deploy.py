@@ -379,6 +379,12 @@ def _roundtrip(model, path: Path, x: torch.Tensor, y: torch.Tensor, batch: int) 
 # -- the stage ------------------------------------------------------------------------------------
 def deploy(model: torch.nn.Module, dm, out_dir: str | Path, cfg, record: dict) -> dict:
     """Convert, check the round trip, and run the ONNX QDQ model in onnxruntime (see module doc)."""
+    from qpexp.core.quant.export import uses_graph_format
+
+    if uses_graph_format(model) or not _op_list_ok(model):  # any model but a plain Sequential
+        from qpexp.deploy_graph import deploy_graph
+
+        return deploy_graph(model, dm, out_dir, cfg, record)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / FILE_NAME
@@ -422,6 +428,17 @@ def deploy_status(out: dict, final_acc: float | None, max_acc_diff: float = 0.00
             f"{final_acc:.4f} by more than {max_acc_diff:g}"
         )
     return "ok", None
+
+
+def _op_list_ok(model) -> bool:
+    """Whether the per-op format holds this Sequential (else the graph format does)."""
+    from qpexp.core.quant.export import model_ir
+
+    try:
+        model_ir(model, quantized=False)
+    except NotImplementedError:
+        return False
+    return True
 
 
 def _onnx_check(model, path: Path, x, y, dm, cfg, out_dir: Path, record: dict) -> dict:

@@ -95,3 +95,15 @@ def lenet5(input_shape, num_classes: int, batchnorm: bool = False) -> nn.Sequent
         ("fc3", nn.Linear(84, num_classes)),
     ]
     return nn.Sequential(OrderedDict(layers))
+
+
+ARCHS = ("resnet20", "resnet32", "resnet56", "vgg11", "vgg16", "mobilenetv2", "transformer")
+
+
+def __getattr__(name: str):
+    """``from qpexp.models import resnet20`` etc.: the architectures of :mod:`qpexp.archs`, loaded lazily."""
+    if name in ARCHS:
+        import qpexp.archs
+
+        return getattr(qpexp.archs, name)
+    raise AttributeError(f"module 'qpexp.models' has no attribute {name!r}")

@@ -34,9 +34,10 @@ from qpexp.core.accounting import (
 from qpexp.core.modules import clone_state
 from qpexp.core.prune import ensure_masks
 from qpexp.core.quant import quantize_
+from qpexp.core.quant.graph import float_ops
 from qpexp.frontier import ACCURACY_STANDS
 from qpexp.io import atomic_write_json, read_json, safe_torch_load
-from qpexp.schema import ConfigError, plain_config, prune_config, quant_config, validate
+from qpexp.schema import plain_config, prune_config, quant_config, validate
 from qpexp.stages import BaselineStage, PruneStage, QATStage
 
 log = logging.getLogger("qpexp")
@@ -148,12 +149,10 @@ def fit(module, dm, epochs: int, work_dir: Path, logger, trainer_cfg: dict) -> f
 
 
 def make_model(cfg: DictConfig, dm):
-    """The model for the data's sample shape; a builder that refuses it is a config error."""
-    try:
-        return instantiate(cfg.model)(dm.input_shape, dm.num_classes)
-    except (ValueError, TypeError) as e:  # e.g. lenet5 on 1-D signals, an unknown builder option
-        msg = str(e)
-        raise ConfigError(msg if msg.startswith("model") else f"model={cfg.model._target_}: {msg}") from e
+    """``cfg.model`` built for the data and checked on a batch of it (rules: :mod:`qpexp.build`)."""
+    from qpexp.build import make_model as build
+
+    return build(cfg.model, dm)
 
 
 # -- the pipeline ---------------------------------------------------------------------------------
@@ -293,10 +292,14 @@ class Pipeline:
         example = self.example = dm.splits["val"][0][:1]
         self.dense_bits = size_bits(model)
         # dense prunable weights per layer: sparsity counts physically removed channels as pruned
-        self.dense_weights = {v.name: v.layer.weight.numel() for v in layer_views(model)}
+        self.dense_weights = {v.name: v.weight.numel() for v in layer_views(model)}
         self.dense_prunable = prunable_params(model)
         record: dict = {"status": "running", "seed": c.seed, "threads": threads}
         record["data/fingerprint"] = getattr(dm, "fingerprint", None)
+        if self.prune_on and c.prune.structure == "channel":  # refuse what it cannot prune, before training
+            from qpexp.build import check_channel_pruning
+
+            record["prune/frozen"] = check_channel_pruning(model, example)
         record["dense/params"] = count_params(model)[0]
         record["dense/macs"] = model_macs(model, example)["macs"]
 
@@ -350,7 +353,10 @@ class Pipeline:
                     record[f"prune/{k}"] = pr["meta"][k]
             record["prune/target_ratio"] = c.prune.ratio
         if self.quant_on:
-            quantize_(model, quant_config(c.quant))
+            quantize_(model, quant_config(c.quant), example=self.example)
+            record["quant/float_ops"] = ",".join(
+                float_ops(model)
+            )  # what stays float: softmax, LayerNorm, ...
             self._stage(
                 "qat",
                 lambda: QATStage(
@@ -392,10 +398,10 @@ class Pipeline:
         views = layer_views(model)
         bw = {v.bits_w for v in views}
         ba = {v.bits_a for v in views}
-        weights = {v.name: v.layer.weight.numel() for v in views}
+        weights = {v.name: v.weight.numel() for v in views}
         n = sum(weights.values())
         dense = getattr(self, "dense_weights", None) or weights
-        nnz = {v.name: int(v.layer.weight.count_nonzero()) for v in views}
+        nnz = {v.name: int(v.weight.count_nonzero()) for v in views}
         out = {
             # pruned (zero latent weights, removed channels) of the dense model's prunable weights
             "final/sparsity": pruned_fraction(model, dense_params=getattr(self, "dense_prunable", None)),
@@ -436,7 +442,9 @@ def complete_record(run_dir: Path, cfg: DictConfig) -> dict | None:
         rec = read_json(path)
     except ValueError:
         return None
-    return rec if rec.get("status") in ACCURACY_STANDS and rec.get("config_hash") == config_hash(cfg) else None
+    return (
+        rec if rec.get("status") in ACCURACY_STANDS and rec.get("config_hash") == config_hash(cfg) else None
+    )
 
 
 def write_record(run_dir: Path, record: dict) -> None:

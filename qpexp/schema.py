@@ -177,6 +177,10 @@ def validate(cfg: DictConfig) -> DictConfig:
         _positive("threads", t.threads)
     for key in ("data", "model"):
         node = t[key]
+        if isinstance(node, DictConfig) and OmegaConf.is_missing(node, "_target_"):
+            raise ConfigError(
+                f"{key}._target_ is missing: name what builds it ({key}._target_=my_pkg.module.Name)"
+            )
         if not isinstance(node, DictConfig) or "_target_" not in node:
             raise ConfigError(f"{key}: needs a config with _target_ (choose one with {key}=NAME)")
     _check_target("model", t.model)  # imports torch only

@@ -366,13 +366,21 @@ def test_every_shipped_config_composes_and_validates(choice):
     from qpexp.schema import validate
 
     extra = ["data.path=x.npz"] if choice in ("data=npz", "data=vision") else []
+    extra += ["model._target_=qpexp.models.mlp"] if choice == "model=custom" else []
     typed = validate(compose([choice, *extra]))
     assert typed.seed == 0 and typed.data._target_.startswith("qpexp.")
 
 
 # -- every preset runs through the pipeline ---------------------------------------------------------
-RUNNABLE = [c for c in CHOICES if c not in ("data=npz", "data=vision")]  # those two: own tests, own files
-ON_DATA = {"model=lenet5": ["data=digits"], "data=digits": ["model=lenet5"]}  # LeNet-5 takes images
+# data=npz/vision: own tests, own files; the real architectures: tests/test_archs.py and
+# tests/test_graph_quant.py run each through every stage at tiny widths
+ARCHS = {"resnet20", "resnet32", "resnet56", "vgg11", "vgg16", "mobilenetv2", "transformer"}
+RUNNABLE = [c for c in CHOICES if c not in ("data=npz", "data=vision") and c.split("=")[1] not in ARCHS]
+ON_DATA = {
+    "model=lenet5": ["data=digits"],  # LeNet-5 takes images
+    "data=digits": ["model=lenet5"],
+    "model=custom": ["model._target_=qpexp.models.mlp"],  # any callable: here a built-in one
+}
 
 
 @pytest.fixture(scope="module")

@@ -187,20 +187,25 @@ def test_l1_unstructured_and_global_unstructured_equal_torch():
             assert torch.equal(m.weight, r.weight), (scope, name)
 
 
-def test_channel_ranking_equals_ln_structured():
-    """Per layer, the pruned filters are the ones torch's ln_structured (L2, dim 0) picks for that count."""
+def test_channel_ranking_is_group_importance():
+    """Each channel is scored over its whole group (Torch-Pruning's group importance, sum reduction):
+    the L2 norm of its filter plus the L2 norm of its input columns in the next layer, computed here
+    by hand; per layer, the pruned filters are the lowest of those sums."""
     model = cnn(bn=True)
     ref = cnn(bn=True)
     channel_prune_step(model, PruneConfig(ratio=0.5, scope="layer", criterion="l2", structure="channel"), 0.5,
                        example=X1D[:1])  # fmt: skip
+    nxt = {"conv1": ref.conv2.weight, "conv2": ref.conv3.weight, "conv3": ref.fc.weight.reshape(10, 25, -1)}
     checked = 0
     for g in groups(model, X1D[:1]):
         rows = ~g.root.weight_mask.reshape(g.n, -1).any(1)
         k = int(rows.sum())
         assert 0 < k < g.n
-        r = ref.get_submodule(g.name)
-        tprune.ln_structured(r, "weight", amount=k, n=2, dim=0)
-        assert torch.equal(rows, ~r.weight_mask.reshape(g.n, -1).any(1)), g.name
+        w = ref.get_submodule(g.name).weight
+        score = w.reshape(g.n, -1).norm(dim=1) + nxt[g.name].transpose(0, 1).reshape(g.n, -1).norm(dim=1)
+        lowest = torch.zeros(g.n, dtype=torch.bool)
+        lowest[score.argsort()[:k]] = True
+        assert torch.equal(rows, lowest), g.name
         checked += 1
     assert checked == 3  # conv1..conv3; the classifier's outputs are never pruned
 

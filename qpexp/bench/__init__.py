@@ -25,14 +25,17 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def step_args(name: str, doc: str, argv: list[str] | None):
-    """Common options of the per-step benchmarks; sets torch threads and the seed."""
+def step_args(name: str, doc: str, argv: list[str] | None, extra=None):
+    """Common options of the per-step benchmarks (``extra(parser)`` adds a benchmark's own); sets
+    torch threads and the seed."""
     import torch
 
     ap = argparse.ArgumentParser(prog=f"python -m qpexp.bench {name}", description=doc.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
+    if extra is not None:
+        extra(ap)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)

@@ -9,9 +9,12 @@ saying which one was used::
     relative  (nnz + pad) * (b + 4)           (Deep Compression: 4-bit gaps, a filler entry per
                                                16-position run without a nonzero)
 
-Every scale and stored zero point costs 32 bits (a symmetric quantizer's Z = 0 is implicit); every
-tensor left in float (biases, BatchNorm, unpruned float weights) costs 32 bits per element. A tensor
-shared by several layers (tied weights) is stored and counted once. Nothing here changes the model.
+Every scale and stored zero point costs 32 bits (a symmetric quantizer's Z = 0 is implicit), those of
+the graph-level activation quantizers (adds, concatenations, matmuls, pooling) included; every
+tensor left in float (biases, BatchNorm, LayerNorm, position embeddings, unpruned float weights)
+costs 32 bits per element. A raw weight matrix quantized by ``quantize_`` (attention
+``in_proj_weight``) is counted like a layer's weight, at its bit width. A tensor shared by several
+layers (tied weights) is stored and counted once. Nothing here changes the model.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from torch import nn
 
 from qpexp.core.modules import CONV_LINEAR
-from qpexp.core.prune.masks import get_mask
+from qpexp.core.prune.masks import get_mask, is_raw_weight
 from qpexp.core.quant.layers import is_quant_layer
 
 FLOAT_BITS = 32
@@ -39,6 +42,16 @@ class LayerView:
     wq: nn.Module | None
     aq: nn.Module | None
     owner: nn.Module  # the module whose forward computes this layer (a quantization wrapper or the layer)
+    param: str = "weight"  # the weight's parameter name on ``layer`` (``in_proj_weight`` for attention)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return getattr(self.layer, self.param)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The bias added to this weight's product (``in_proj_bias`` for ``in_proj_weight``)."""
+        return getattr(self.layer, self.param.replace("weight", "bias"), None)
 
     @property
     def bits_w(self) -> int:
@@ -55,7 +68,7 @@ class LayerView:
         Computed on a copy of the quantizer, in eval mode: no state changes (a learned step size
         that was never initialized stays so; the copy initializes itself as the first forward would).
         """
-        w = self.layer.weight.detach()
+        w = self.weight.detach()
         if self.wq is None:
             return w
         wq = copy.deepcopy(self.wq).eval()
@@ -63,23 +76,41 @@ class LayerView:
 
 
 def layer_views(model: nn.Module) -> list[LayerView]:
-    """Every conv/linear layer with its weight and input quantizers (None when in float)."""
+    """Every conv/linear layer with its weight and input quantizers (None when in float), then every
+    raw weight matrix (attention ``in_proj_weight``, ...; see :func:`prunable_weights`)."""
     views, wrapped = [], set()
     for name, m in model.named_modules():
         if is_quant_layer(m) and isinstance(m.layer, CONV_LINEAR):
             views.append(LayerView(name, m.layer, m.wq, m.aq, m))
             wrapped.add(id(m.layer))
-        elif isinstance(m, CONV_LINEAR) and id(m) not in wrapped:
-            views.append(LayerView(name, m, None, None, m))
+        elif isinstance(m, CONV_LINEAR):
+            if id(m) not in wrapped:
+                views.append(LayerView(name, m, None, None, m))
+        else:
+            for pname, p in m._parameters.items():
+                wq = getattr(m, f"{pname}_wq", None)  # set by quantize_ for raw weights
+                wq = wq if _is_quantizer(wq) else None
+                if p is not None and (is_raw_weight(pname, p) or wq is not None):
+                    aq = getattr(wq, "_qpexp_input_q", None)  # the quantizer of the input it multiplies
+                    views.append(LayerView(f"{name}.{pname}" if name else pname, m, wq, aq, m, pname))
     return views
+
+
+def _is_quantizer(m) -> bool:
+    return isinstance(m, nn.Module) and hasattr(m, "n_qparams") and hasattr(m, "int_repr")
+
+
+def _quantizer_param_ids(model: nn.Module) -> set[int]:
+    """Parameters of quantizers (learned step sizes): not model parameters."""
+    return {id(p) for m in model.modules() if _is_quantizer(m) for p in m.parameters()}
 
 
 def unique_views(model: nn.Module) -> list[LayerView]:
     """:func:`layer_views` with each weight tensor once (a weight shared by several layers counts once)."""
     seen, out = set(), []
     for v in layer_views(model):
-        if id(v.layer.weight) not in seen:
-            seen.add(id(v.layer.weight))
+        if id(v.weight) not in seen:
+            seen.add(id(v.weight))
             out.append(v)
     return out
 
@@ -136,34 +167,43 @@ def _quantizer_bits(q: nn.Module | None) -> int:
 
 def size_bits(model: nn.Module, detail: bool = False):
     """Total storage in bits of everything needed to run ``model`` (see the module docstring)."""
-    total, rows, counted = 0, {}, set()
+    total, rows, counted, counted_q = 0, {}, set(), set()
     for v in layer_views(model):
-        compressed = v.wq is not None or get_mask(v.layer) is not None
-        if id(v.layer.weight) in counted:  # a tied weight: stored once, with the first layer using it
+        compressed = v.wq is not None or get_mask(v.layer, v.param) is not None
+        if id(v.weight) in counted:  # a tied weight: stored once, with the first layer using it
             t = {"bits": 0, "format": "shared", "n": 0, "nnz": 0}
         elif compressed:
             t = tensor_bits(v.effective_weight(), v.bits_w)
         else:
-            w = v.layer.weight.detach()
+            w = v.weight.detach()
             t = {
                 "bits": w.numel() * FLOAT_BITS,
                 "format": "float",
                 "n": w.numel(),
                 "nnz": int(w.count_nonzero()),
             }
-        qbits = _quantizer_bits(v.wq) + _quantizer_bits(v.aq)
-        has_bias = v.layer.bias is not None and id(v.layer.bias) not in counted
-        bias = v.layer.bias.numel() * FLOAT_BITS if has_bias else 0
+        qbits = sum(_quantizer_bits(q) for q in (v.wq, v.aq) if id(q) not in counted_q)
+        counted_q.update({id(v.wq), id(v.aq)})
+        has_bias = v.bias is not None and id(v.bias) not in counted
+        bias = v.bias.numel() * FLOAT_BITS if has_bias else 0
         rows[v.name] = {**t, "weight_bits": t["bits"], "qparam_bits": qbits, "bias_bits": bias}
         total += t["bits"] + qbits + bias
-        counted.update({id(v.layer.weight), id(v.layer.bias)})
-    counted.update(id(p) for n, p in model.named_parameters() if ".wq." in n or ".aq." in n)
+        counted.update({id(v.weight), id(v.bias)})
+    counted.update(_quantizer_param_ids(model))
     other = sum(p.numel() for p in model.parameters() if id(p) not in counted)
     other += sum(b.numel() for n, b in model.named_buffers() if _is_model_state_buffer(n))
-    total += other * FLOAT_BITS
+    # graph-level activation quantizers (adds, concatenations, matmuls, pooling): their qparams
+    graph_q = sum(
+        _quantizer_bits(m) for m in _unique_modules(model) if _is_quantizer(m) and id(m) not in counted_q
+    )
+    total += other * FLOAT_BITS + graph_q
     if detail:
-        return total, rows, other * FLOAT_BITS
+        return total, rows, other * FLOAT_BITS + graph_q
     return total
+
+
+def _unique_modules(model: nn.Module):
+    return list({id(m): m for m in model.modules()}.values())
 
 
 def _is_model_state_buffer(name: str) -> bool:
@@ -177,7 +217,7 @@ DENSE_PARAMS_ATTR = "qpexp_dense_prunable_params"  # set on a model by physical 
 
 def prunable_params(model: nn.Module) -> int:
     """Number of prunable weights (conv/linear weights; a tied weight once) the model stores now."""
-    return sum(v.layer.weight.numel() for v in unique_views(model))
+    return sum(v.weight.numel() for v in unique_views(model))
 
 
 @torch.no_grad()
@@ -190,7 +230,7 @@ def pruned_fraction(model: nn.Module, dense_params: int | None = None) -> float:
     else the model's own count (which cannot see channels removed by other means). This is the
     record's ``final/sparsity``.
     """
-    kept = sum(int(v.layer.weight.count_nonzero()) for v in unique_views(model))
+    kept = sum(int(v.weight.count_nonzero()) for v in unique_views(model))
     dense = dense_params or getattr(model, DENSE_PARAMS_ATTR, None) or prunable_params(model)
     return 1 - kept / max(dense, 1)
 
@@ -213,15 +253,16 @@ def zero_fraction(model: nn.Module) -> float:
 
 @torch.no_grad()
 def layer_sparsity(model: nn.Module) -> dict[str, float]:
-    return {v.name: float((v.layer.weight == 0).float().mean()) for v in layer_views(model)}
+    return {v.name: float((v.weight == 0).float().mean()) for v in layer_views(model)}
 
 
 @torch.no_grad()
 def count_params(model: nn.Module) -> tuple[int, int]:
     """(total, nonzero) model parameters, quantizer step sizes excluded."""
     total = nonzero = 0
+    quant = _quantizer_param_ids(model)
     for name, p in model.named_parameters():
-        if ".wq." in name or ".aq." in name:
+        if ".wq." in name or ".aq." in name or id(p) in quant:
             continue
         total += p.numel()
         nonzero += int(torch.count_nonzero(p))
@@ -239,10 +280,14 @@ def model_macs(model: nn.Module, example: torch.Tensor) -> dict:
     Unstructured zeros do not reduce MACs (no sparse kernel is assumed); physically removed
     channels do. The forward runs on a copy of the model in eval mode: nothing in ``model`` changes.
     """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     model = copy.deepcopy(model).eval()
-    views = {id(v.owner): v for v in layer_views(model)}
+    views: dict[int, LayerView] = {}
+    for v in layer_views(model):  # one view per module that computes: its ``weight`` if it has one
+        if v.param == "weight" or id(v.owner) not in views:
+            views[id(v.owner)] = v
     per_layer: dict[str, int] = dict.fromkeys((v.name for v in views.values()), 0)
     counter = FlopCounterMode(display=False)
     started: list[int] = []
@@ -257,8 +302,10 @@ def model_macs(model: nn.Module, example: torch.Tensor) -> dict:
     for v in views.values():
         hooks.append(v.owner.register_forward_pre_hook(pre_hook))
         hooks.append(v.owner.register_forward_hook(hook))
+    # the math attention kernel, with autograd on (else nn.MultiheadAttention takes its fused fast path):
+    # FlopCounterMode does not see inside fused attention kernels
     try:
-        with counter:
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), counter:
             model(example[:1])
     finally:
         for h in hooks:

@@ -14,6 +14,7 @@ from qpexp.core.prune.masks import (
     ensure_masks,
     get_mask,
     prunable_layers,
+    prunable_weights,
     set_mask,
     strip_masks,
 )
@@ -63,13 +64,13 @@ def prune_step(
     (``example``, an input sample for tracing the model, is only needed there).
     """
     criterion = criterion or make_criterion(cfg)
-    layers = prunable_layers(model)
-    names = [n for n, _ in layers]
+    layers = prunable_weights(model)
+    names = [n for n, _, _ in layers]
     own = layer_ratios(names, cfg, target)
     scores = {}
-    for name, m in layers:
-        s = criterion(Target(name, m.weight, (grads or {}).get(name, []))).float()
-        mask = get_mask(m)
+    for name, m, pname in layers:
+        s = criterion(Target(name, getattr(m, pname), (grads or {}).get(name, []))).float()
+        mask = get_mask(m, pname)
         if mask is not None:
             s = torch.where(mask == 0, torch.full_like(s, -torch.inf), s)
         scores[name] = s
@@ -86,9 +87,9 @@ def prune_step(
     elif pool:
         r = min(max(goal / n_pool, 0.0), 1.0) if fixed else target  # torch's per-layer rounding
         masks.update(layer_masks({n: scores[n] for n in pool}, dict.fromkeys(pool, r), cfg.min_keep_frac))
-    for name, m in layers:
-        set_mask(m, masks[name])
-    return {name: float((m.weight == 0).float().mean()) for name, m in layers}
+    for name, m, pname in layers:
+        set_mask(m, masks[name], pname)
+    return {name: float((getattr(m, pname) == 0).float().mean()) for name, m, pname in layers}
 
 
 __all__ = [
@@ -101,6 +102,7 @@ __all__ = [
     "set_mask",
     "strip_masks",
     "prunable_layers",
+    "prunable_weights",
     "prune_step",
     "make_criterion",
     "schedule",

@@ -1,49 +1,58 @@
-"""Channel pruning: whole output channels of conv layers and neurons of linear layers.
+"""Channel pruning: whole output channels of conv/linear layers, and whole attention heads.
 
-Torch-Pruning's :class:`~torch_pruning.DependencyGraph` finds, for each prunable root layer, the
-group of parameters coupled to its output channels: the root's weight rows and bias, the following
-BatchNorm's affine parameters and the next layer's input columns (through flatten/reshape too).
+**Groups.** Torch-Pruning's :class:`~torch_pruning.DependencyGraph` finds, for each prunable root
+layer, every parameter slice coupled to its output channels: the root's weight rows and bias, the
+following BatchNorm, every layer that adds into the same residual stream (their rows too), depthwise
+convolutions (in and out channels at once), concatenations (with offsets), flatten/reshape into a
+linear layer, raw per-channel ``nn.Parameter`` tensors, and every consumer's input columns. Each
+``nn.MultiheadAttention`` adds one more group of its own: its heads (see
+:mod:`qpexp.core.prune.attention`); a transformer's MLP width is an ordinary group (fc1 rows, fc2
+columns).
 
-* During fine-tuning a pruned channel is **masked**: every coupled slice gets a zero in a
-  ``<param>_mask`` buffer (``weight_mask``, ``bias_mask``) that :class:`MaskKeeper` re-applies after
-  each optimizer step. The channel's output is then exactly zero and the next layer ignores it.
-* :func:`physically_prune` removes the masked channels with Torch-Pruning (the model becomes smaller
-  and computes the same outputs); it returns the kept channel indices per root layer, which
-  :func:`restore_structure` replays on a freshly built model before its state dict is loaded.
+**Units.** A grouped convolution (``1 < groups < channels``) must keep the same number of channels
+in each of its groups, so channels at the same position of every conv group are removed together;
+a unit is such a set (a single channel everywhere else, one head for attention).
 
-``ratio`` is the fraction of prunable **parameters** (conv/linear weights) removed, counting the
-coupled removals: a channel of layer ``l`` takes its row of ``l`` and its columns of ``l+1``. Channels
-are removed one by one in the scope's order; the step stops at the channel count whose removed
-parameter count is closest to the target (exact counts, realized sparsity returned per layer).
+**Scores.** A unit's importance is the sum, over every conv/linear weight (and raw weight matrix)
+of its group, of the criterion's score of the unit's slices: the root's rows, the rows of every
+layer coupled through residual adds or depthwise convs, and every consumer's columns
+(``criterion(target, dim=0)`` for rows, ``dim=1`` for columns). This is Torch-Pruning's group
+importance with ``group_reduction='sum'``: for L1 it is the L1 norm of everything the unit removes.
 
-Channel scores are the criterion on the root layer's output slice (``criterion(target, dim=0)``: the
-filter's L1/L2 norm, its Taylor estimate ``(sum g w)^2``, FPGM distance, or random).
+**Masks.** During fine-tuning a pruned unit is **masked**: every coupled slice gets a zero in a
+``<param>_mask`` buffer that :class:`MaskKeeper` re-applies after each optimizer step. The unit's
+output is then exactly zero and the consumers ignore it. :func:`physically_prune` removes the masked
+units (Torch-Pruning for channels; :class:`HeadPrunedAttention` for heads), checks that the smaller
+model computes the same logits, and returns the kept indices per group, which
+:func:`restore_structure` replays on a freshly built model before its state dict is loaded.
 
-* ``scope=layer``: every group loses the same fraction ``f`` of its channels (``round(f n)`` each):
-  channels are interleaved by the fraction at which they go, ``(j + 1/2) / n``, so all layers
-  advance together until the parameter target is met.
-* ``scope=global``: one ranking across layers on **per-layer normalised scores**: each channel's
-  score divided by the mean score of its layer's remaining channels. Raw scores are not comparable
-  across layers, and not in one consistent way: filter norms grow with fan-in and with the layer's
-  weight scale (a 5-tap first conv vs a 75-input conv), Taylor estimates differ by orders of
-  magnitude between layers, FPGM distances grow with filter size. Dividing by the layer mean makes
-  every criterion dimensionless (1 = an average channel of its layer), so the global ranking
-  removes channels that are weak *relative to their layer* and prunes more where a layer's scores
-  are spread (a few strong channels, many weak ones). This is also Torch-Pruning's default
-  (``normalizer='mean'``). The parameter cost of each channel enters through the exact count that
-  decides where to stop, not through the ranking.
+**Not pruned, by design** (:func:`analyse` lists them with the reason): the classifier's outputs
+(the classes); channels normalised together (LayerNorm/GroupNorm over the channel axis: removing
+one would change the statistics of the others, so masked and removed models would differ: a
+transformer's residual stream); the embedding dimension of an attention module (its heads are
+pruned instead); channels read through a fixed slice or split (``x[:, :8]``, ``torch.split``,
+``torch.chunk``: the forward code would still cut at the old place). A module that holds
+parameters coupled to a group and that channel pruning does not know how to slice raises
+:class:`ChannelPruningError` naming it; :func:`dry_run` (run before any training) also removes a
+few units of every group from a copy of the model and refuses, naming the group, any construction
+whose removal does not reproduce the masked logits.
 
-No group keeps fewer than ``min_keep_channels`` channels and no layer keeps fewer than
-``keep_minimum(n, min_keep_frac)`` of its weights, so no layer is ever emptied. The final classifier
-(a layer whose outputs reach the model output) is never a root: its outputs are the classes.
+``ratio`` is the fraction of prunable weights (every weight matrix) removed, counting the coupled
+removals. Units are removed one by one in the scope's order; the step stops at the unit whose
+removed parameter count is closest to the target.
 
-Supported: conv/linear (groups=1), BatchNorm, any parameter-free op Torch-Pruning traces (ReLU,
-pooling, flatten, residual adds). Normalisations across channels (LayerNorm, GroupNorm) would not
-give the same outputs once channels are removed and raise ``NotImplementedError``.
+* ``scope=layer``: every group loses the same fraction of its channels.
+* ``scope=global``: one ranking across groups on **per-group normalised scores**: each unit's score
+  divided by the mean score of its group's remaining units (Torch-Pruning's ``normalizer='mean'``),
+  so the ranking removes units that are weak *relative to their group*.
+
+No group keeps fewer than ``min_keep_channels`` channels (heads) and no layer keeps fewer than
+``keep_minimum(n, min_keep_frac)`` of its weights.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -51,21 +60,41 @@ import torch
 from torch import nn
 
 from qpexp.core.modules import CONV, CONV_LINEAR
+from qpexp.core.prune.attention import HeadPrunedAttention, head_slices, is_attention, unsupported
 from qpexp.core.prune.criteria import Target
-from qpexp.core.prune.masks import prunable_layers, strip_masks
+from qpexp.core.prune.masks import prunable_weights, strip_masks
 from qpexp.core.prune.unstructured import keep_minimum
+
+NORMS_ACROSS_CHANNELS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+HEADS = ":heads"  # group name suffix of an attention module's heads
+
+Slice = tuple[nn.Module, str, int, torch.Tensor]  # (module, parameter name, dim, indices)
+
+
+class ChannelPruningError(NotImplementedError):
+    """A construction channel pruning cannot handle; the message names the module."""
 
 
 @dataclass
 class Group:
-    """One root layer's output channels and every parameter slice coupled to each channel."""
+    """One root layer's output channels (or one attention module's heads) and every parameter slice
+    coupled to each channel."""
 
-    name: str
+    name: str  # the root layer, or "<attention module>:heads"
     root: nn.Module
     n: int
-    # per channel: (module, param name, dim, indices)
-    slices: list[list[tuple[nn.Module, str, int, torch.Tensor]]] = field(default_factory=list)
-    touched: set[str] = field(default_factory=set)  # prunable layer names whose weights it changes
+    slices: list[list[Slice]] = field(default_factory=list)  # per channel
+    touched: set[str] = field(default_factory=set)  # prunable weights whose slices it changes
+    units: list[list[int]] = field(default_factory=list)  # channels removed together
+    # weight slices that score the group: (layer name, module, param, dim, member idxs, root idxs, conv groups)
+    scored: list[tuple] = field(default_factory=list)
+    kind: str = "channels"  # or "heads"
+
+
+@dataclass
+class Plan:
+    groups: list[Group]
+    frozen: dict[str, str]  # group name -> why it is not pruned
 
 
 def _tp():
@@ -102,59 +131,187 @@ def _feeds_output(node, seen: set | None = None) -> bool:
     return False
 
 
-def _param_slices(module, handler_name: str) -> list[tuple[str, int]]:
-    """Which parameters of ``module`` a Torch-Pruning handler slices, and along which dim."""
-    if isinstance(module, CONV_LINEAR):
-        if isinstance(module, CONV) and module.groups != 1:
-            raise NotImplementedError(f"channel pruning of grouped convolutions ({module}) is not supported")
-        if "out" in handler_name:
-            return [("weight", 0)] + ([("bias", 0)] if module.bias is not None else [])
-        return [("weight", 1)]
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return [(p, 0) for p in ("weight", "bias") if getattr(module, p, None) is not None]
-    if isinstance(module, nn.Module) and not any(True for _ in module.parameters(recurse=False)):
-        return []
-    raise NotImplementedError(
-        f"channel pruning through {type(module).__name__} is not supported: removing channels would not "
-        "give the same outputs as masking them"
-    )
+def _is_grouped(m: nn.Module) -> bool:
+    """A grouped convolution that is not depthwise (Torch-Pruning prunes depthwise in and out together)."""
+    return isinstance(m, CONV) and m.groups > 1 and not (m.groups == m.out_channels == m.in_channels)
 
 
-def groups(model: nn.Module, example: torch.Tensor, graph=None) -> list[Group]:
-    """Every prunable channel group of ``model``, ordered by the root layer's position in the model."""
+class _Units:
+    """Union-find over a group's channels: channels that must be removed together."""
+
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, members: list[int]) -> None:
+        for a in members[1:]:
+            ra, rb = self.find(members[0]), self.find(a)
+            if ra != rb:
+                self.parent[max(ra, rb)] = min(ra, rb)
+
+    def units(self) -> list[list[int]]:
+        out: dict[int, list[int]] = {}
+        for i in range(len(self.parent)):
+            out.setdefault(self.find(i), []).append(i)
+        return sorted(out.values())
+
+
+def _channel_group(dg, g, names, wnames, params, pdims) -> Group | str:
+    """A Torch-Pruning group as a :class:`Group`, or the reason it is left unpruned."""
     tp = _tp()
+    op = tp.ops.OPTYPE
+    root = g[0].dep.target.module
+    n = dg.get_out_channels(root)
+    grp = Group(names[root], root, n, [[] for _ in range(n)])
+    uf = _Units(n)
+
+    def add(module, pname, dim, idxs, roots, layer_idxs=None, conv_groups=1):
+        layer_idxs = idxs if layer_idxs is None else layer_idxs
+        order = torch.argsort(roots, stable=True)
+        uniq, counts = torch.unique_consecutive(roots[order], return_counts=True)
+        for c, part in zip(uniq.tolist(), torch.split(layer_idxs[order], counts.tolist())):
+            grp.slices[c].append((module, pname, dim, part))
+        w = wnames.get((id(module), pname))
+        if w is not None:
+            grp.touched.add(w)
+            grp.scored.append((w, module, pname, dim, idxs, roots, conv_groups))
+
+    for it in g:
+        t = it.dep.target
+        module = t.module
+        idxs = torch.as_tensor(list(it.idxs), dtype=torch.long)
+        roots = torch.as_tensor(list(it.root_idxs), dtype=torch.long)
+        out = dg.is_out_channel_pruning_fn(it.dep.handler)
+        label = names.get(module, type(module).__name__)
+        if t.type in (op.SLICE, op.SPLIT, op.UNBIND):
+            return "its channels are read through a fixed channel slice or split (x[:, a:b], torch.split, torch.chunk)"
+        if t.type == op.PARAMETER:
+            owner, pname, pfull = params[id(module)]
+            add(owner, pname, pdims.get(id(module), module.dim() - 1), idxs, roots)
+            continue
+        if isinstance(module, CONV_LINEAR):
+            if _is_grouped(module):
+                size = (module.out_channels if out else module.in_channels) // module.groups
+                for pos in torch.unique(idxs % size).tolist():  # one channel per conv group goes together
+                    uf.union(torch.unique(roots[idxs % size == pos]).tolist())
+            if out:
+                add(module, "weight", 0, idxs, roots)
+                if module.bias is not None:
+                    add(module, "bias", 0, idxs, roots)
+            elif _is_grouped(module):
+                size = module.in_channels // module.groups
+                add(module, "weight", 1, idxs, roots, layer_idxs=idxs % size, conv_groups=module.groups)
+            else:
+                add(module, "weight", 1, idxs, roots)
+            continue
+        if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+            for p in ("weight", "bias"):
+                if getattr(module, p, None) is not None:
+                    add(module, p, 0, idxs, roots)
+            continue
+        if isinstance(module, NORMS_ACROSS_CHANNELS):
+            return f"its channels are normalised together by {type(module).__name__} '{label}'"
+        if isinstance(module, nn.MultiheadAttention):
+            return f"they are the embedding dimension of attention '{label}' (its heads are pruned instead)"
+        if isinstance(module, nn.PReLU):
+            if module.num_parameters > 1:
+                add(module, "weight", 0, idxs, roots)
+            continue
+        if isinstance(module, nn.Embedding):
+            add(module, "weight", 1, idxs, roots)
+            continue
+        if isinstance(module, nn.Module) and any(True for _ in module.parameters(recurse=False)):
+            raise ChannelPruningError(
+                f"module '{label}' ({type(module).__name__}) holds parameters coupled to the channels of "
+                f"'{grp.name}' and channel pruning does not know how to slice them"
+            )
+    grp.units = uf.units()
+    return grp
+
+
+def _head_group(name: str, m: nn.Module, wnames) -> Group | str:
+    why = unsupported(m)
+    if why:
+        return why
+    h, per_head = head_slices(m)
+    grp = Group(f"{name}{HEADS}", m, h, [[] for _ in range(h)], kind="heads")
+    for c, sl in enumerate(per_head):
+        for module, pname, dim, idx in sl:
+            grp.slices[c].append((module, pname, dim, idx))
+            w = wnames.get((id(module), pname))
+            if w is not None:
+                grp.touched.add(w)
+                grp.scored.append((w, module, pname, dim, idx, torch.full_like(idx, c), 1))
+    grp.units = [[c] for c in range(h)]
+    return grp
+
+
+def analyse(model: nn.Module, example: torch.Tensor, graph=None) -> Plan:
+    """Every prunable group of ``model`` (ordered by the root's position in the model) and the
+    groups left unpruned by design, with the reason."""
     dg = graph or build_graph(model, example)
     names = {m: n for n, m in model.named_modules()}
-    layer_names = {id(m): n for n, m in prunable_layers(model)}
     order = {n: i for i, n in enumerate(names.values())}
-    out = []
+    wnames = {(id(m), p): n for n, m, p in prunable_weights(model)}
+    params = {}
+    for mname, m in model.named_modules():
+        for pname, p in m._parameters.items():
+            if p is not None:
+                params[id(p)] = (m, pname, f"{mname}.{pname}" if mname else pname)
+    pdims = {id(u.parameters): u.pruning_dim for u in dg.unwrapped_parameters}
+    groups, frozen = [], {}
     for g in dg.get_all_groups(root_module_types=CONV_LINEAR):
-        root = g[0].dep.target.module
         members = [it.dep.target for it in g if dg.is_out_channel_pruning_fn(it.dep.handler)]
         if any(isinstance(nd.module, CONV_LINEAR) and _feeds_output(nd) for nd in members):
             continue  # the classifier (or a layer coupled to it): its outputs are the model's outputs
-        n = dg.get_out_channels(root)
-        grp = Group(names[root], root, n, [[] for _ in range(n)])
-        for it in g:
-            module = it.dep.target.module
-            if it.dep.target.type == tp.ops.OPTYPE.PARAMETER:
-                raise NotImplementedError("channel pruning of bare nn.Parameter tensors is not supported")
-            specs = _param_slices(module, getattr(it.dep.handler, "__name__", ""))
-            if not specs:
-                continue
-            idxs = torch.as_tensor(list(it.idxs), dtype=torch.long)
-            roots = torch.as_tensor(list(it.root_idxs), dtype=torch.long)
-            for c in range(n):
-                sel = idxs[roots == c]
-                if sel.numel():
-                    for pname, dim in specs:
-                        grp.slices[c].append((module, pname, dim, sel))
-            for pname, _ in specs:
-                if pname == "weight" and id(module) in layer_names:
-                    grp.touched.add(layer_names[id(module)])
-        out.append(grp)
-    out.sort(key=lambda grp: order[grp.name])
-    return out
+        grp = _channel_group(dg, g, names, wnames, params, pdims)
+        if isinstance(grp, str):
+            frozen[names[g[0].dep.target.module]] = grp
+        else:
+            groups.append(grp)
+    for name, m in model.named_modules():
+        if is_attention(m) and m.num_heads > 1:
+            grp = _head_group(name, m, wnames)
+            if isinstance(grp, str):
+                frozen[f"{name}{HEADS}"] = grp
+            else:
+                groups.append(grp)
+    groups.sort(key=lambda grp: order[grp.name.removesuffix(HEADS)])
+    return Plan(groups, frozen)
+
+
+def groups(model: nn.Module, example: torch.Tensor, graph=None) -> list[Group]:
+    """Every prunable group of ``model`` (see :func:`analyse`)."""
+    return analyse(model, example, graph).groups
+
+
+@torch.no_grad()
+def group_scores(g: Group, criterion, grads: dict | None = None) -> torch.Tensor:
+    """Per channel of ``g``: the sum of the criterion's scores of its slices in every weight of the group."""
+    total = torch.zeros(g.n)
+    grads = grads or {}
+    for layer, module, pname, dim, idxs, roots, conv_groups in g.scored:
+        w = getattr(module, pname)
+        gr = grads.get(layer, [])
+        if (
+            conv_groups > 1
+        ):  # a grouped conv's input columns: score within the rows of the column's conv group
+            per_out = w.shape[0] // conv_groups
+            per_in = w.shape[1]
+            for j in range(conv_groups):
+                rows = slice(j * per_out, (j + 1) * per_out)
+                s = criterion(Target(layer, w[rows], [x[rows] for x in gr]), dim=1).float()
+                sel = (idxs // per_in) == j
+                total.index_add_(0, roots[sel], s[idxs[sel] % per_in])
+            continue
+        s = criterion(Target(layer, w, gr), dim=dim).float()
+        total.index_add_(0, roots, s[idxs])
+    return total
 
 
 # -- masks ----------------------------------------------------------------------------------------
@@ -164,17 +321,18 @@ class _Masks:
     def __init__(self, model: nn.Module, grps: list[Group]):
         self.t: dict[tuple[int, str], torch.Tensor] = {}
         self.owner: dict[tuple[int, str], tuple[nn.Module, str]] = {}
-        for _, m in prunable_layers(model):
-            self._add(m, "weight")
+        weights = prunable_weights(model)
+        for _, m, p in weights:
+            self._add(m, p)
         self.coupled: set[tuple[int, str]] = set()  # the masks written: parameters in some group
         for g in grps:
             for sl in g.slices:
                 for module, pname, _, _ in sl:
                     self._add(module, pname)
                     self.coupled.add((id(module), pname))
-        self.layers = [(n, self.t[(id(m), "weight")]) for n, m in prunable_layers(model)]
-        self.layer_of = {(id(m), "weight"): n for n, m in prunable_layers(model)}
-        self.alive = {n: int(t.sum()) for n, t in self.layers}  # kept weights per prunable layer
+        self.layers = [(n, self.t[(id(m), p)]) for n, m, p in weights]
+        self.layer_of = {(id(m), p): n for n, m, p in weights}
+        self.alive = {n: int(t.sum()) for n, t in self.layers}  # kept weights per prunable weight
 
     def _add(self, module: nn.Module, pname: str) -> None:
         key = (id(module), pname)
@@ -189,7 +347,7 @@ class _Masks:
         return sum(self.alive.values())
 
     def remove(self, slices) -> list:
-        """Zero a channel's slices (counting each weight once); returns what is needed to undo it."""
+        """Zero slices (counting each weight once); returns what is needed to undo it."""
         undo = []
         for module, pname, dim, idx in slices:
             key = (id(module), pname)
@@ -203,9 +361,10 @@ class _Masks:
 
     def undo(self, undo: list) -> None:
         for key, dim, idx, old in reversed(undo):
-            self.t[key].index_copy_(dim, idx, old)
+            t = self.t[key]
             if key in self.layer_of:
-                self.alive[self.layer_of[key]] += int(old.sum())
+                self.alive[self.layer_of[key]] += int(old.sum() - t.index_select(dim, idx).sum())
+            t.index_copy_(dim, idx, old)
 
     @torch.no_grad()
     def write(self) -> None:
@@ -223,12 +382,21 @@ class _Masks:
             param.mul_(getattr(module, bname))
 
 
+def _channel_mask(g: Group, c: int, masks: _Masks | None) -> torch.Tensor | None:
+    module, pname, dim, idx = g.slices[c][0]
+    t = masks.t.get((id(module), pname)) if masks is not None else getattr(module, f"{pname}_mask", None)
+    return None if t is None else t.index_select(dim, idx)
+
+
 def pruned_channels(g: Group, masks: _Masks | None = None) -> list[int]:
-    """Channels of ``g`` already pruned: their row of the root's weight mask is all zero."""
-    t = masks.t[(id(g.root), "weight")] if masks is not None else getattr(g.root, "weight_mask", None)
-    if t is None:
-        return []
-    return [c for c in range(g.n) if not bool(t[c].any())]
+    """Channels of ``g`` already pruned: their first slice (the root's row, the head's query rows) is
+    all zero in the mask."""
+    out = []
+    for c in range(g.n):
+        t = _channel_mask(g, c, masks) if g.slices[c] else None
+        if t is not None and not bool(t.any()):
+            out.append(c)
+    return out
 
 
 # -- one pruning step ------------------------------------------------------------------------------
@@ -238,7 +406,7 @@ def _own_ratios(grps: list[Group], model: nn.Module, cfg, target: float) -> dict
     group's channels, i.e. a fraction r of that first/last layer's weights."""
     from qpexp.core.prune import layer_ratios
 
-    names = [n for n, _ in prunable_layers(model)]
+    names = [n for n, _, _ in prunable_weights(model)]
     own = layer_ratios(names, cfg, target)
     out: dict[str, float] = {}
     for layer in (names[0], names[-1]) if names else ():
@@ -251,9 +419,10 @@ def _own_ratios(grps: list[Group], model: nn.Module, cfg, target: float) -> dict
     return out
 
 
-def _ranked(g: Group, scores: torch.Tensor, pruned: set[int]) -> list[int]:
-    alive = [c for c in range(g.n) if c not in pruned]
-    return sorted(alive, key=lambda c: float(scores[c]))  # stable: ties keep channel order
+def _ranked_units(g: Group, scores: torch.Tensor, pruned: set[int]) -> list[tuple[float, list[int]]]:
+    """The group's remaining units with their summed scores, weakest first (ties keep channel order)."""
+    alive = [u for u in g.units if not pruned.intersection(u)]
+    return sorted(((float(scores[u].sum()), u) for u in alive), key=lambda t: t[0])
 
 
 @torch.no_grad()
@@ -265,8 +434,9 @@ def channel_prune_step(
     grads: dict[str, list[torch.Tensor]] | None = None,
     example: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Mask whole channels so that a fraction ``target`` of prunable weights is removed (as closely
-    as channels allow). Already-pruned channels stay pruned. Returns each layer's realized sparsity."""
+    """Mask whole channels (heads) so that a fraction ``target`` of prunable weights is removed (as
+    closely as units allow). Already-pruned channels stay pruned. Returns each layer's realized
+    sparsity."""
     from qpexp.core.prune import make_criterion
 
     if example is None:
@@ -279,19 +449,15 @@ def channel_prune_step(
     goal = round(target * total)
 
     state = {g.name: set(pruned_channels(g, masks)) for g in grps}
-    scores = {}
-    for g in grps:
-        s = criterion(Target(g.name, g.root.weight, (grads or {}).get(g.name, [])), dim=0).float()
-        scores[g.name] = s
-
+    scores = {g.name: group_scores(g, criterion, grads) for g in grps}
     min_ch = {g.name: min(g.n, max(cfg.min_keep_channels, 1)) for g in grps}
 
-    def try_remove(g: Group, c: int, limit: int | None) -> str:
-        """Remove channel c of g: 'ok', 'skip' (would empty a layer) or 'stop' (past the target)."""
-        if g.n - len(state[g.name]) <= min_ch[g.name]:
+    def try_remove(g: Group, unit: list[int], limit: int | None) -> str:
+        """Remove a unit of g: 'ok', 'skip' (would empty a layer) or 'stop' (past the target)."""
+        if g.n - len(state[g.name]) - len(unit) < min_ch[g.name]:
             return "skip"
         before = total - masks.kept()
-        undo = masks.remove(g.slices[c])
+        undo = masks.remove([s for c in unit for s in g.slices[c]])
         for name in g.touched:
             if masks.alive[name] < keep_minimum(layer_n[name], cfg.min_keep_frac):
                 masks.undo(undo)
@@ -299,9 +465,9 @@ def channel_prune_step(
         after = total - masks.kept()
         if limit is not None:
             if after > limit and after - limit >= limit - before:
-                masks.undo(undo)  # stopping before this channel is at least as close to the target
+                masks.undo(undo)  # stopping before this unit is at least as close to the target
                 return "stop"
-        state[g.name].add(c)
+        state[g.name].update(unit)
         return "ok" if limit is None or after < limit else "stop"
 
     # groups with their own ratio (first/last layer): a channel count of their own
@@ -310,28 +476,29 @@ def channel_prune_step(
         if g.name not in own:
             continue
         want = min(round(own[g.name] * g.n), g.n)
-        for c in _ranked(g, scores[g.name], state[g.name]):
-            if len(state[g.name]) >= want:
+        for _, u in _ranked_units(g, scores[g.name], state[g.name]):
+            if len(state[g.name]) + len(u) > want:
                 break
-            try_remove(g, c, None)
+            try_remove(g, u, None)
 
     # the shared pool fills the remaining parameter budget, in the scope's order
     pool = [g for g in grps if g.name not in own]
     order = []
     for gi, g in enumerate(pool):
-        ranked = _ranked(g, scores[g.name], state[g.name])
+        ranked = _ranked_units(g, scores[g.name], state[g.name])
         if cfg.scope == "global":
-            alive = scores[g.name][ranked] if ranked else torch.zeros(1)
-            mean = float(alive.mean())
-            keys = [float(scores[g.name][c]) / mean if mean > 0 else float(scores[g.name][c]) for c in ranked]
-        else:  # layer: the group's removed fraction at which this channel goes (round to nearest)
-            p = len(state[g.name])
-            keys = [(p + j + 0.5) / g.n for j in range(len(ranked))]
-        order += [(k, gi, j, g, c) for j, (k, c) in enumerate(zip(keys, ranked))]
+            mean = sum(s for s, _ in ranked) / len(ranked) if ranked else 0.0
+            keys = [s / mean if mean > 0 else s for s, _ in ranked]
+        else:  # layer: the group's removed fraction once this unit goes (its middle, round to nearest)
+            p, keys = len(state[g.name]), []
+            for _, u in ranked:
+                keys.append((p + len(u) / 2) / g.n)
+                p += len(u)
+        order += [(k, gi, j, g, u) for j, (k, (_, u)) in enumerate(zip(keys, ranked))]
     order.sort(key=lambda t: t[:3])
     if total - masks.kept() < goal:
-        for _, _, _, g, c in order:
-            if try_remove(g, c, goal) == "stop":
+        for _, _, _, g, u in order:
+            if try_remove(g, u, goal) == "stop":
                 break
     masks.write()
     return {name: (layer_n[name] - masks.alive[name]) / layer_n[name] for name, _ in masks.layers}
@@ -348,35 +515,47 @@ def _logits(model: nn.Module, example: torch.Tensor) -> torch.Tensor:
         model.train(was)
 
 
-def _prune_groups(model: nn.Module, example: torch.Tensor, kept: dict[str, list[int]]) -> None:
-    dg = build_graph(model, example)
-    for name, keep in kept.items():
-        module = model.get_submodule(name)
-        pruner = dg.get_pruner_of_module(module)
-        n = pruner.get_out_channels(module)
-        drop = sorted(set(range(n)) - {int(c) for c in keep})
-        if drop:
-            dg.get_pruning_group(module, pruner.prune_out_channels, drop).prune(record_history=False)
+def _apply_structure(model: nn.Module, example: torch.Tensor, kept: dict[str, list[int]]) -> None:
+    """Remove every channel not in ``kept`` (Torch-Pruning), then every head not kept (the attention
+    module becomes a :class:`HeadPrunedAttention`)."""
+    channels = {k: v for k, v in kept.items() if not k.endswith(HEADS)}
+    if channels:
+        dg = build_graph(model, example)
+        for name, keep in channels.items():
+            module = model.get_submodule(name)
+            pruner = dg.get_pruner_of_module(module)
+            n = pruner.get_out_channels(module)
+            drop = sorted(set(range(n)) - {int(c) for c in keep})
+            if drop:
+                dg.get_pruning_group(module, pruner.prune_out_channels, drop).prune(record_history=False)
+    for key, keep in kept.items():
+        if not key.endswith(HEADS):
+            continue
+        name = key.removesuffix(HEADS)
+        m = model.get_submodule(name)
+        if len(keep) < m.num_heads:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child,
+                    HeadPrunedAttention.from_attention(m, [int(h) for h in keep]))  # fmt: skip
 
 
 def physically_prune(model: nn.Module, example: torch.Tensor, atol: float = 1e-4) -> dict[str, list[int]]:
-    """Remove every masked channel in place (Torch-Pruning), drop all masks; return the kept channel
-    indices per root layer (``{layer: [kept, ...]}``, plain ints: weights_only-serializable).
+    """Remove every masked channel and head in place, drop all masks; return the kept indices per
+    group (``{root layer or "<attention>:heads": [kept, ...]}``, plain ints: weights_only-serializable).
 
     Checks that the smaller model computes what the masked one did on ``example`` (in eval mode)."""
     _remember_dense_params(model)
     before = _logits(model, example)
-    grps = groups(model, example)
     kept = {}
-    for g in grps:
+    for g in groups(model, example):
         pruned = set(pruned_channels(g))
         if pruned:
             kept[g.name] = [c for c in range(g.n) if c not in pruned]
     strip_masks(model)
-    _prune_groups(model, example, kept)
+    _apply_structure(model, example, kept)
     after = _logits(model, example)
     diff = float((after - before).abs().max()) if after.shape == before.shape else math.inf
-    if diff > atol * max(1.0, float(before.abs().max())):
+    if not diff <= atol * max(1.0, float(before.abs().max())):
         raise RuntimeError(
             f"physically pruned model differs from the masked one (max abs logit diff {diff:.3g})"
         )
@@ -388,7 +567,7 @@ def restore_structure(model: nn.Module, structure: dict[str, list[int]], example
     so that the pruned state dict loads into it."""
     _remember_dense_params(model)
     strip_masks(model)
-    _prune_groups(model, example, dict(structure or {}))
+    _apply_structure(model, example, dict(structure or {}))
 
 
 def _remember_dense_params(model: nn.Module) -> None:
@@ -400,4 +579,80 @@ def _remember_dense_params(model: nn.Module) -> None:
         setattr(model, DENSE_PARAMS_ATTR, prunable_params(model))
 
 
-__all__ = ["channel_prune_step", "physically_prune", "restore_structure", "groups", "Group"]
+# -- the check before training ----------------------------------------------------------------------
+def _members(g: Group) -> str:
+    mods = []
+    for sl in g.slices:
+        for module, *_ in sl:
+            if module not in mods:
+                mods.append(module)
+    return ", ".join(type(m).__name__ for m in mods[:6]) + (", ..." if len(mods) > 6 else "")
+
+
+def _trial(model: nn.Module, example: torch.Tensor, grps: list[Group], frac: float = 0.25) -> str | None:
+    """Mask the weakest ``frac`` of the units of each group in ``grps`` (random scores), remove them:
+    None when the smaller model computes the masked model's logits, else what went wrong."""
+    gen = torch.Generator().manual_seed(0)
+    masks = _Masks(model, grps)
+    for g in grps:
+        units = [g.units[i] for i in torch.randperm(len(g.units), generator=gen).tolist()]
+        budget = max(1, int(frac * g.n)) if g.n > 1 else 0
+        removed = 0
+        for u in units:
+            if removed + len(u) > budget or g.n - removed - len(u) < 1:
+                continue
+            masks.remove([s for c in u for s in g.slices[c]])
+            removed += len(u)
+    masks.write()
+    try:
+        physically_prune(model, example, atol=1e-4)
+    except Exception as e:  # noqa: BLE001 - any failure of the removal is the finding
+        return " ".join(f"{type(e).__name__}: {e}".split())[:300]
+    return None
+
+
+def dry_run(model: nn.Module, example: torch.Tensor) -> dict[str, str]:
+    """Check, on ``model`` (a copy: it is modified), that channel pruning can handle it: analyse the
+    groups, remove a quarter of every group's units and compare with the masked logits. Raises
+    :class:`ChannelPruningError` naming the module(s) it cannot prune; returns the groups left
+    unpruned by design with the reason."""
+    pristine = copy.deepcopy(model)
+    try:
+        plan = analyse(model, example)
+    except ChannelPruningError:
+        raise
+    except Exception as e:  # noqa: BLE001 - tracing failures of any kind
+        raise ChannelPruningError(
+            f"the model cannot be traced for channel pruning: {type(e).__name__}: {e}"
+        ) from None
+    if not any(len(g.units) > 1 for g in plan.groups):
+        why = [f"'{k}': {v}" for k, v in plan.frozen.items()]
+        why += [f"'{g.name}' has a single removable unit of {g.n} channel(s)" for g in plan.groups]
+        raise ChannelPruningError(
+            f"no channel of the model can be removed ({'; '.join(why) or 'no conv/linear layer feeds another'})"
+        )
+    if _trial(model, example, plan.groups) is None:
+        return plan.frozen
+    bad = []
+    for i, g in enumerate(plan.groups):  # find the group(s) that break, one at a time
+        trial = copy.deepcopy(pristine)
+        err = _trial(trial, example, [analyse(trial, example).groups[i]])
+        if err is not None:
+            bad.append(f"'{g.name}' (coupled: {_members(g)}): {err}")
+    what = "; ".join(bad) if bad else "removing channels of several groups together changes the logits"
+    raise ChannelPruningError(f"cannot remove the channels of {what}")
+
+
+__all__ = [
+    "ChannelPruningError",
+    "Group",
+    "Plan",
+    "analyse",
+    "channel_prune_step",
+    "dry_run",
+    "group_scores",
+    "groups",
+    "physically_prune",
+    "pruned_channels",
+    "restore_structure",
+]

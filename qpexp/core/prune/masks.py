@@ -1,4 +1,17 @@
-"""Masks as registered buffers (``<module>.weight_mask``), kept in place after every optimizer step."""
+"""Masks as registered buffers (``<module>.<param>_mask``), kept in place after every optimizer step.
+
+Prunable weights (:func:`prunable_weights`) are every weight *matrix* of the model:
+
+* ``weight`` of every ``nn.Conv1d/2d/3d`` and ``nn.Linear`` (and their subclasses, such as
+  ``nn.MultiheadAttention``'s ``out_proj``);
+* raw ``nn.Parameter`` weights registered on any other module, of two or more dimensions, named
+  ``weight``, ``*_weight`` or ``weight_*``: ``nn.MultiheadAttention.in_proj_weight`` (or
+  ``q/k/v_proj_weight``), ``nn.Embedding.weight``, ``nn.LSTM.weight_ih_l0``, a user module's own
+  ``self.weight = nn.Parameter(...)``. Their layer name is ``<module>.<param>``.
+
+Position embeddings, class tokens and normalisation parameters are not weight matrices and are not
+pruned (they count as float parameters).
+"""
 
 from __future__ import annotations
 
@@ -8,28 +21,53 @@ from torch import nn
 from qpexp.core.modules import CONV_LINEAR
 
 
-def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Conv/linear layers, named as in the unwrapped model (a quantization wrapper's ``.layer`` is
-    dropped)."""
+def _unwrapped(name: str) -> str:
+    return name[: -len(".layer")] if name.endswith(".layer") else name
+
+
+def is_raw_weight(pname: str, p) -> bool:
+    """A raw parameter that is a weight matrix (see the module docstring)."""
+    named = pname == "weight" or pname.endswith("_weight") or pname.startswith("weight_")
+    return p is not None and named and p.dim() >= 2
+
+
+def prunable_weights(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """``(layer name, owner module, parameter name)`` of every prunable weight matrix, in module order."""
     out = []
     for name, m in model.named_modules():
         if isinstance(m, CONV_LINEAR):
-            out.append((name[: -len(".layer")] if name.endswith(".layer") else name, m))
+            out.append((_unwrapped(name), m, "weight"))
+            continue
+        for pname, p in m._parameters.items():
+            if is_raw_weight(pname, p):
+                out.append((f"{name}.{pname}" if name else pname, m, pname))
     return out
 
 
-def get_mask(module: nn.Module) -> torch.Tensor | None:
-    return getattr(module, "weight_mask", None)
+def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Conv/linear layers, named as in the unwrapped model (a quantization wrapper's ``.layer`` is
+    dropped). :func:`prunable_weights` adds raw weight matrices (attention ``in_proj_weight``, ...)."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, CONV_LINEAR):
+            out.append((_unwrapped(name), m))
+    return out
 
 
-def set_mask(module: nn.Module, mask: torch.Tensor) -> None:
-    mask = mask.to(dtype=module.weight.dtype, device=module.weight.device)
-    if get_mask(module) is None:
-        module.register_buffer("weight_mask", mask.clone())
+def get_mask(module: nn.Module, pname: str = "weight") -> torch.Tensor | None:
+    return getattr(module, f"{pname}_mask", None)
+
+
+def set_mask(module: nn.Module, mask: torch.Tensor, pname: str = "weight") -> None:
+    param = getattr(module, pname)
+    mask = mask.to(dtype=param.dtype, device=param.device)
+    old = get_mask(module, pname)
+    if old is None:
+        module.register_buffer(f"{pname}_mask", mask.clone())
     else:
-        module.weight_mask.copy_(mask)
+        old.copy_(mask)
     with torch.no_grad():
-        module.weight.mul_(module.weight_mask)
+        param.mul_(get_mask(module, pname))
 
 
 def ensure_masks(model: nn.Module, state_dict: dict, prefix: str = "") -> None:

@@ -707,12 +707,27 @@ def build(ops: list[dict], arithmetic: str = "integer") -> IntegerModel:
 
 
 # -- the two verbs --------------------------------------------------------------------------------
-def convert(model: nn.Module, path: str | Path | None = None, arithmetic: str = "integer"):
-    """Convert a prepared, calibrated model into an integer model and return it (:class:`IntegerModel`).
+def uses_graph_format(model: nn.Module) -> bool:
+    """Whether :func:`convert` writes ``model`` as a graph (:mod:`.graph_export`): every model but a
+    plain ``nn.Sequential`` without graph-level quantizers, which keeps this per-op format."""
+    return not isinstance(model, nn.Sequential) or getattr(type(model), "_qpexp_specs", None) is not None
+
+
+def convert(
+    model: nn.Module, path: str | Path | None = None, arithmetic: str = "integer", graph: bool | None = None
+):
+    """Convert a prepared, calibrated model into an integer model and return it.
 
     With ``path`` (``.pt`` or ``.npz``) the file is written first and the returned model is read
-    back from it; without, it is built from the same bytes in memory.
+    back from it; without, it is built from the same bytes in memory. ``graph=None`` picks the
+    format (:func:`uses_graph_format`): an :class:`IntegerModel` of this module's op list for
+    ``nn.Sequential`` models, else a graph file and its ``fx.GraphModule``
+    (:mod:`qpexp.core.quant.graph_export`); ``graph=True`` forces the graph format.
     """
+    if graph or (graph is None and uses_graph_format(model)):
+        from qpexp.core.quant.graph_export import convert_graph
+
+        return convert_graph(model, path, arithmetic)
     was = model.training
     model.eval()
     try:
@@ -725,9 +740,13 @@ def convert(model: nn.Module, path: str | Path | None = None, arithmetic: str = 
     return load(save_package(header, blob, path), arithmetic)
 
 
-def load(path: str | Path, arithmetic: str = "integer") -> IntegerModel:
-    """Rebuild the runnable integer model from a file written by :func:`convert`."""
+def load(path: str | Path, arithmetic: str = "integer"):
+    """Rebuild the runnable integer model from a file written by :func:`convert` (either format)."""
     header, blob = read_package(path)
+    if json.loads(header).get("format") != FORMAT:
+        from qpexp.core.quant.graph_export import decode_graph, load_graph_model
+
+        return load_graph_model(decode_graph(header, blob), arithmetic)
     return build(decode(header, blob), arithmetic)
 
 
@@ -738,4 +757,14 @@ def load_ops(path: str | Path) -> list[dict]:
     return decode(header, blob)
 
 
-__all__ = ["convert", "load", "load_ops", "model_ir", "encode", "decode", "package_stats", "IntegerModel"]
+__all__ = [
+    "convert",
+    "uses_graph_format",
+    "load",
+    "load_ops",
+    "model_ir",
+    "encode",
+    "decode",
+    "package_stats",
+    "IntegerModel",
+]

@@ -26,6 +26,15 @@ class QuantLayer(nn.Module):
         self.wq = wq
         self.aq = aq
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped layer's (latent, float) weight: code that reads ``.weight`` keeps working."""
+        return self.layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.layer.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.aq is not None:
             x = self.aq(x)
@@ -52,10 +61,32 @@ def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, CONV_LINEAR)]
 
 
+def fold_pair(conv: nn.Module, bn: nn.Module) -> None:
+    """Fold ``bn`` (eval statistics) into the conv that feeds it, in place.
+
+    ``w' = w * gamma / sqrt(var + eps)``, ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``.
+    """
+    with torch.no_grad():
+        std = torch.sqrt(bn.running_var + bn.eps)
+        gamma = bn.weight if bn.affine else torch.ones_like(std)
+        beta = bn.bias if bn.affine else torch.zeros_like(std)
+        factor = gamma / std
+        conv.weight.mul_(factor.reshape(-1, *([1] * (conv.weight.dim() - 1))))
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(std)
+        new_bias = (bias - bn.running_mean) * factor + beta
+        if conv.bias is None:
+            conv.bias = nn.Parameter(new_bias)
+        else:
+            conv.bias.copy_(new_bias)
+        if hasattr(conv, "weight_mask"):
+            conv.weight.mul_(conv.weight_mask)
+
+
 def fold_batchnorm_(model: nn.Module) -> int:
     """Fold every BatchNorm that directly follows a conv in a Sequential into that conv; returns count.
 
-    ``w' = w * gamma / sqrt(var + eps)``, ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``.
+    (``quantize_`` folds every conv -> BN pair of the traced graph, in any model; this is the
+    per-Sequential rule it falls back to when the model cannot be traced.)
     """
     folded = 0
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
@@ -64,20 +95,7 @@ def fold_batchnorm_(model: nn.Module) -> int:
             conv, bn = seq._modules[a], seq._modules[b]
             if not (isinstance(conv, CONV) and isinstance(bn, nn.modules.batchnorm._BatchNorm)):
                 continue
-            with torch.no_grad():
-                std = torch.sqrt(bn.running_var + bn.eps)
-                gamma = bn.weight if bn.affine else torch.ones_like(std)
-                beta = bn.bias if bn.affine else torch.zeros_like(std)
-                factor = gamma / std
-                conv.weight.mul_(factor.reshape(-1, *([1] * (conv.weight.dim() - 1))))
-                bias = conv.bias if conv.bias is not None else torch.zeros_like(std)
-                new_bias = (bias - bn.running_mean) * factor + beta
-                if conv.bias is None:
-                    conv.bias = nn.Parameter(new_bias)
-                else:
-                    conv.bias.copy_(new_bias)
-                if hasattr(conv, "weight_mask"):
-                    conv.weight.mul_(conv.weight_mask)
+            fold_pair(conv, bn)
             seq._modules[b] = nn.Identity()
             folded += 1
     return folded
@@ -99,21 +117,47 @@ def layer_weight_bits(cfg: QuantConfig, names: list[str]) -> dict[str, int]:
     return bits
 
 
-def quantize_(model: nn.Module, cfg: QuantConfig) -> nn.Module:
-    """Prepare ``model`` in place for QAT or PTQ: fold BN, then wrap each conv/linear layer.
+def quantize_(model: nn.Module, cfg: QuantConfig, example=None) -> nn.Module:
+    """Prepare ``model`` in place for QAT or PTQ (torchao style: this is the prepare phase,
+    :func:`qpexp.core.quant.convert` the convert phase). Returns the model.
 
-    Returns the model. Weight quantizers act per output channel (axis 0) when configured so.
+    The model is traced with torch.fx (:mod:`qpexp.core.quant.graph`): BatchNorm is folded into
+    every conv that feeds it, each conv/linear layer is wrapped in a :class:`QuantLayer` (weight
+    quantizer, per output channel when configured so, and input quantizer), raw weight parameters
+    (attention ``in_proj_weight``, ...) get weight quantizers, and adds, concatenations, matmuls and
+    average pooling get activation quantizers. ``example`` (a batch, or a tuple of inputs) checks the
+    trace against the eager forward. A model fx cannot trace falls back, with a warning, to
+    per-layer wrapping and BatchNorm folding inside ``nn.Sequential``. What was done (folded
+    BatchNorms, graph quantizers, ``float_ops``) is in ``model._qpexp_quant_info``.
     """
+    from qpexp.core.quant import graph
+
     cfg.validate()
-    if cfg.fold_bn:
-        fold_batchnorm_(model)
+    try:
+        plan = graph.analyse(model, cfg, example)
+    except graph.TraceFailure as e:
+        graph.warn_untraced(e)
+        plan = None
+        if cfg.fold_bn:
+            fold_batchnorm_(model)
     layers = quantizable_layers(model)
-    bits = layer_weight_bits(cfg, [n for n, _ in layers])
+    layer_names = [n for n, _ in layers]
+    names = plan.weight_names(model, layer_names) if plan is not None else layer_names
+    bits = layer_weight_bits(cfg, names)
     for name, layer in layers:
         wspec = QuantSpec(**{**cfg.weight.__dict__, "bits": bits[name]})
         wq = make_quantizer(wspec, is_weight=True, channels=layer.weight.shape[0])
         aq = make_quantizer(cfg.act, is_weight=False)
         model.set_submodule(name, QuantLayer(layer, wq, aq))
+    if plan is not None:
+        try:
+            info = graph.instrument_(model, cfg, plan, bits)
+        except graph.TraceFailure as e:
+            graph.warn_untraced(e)
+            info = {"graph": f"untraced: {e}", "float_ops": ["(untraced model)"]}
+    else:
+        info = {"graph": "untraced", "float_ops": ["(untraced model)"]}
+    model._qpexp_quant_info = info
     return model
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qpexp.core.prune.criteria import Target, slice_view
-from qpexp.core.prune.masks import prunable_layers
+from qpexp.core.prune.masks import prunable_weights
 
 
 def weight_grads(model: nn.Module, batches, n_batches: int) -> dict[str, list[torch.Tensor]]:
@@ -23,8 +23,8 @@ def weight_grads(model: nn.Module, batches, n_batches: int) -> dict[str, list[to
     the pass leaves it as it found it: every buffer (BatchNorm running statistics, observers) is
     restored and the gradients are cleared.
     """
-    layers = prunable_layers(model)
-    grads: dict[str, list[torch.Tensor]] = {n: [] for n, _ in layers}
+    weights = prunable_weights(model)
+    grads: dict[str, list[torch.Tensor]] = {n: [] for n, _, _ in weights}
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     try:
         with torch.enable_grad():
@@ -33,8 +33,11 @@ def weight_grads(model: nn.Module, batches, n_batches: int) -> dict[str, list[to
                     break
                 model.zero_grad(set_to_none=True)
                 F.cross_entropy(model(x), y).backward()
-                for n, m in layers:
-                    grads[n].append(m.weight.grad.detach().clone())
+                for n, m, pname in weights:
+                    g = getattr(m, pname).grad
+                    grads[n].append(
+                        g.detach().clone() if g is not None else torch.zeros_like(getattr(m, pname))
+                    )
     finally:
         model.zero_grad(set_to_none=True)
         with torch.no_grad():

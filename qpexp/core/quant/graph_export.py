@@ -1,0 +1,792 @@
+"""Convert and export any traceable prepared model: the integer file as a graph, and ONNX QDQ.
+
+The per-op list of :mod:`qpexp.core.quant.export` covers ``nn.Sequential`` models; this module
+covers every model ``quantize_`` could trace (residual networks, MobileNets, transformers, a
+user's model). One mechanism, no per-model code:
+
+**The file** (``format: qpexp.intgraph/1``, same container as the op list: a zlib-compressed JSON
+header and one byte blob, ``.npz`` or ``.pt``, no pickle). The prepared model is traced with
+torch.fx down to torch functions (:class:`qpexp.core.quant.graph.Tracer`, ``mode="export"``:
+only quantizers are leaves; BatchNorm in eval mode becomes ``F.batch_norm``). Each node becomes
+one JSON entry:
+
+* ``input``; ``const`` (a parameter or buffer used as is: biases, LayerNorm, position embeddings,
+  unfolded BatchNorm, float32 in the blob);
+* ``qweight``: a weight quantizer applied to a parameter (a conv/linear weight or a raw weight
+  such as ``in_proj_weight``): integer codes in the layout the accounting chooses (dense, bitmask,
+  relative indices; a pruned weight over its mask), scales, zero points, exactly as the op-list
+  format stores a layer's weight;
+* ``quant``: an activation quantizer (scale, zero point, range; log schemes their ``max|x|``);
+* ``call`` / ``method``: a torch function or tensor method, by name, with its arguments (node
+  references and JSON literals: numbers, strings, slices, dtypes, tuples, lists).
+
+Loading resolves functions only from an allow-list of namespaces (``torch``,
+``torch.nn.functional``, ``torch._C._nn``, ``operator``, ``math``, the attention mask helper) with
+file, process and serialization functions refused, tensor methods only by public name, ``getattr``
+only for shape/dtype/device; nothing in a file can run other code. :func:`load_graph` rebuilds an
+``fx.GraphModule``: ``arithmetic="float"`` dequantizes with the fake-quantize kernel's arithmetic
+and reproduces the prepared model's logits bit for bit; ``arithmetic="integer"`` computes every
+``F.linear``/``F.conv*``/``matmul`` whose operands are linear-quantized as an exact integer
+accumulation (float64, checked below 2^53) rescaled by ``S_x S_w`` (or ``S_a S_b``).
+
+**ONNX** (:func:`onnx_graph_model`): the loaded graph exported with ``torch.onnx.export(...,
+dynamo=False)`` (TorchScript exporter: every torch op it knows, Softmax, LayerNormalization, Gelu,
+Reshape, ...), where each ``quant`` node emits ``QuantizeLinear``/``DequantizeLinear`` (a ``Clip``
+first when the range is narrower than the container) and each ``qweight`` emits its codes as an
+integer initializer behind ``DequantizeLinear`` (per channel on the quantizer's axis). A
+post-pass sets the exact containers (INT4/UINT4 for widths up to 4, INT8/UINT8, INT16/UINT16)
+and bumps the opset to 21. 8-bit signed weight codes are stored as uint8 with zero point 128
+(``q + 128``; "u8u8"): onnxruntime's u8s8 QLinearConv saturates int16 pairs in ``vpmaddubsw`` on
+AVX2 CPUs without VNNI and gives wrong results, u8u8 is exact and still fuses.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import operator
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from qpexp.core.quant import export as E
+from qpexp.core.quant.graph import is_quantizer, prepare_info, root_site
+from qpexp.core.quant.linear import LinearQuantizer, fake_quant_scalar
+from qpexp.core.quant.log import _bcast
+
+FORMAT = "qpexp.intgraph/1"
+EXACT_INT = 2**53
+
+# -- what a file may call -------------------------------------------------------------------------
+NAMESPACES = {
+    "torch": torch,
+    "torch.nn.functional": F,
+    "torch._C._nn": torch._C._nn,
+    "operator": operator,
+    "math": math,
+}
+ONLY = {  # namespaces of which only these names are allowed
+    "builtins": {"getattr"},
+    "torch.fx._symbolic_trace": {"_assert_is_none"},
+    "qpexp.core.quant.traceable": {"mask_scores"},
+}
+REFUSED = {
+    "load", "save", "from_file", "from_numpy", "compile", "hub", "jit", "set_default_device",
+    "set_default_dtype", "set_default_tensor_type", "set_printoptions", "manual_seed", "seed",
+    "set_num_threads", "set_num_interop_threads", "set_grad_enabled", "use_deterministic_algorithms",
+    "set_rng_state", "attrgetter", "methodcaller", "itemgetter", "call", "setitem", "delitem",
+    "set_warn_always", "autograd", "library", "ops", "classes",
+}  # fmt: skip
+REFUSED_METHODS = {
+    "numpy", "tolist", "storage", "untyped_storage", "data_ptr", "register_hook", "backward",
+    "share_memory_", "pin_memory", "cuda", "set_", "resize_", "record_stream", "apply_", "map_",
+    "map2_", "new_tensor", "item",
+}  # fmt: skip
+GETATTR_OK = {"shape", "T", "mT", "ndim", "dtype", "device", "data"}
+
+
+def _fn_name(fn) -> str:
+    mod = getattr(fn, "__module__", None) or ""
+    mod = {"_operator": "operator"}.get(mod, mod)
+    name = getattr(fn, "__name__", "")
+    if mod in ("torch", "") and getattr(torch, name, None) is fn:
+        mod = "torch"
+    if _resolve(f"{mod}.{name}", strict=False) is not fn:
+        for ns_name, ns in NAMESPACES.items():
+            if getattr(ns, name, None) is fn:
+                mod = ns_name
+                break
+        else:
+            raise NotImplementedError(
+                f"convert: function {mod}.{name} is not in the allow-list of the file format"
+            )
+    return f"{mod}.{name}"
+
+
+def _resolve(qualified: str, strict: bool = True):
+    mod, _, name = qualified.rpartition(".")
+    ok = (
+        (mod in NAMESPACES or name in ONLY.get(mod, ()))
+        and name not in REFUSED
+        and not (name.startswith("_") and mod not in ONLY)
+    )
+    if not ok:
+        if strict:
+            raise ValueError(f"the file calls {qualified!r}, which is not allowed")
+        return None
+    ns = NAMESPACES.get(mod) or importlib.import_module(mod)
+    fn = getattr(ns, name, None)
+    if fn is None or isinstance(fn, type(math)) or not callable(fn):
+        if strict:
+            raise ValueError(f"the file calls {qualified!r}, which is not a function")
+        return None
+    return fn
+
+
+def _check_method(name: str) -> str:
+    dunder = name.startswith("__") and name.endswith("__") and hasattr(operator, name)
+    if name in REFUSED_METHODS or (name.startswith("_") and not dunder) or not hasattr(torch.Tensor, name):
+        raise ValueError(f"the file calls tensor method {name!r}, which is not allowed")
+    return name
+
+
+# -- arguments <-> JSON ---------------------------------------------------------------------------
+def _enc(a, index: dict, where: str):
+    if isinstance(a, fx.Node):
+        return {"$n": index[a]}
+    if isinstance(a, bool) or a is None or isinstance(a, (int, str)):
+        return a
+    if isinstance(a, float):
+        return a if math.isfinite(a) else {"$f": repr(a)}
+    if isinstance(a, tuple):
+        return {"$t": [_enc(x, index, where) for x in a]}
+    if isinstance(a, list):
+        return [_enc(x, index, where) for x in a]
+    if isinstance(a, dict):
+        return {"$d": [[k, _enc(v, index, where)] for k, v in a.items()]}
+    if isinstance(a, slice):
+        return {"$s": [_enc(x, index, where) for x in (a.start, a.stop, a.step)]}
+    if a is Ellipsis:
+        return {"$e": 1}
+    if isinstance(a, torch.dtype):
+        return {"$dt": str(a).removeprefix("torch.")}
+    if isinstance(a, torch.device):
+        return {"$dev": str(a)}
+    if isinstance(a, torch.memory_format):
+        return {"$mf": str(a).removeprefix("torch.")}
+    raise NotImplementedError(f"convert: {where}: argument of type {type(a).__name__} cannot be stored")
+
+
+def _dec(a, nodes: list):
+    if isinstance(a, list):
+        return [_dec(x, nodes) for x in a]
+    if not isinstance(a, dict):
+        return a
+    (k, v), *_ = a.items()
+    if k == "$n":
+        return nodes[v]
+    if k == "$f":
+        return float(v)
+    if k == "$t":
+        return tuple(_dec(x, nodes) for x in v)
+    if k == "$d":
+        return {kk: _dec(vv, nodes) for kk, vv in v}
+    if k == "$s":
+        return slice(*(_dec(x, nodes) for x in v))
+    if k == "$e":
+        return Ellipsis
+    if k == "$dt":
+        dt = getattr(torch, v, None)
+        if not isinstance(dt, torch.dtype):
+            raise ValueError(f"unknown dtype {v!r} in the file")
+        return dt
+    if k == "$dev":
+        return torch.device(v)
+    if k == "$mf":
+        mf = getattr(torch, v, None)
+        if not isinstance(mf, torch.memory_format):
+            raise ValueError(f"unknown memory format {v!r} in the file")
+        return mf
+    raise ValueError(f"unknown argument encoding {k!r} in the file")
+
+
+# -- the prepared model as a node list ------------------------------------------------------------
+def _attr(model, target):
+    obj = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def export_graph(model: nn.Module) -> fx.Graph:
+    """The prepared model (eval mode) traced down to torch functions, quantizers as leaves."""
+    from qpexp.core.quant.graph import TraceFailure, _trace_with_retries
+
+    was = model.training
+    model.eval()
+    try:
+        try:
+            ranks = prepare_info(model).get("ranks") or {}
+            graph, leaves = _trace_with_retries(
+                model, root_site(model, ranks), "export", set(), "", False, ranks=ranks
+            )
+        except TraceFailure as e:
+            raise NotImplementedError(f"convert: {e}") from e
+    finally:
+        model.train(was)
+    if leaves:
+        raise NotImplementedError(f"convert: cannot trace {sorted(leaves)} down to torch functions")
+    return graph
+
+
+def graph_ir(model: nn.Module, quantized: bool = True) -> list[dict]:
+    """The node list with numpy tensors (what the file stores, decoded). ``quantized=False``: the
+    float model under the quantizers (latent weights, no activation quantization)."""
+    graph = export_graph(model)
+    modules = dict(model.named_modules())
+    index: dict[fx.Node, int] = {}
+    out: list[dict] = []
+    was = model.training
+    model.eval()
+    try:
+        for n in graph.nodes:
+            where = f"node {n.name}"
+            if n.op == "get_attr":
+                users = list(n.users)
+                weight_only = users and all(
+                    u.op == "call_module" and getattr(modules[u.target], "is_weight", False) for u in users
+                )
+                if weight_only and quantized:
+                    continue  # stored as the qweight of its quantizer
+                t = _attr(model, n.target).detach()
+                arr = E._np(t.float() if t.is_floating_point() else t)
+                entry = {"op": "const", "name": n.target, "value": arr}
+            elif n.op == "placeholder":
+                entry = {"op": "input", "name": n.target}
+            elif n.op == "call_module":
+                q = modules[n.target]
+                if not is_quantizer(q):
+                    raise NotImplementedError(
+                        f"convert: {n.target}: module {type(q).__name__} was not traced"
+                    )
+                src = n.args[0]
+                if not quantized:
+                    index[n] = index[src]
+                    continue
+                if getattr(q, "is_weight", False):
+                    if not (isinstance(src, fx.Node) and src.op == "get_attr"):
+                        raise NotImplementedError(
+                            f"convert: {n.target}: a weight quantizer on a computed tensor"
+                        )
+                    owner, _, pname = src.target.rpartition(".")
+                    owner_m = _attr(model, owner) if owner else model
+                    shim = SimpleNamespace(
+                        weight=_attr(model, src.target), weight_mask=getattr(owner_m, f"{pname}_mask", None)
+                    )
+                    entry = {
+                        "op": "qweight",
+                        "name": src.target,
+                        "quantizer": n.target,
+                        "weight": E._weight_ir(shim, q),
+                    }
+                else:
+                    entry = {"op": "quant", "name": n.target, "input": index[src], "act": E._act_ir(q)}
+            elif n.op == "call_function":
+                if n.target is getattr and n.args[1] not in GETATTR_OK:
+                    raise NotImplementedError(f"convert: {where}: getattr {n.args[1]!r}")
+                entry = {
+                    "op": "call",
+                    "fn": _fn_name(n.target),
+                    "args": _enc(n.args, index, where),
+                    "kwargs": _enc(dict(n.kwargs), index, where),
+                }
+            elif n.op == "call_method":
+                _check_method(n.target)
+                entry = {
+                    "op": "method",
+                    "fn": n.target,
+                    "args": _enc(n.args, index, where),
+                    "kwargs": _enc(dict(n.kwargs), index, where),
+                }
+            elif n.op == "output":
+                entry = {"op": "output", "args": _enc(n.args[0], index, where)}
+            else:
+                raise NotImplementedError(f"convert: {where}: op {n.op}")
+            index[n] = len(out)
+            out.append(entry)
+    finally:
+        model.train(was)
+    return out
+
+
+def encode_graph(nodes: list[dict]) -> tuple[str, np.ndarray]:
+    blob = E._Blob()
+    out = []
+    for node in nodes:
+        o = {}
+        for k, v in node.items():
+            if k == "weight":
+                o[k] = E._encode_weight(v, blob)
+            elif k == "act":
+                o[k] = {
+                    kk: (blob.add_array(vv) if isinstance(vv, np.ndarray) else vv) for kk, vv in v.items()
+                }
+            elif isinstance(v, np.ndarray):
+                o[k] = blob.add_array(v)
+            else:
+                o[k] = v
+        out.append(o)
+    header = json.dumps({"format": FORMAT, "nodes": out}, separators=(",", ":"))
+    return header, np.frombuffer(b"".join(blob.parts), dtype=np.uint8).copy()
+
+
+def decode_graph(header: str, blob: np.ndarray) -> list[dict]:
+    meta = json.loads(header)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"not a {FORMAT} file (format={meta.get('format')!r})")
+    nodes = []
+    for o in meta["nodes"]:
+        node = {}
+        for k, v in o.items():
+            if k == "weight":
+                node[k] = E._decode_weight(v, blob)
+            elif k == "act":
+                node[k] = {
+                    kk: (E._decode_segment(blob, vv) if isinstance(vv, dict) else vv) for kk, vv in v.items()
+                }
+            elif isinstance(v, dict) and "offset" in v and k == "value":
+                node[k] = E._decode_segment(blob, v)
+            else:
+                node[k] = v
+        nodes.append(node)
+    return nodes
+
+
+# -- the runnable model ---------------------------------------------------------------------------
+def _container(bits: int, signed: bool) -> tuple[str, int, int]:
+    """(ONNX element type name, its width, code shift) of the QDQ type holding ``bits``-bit codes.
+
+    8-bit codes always travel as uint8, signed ones shifted by +128 with their zero point (the
+    same values; onnxruntime's u8s8 kernels saturate int16 on CPUs without VNNI, u8u8 is exact)."""
+    if bits <= 4:
+        return ("INT4" if signed else "UINT4"), 4, 0
+    if bits <= 8:
+        return "UINT8", 8, 128 if signed else 0
+    return ("INT16" if signed else "UINT16"), 16, 0
+
+
+class _QDQ(torch.autograd.Function):
+    """In ONNX export: ``[Clip] -> QuantizeLinear -> DequantizeLinear`` (container marked for the post-pass)."""
+
+    @staticmethod
+    def forward(
+        ctx, x, scale: float, zero: int, qmin: int, qmax: int, elem: str, lo: int, hi: int, shift: int
+    ):
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero, qmin, qmax)
+
+    @staticmethod
+    def symbolic(g, x, scale, zero, qmin, qmax, elem, lo, hi, shift):
+        s = g.op("Constant", value_t=torch.tensor(scale, dtype=torch.float32))
+        z = g.op(
+            "Constant", value_t=torch.tensor(zero + shift, dtype=torch.int32)
+        )  # retyped by the post-pass
+        if (qmin, qmax) != (lo, hi):
+            f32 = np.float32
+            cmin = g.op(
+                "Constant", value_t=torch.tensor(float(f32(scale) * f32(qmin - zero)), dtype=torch.float32)
+            )
+            cmax = g.op(
+                "Constant", value_t=torch.tensor(float(f32(scale) * f32(qmax - zero)), dtype=torch.float32)
+            )
+            x = g.op("Clip", x, cmin, cmax)
+        q = g.op("QuantizeLinear", x, s, z, qpexp_elem_s=elem, qpexp_zero_i=zero)
+        return g.op("DequantizeLinear", q, s, z, qpexp_elem_s=elem, qpexp_zero_i=zero)
+
+
+class _DQ(torch.autograd.Function):
+    """In ONNX export: ``DequantizeLinear(codes initializer)`` (container marked for the post-pass)."""
+
+    @staticmethod
+    def forward(ctx, codes, w_hat, scale, zero, axis: int, elem: str):
+        return w_hat.clone()
+
+    @staticmethod
+    def symbolic(g, codes, w_hat, scale, zero, axis, elem):
+        attrs = {"qpexp_elem_s": elem}
+        if axis is not None and axis >= 0:
+            attrs["axis_i"] = axis
+        return g.op("DequantizeLinear", codes, scale, zero, **attrs)
+
+
+class IntQuant(nn.Module):
+    """An activation quantizer from the file: fake quantization with the stored scale and zero point
+    (torch's kernel: the prepared model's numbers), or the log scheme's codes."""
+
+    def __init__(self, act: dict):
+        super().__init__()
+        self.spec = {k: v for k, v in act.items() if not isinstance(v, np.ndarray)}
+        self.scheme = act["scheme"]
+        self.quantized = True
+        if self.scheme == "linear":
+            self.scale = float(np.float32(act["scale"].reshape(-1)[0]))
+            self.zero = 0 if act.get("zero_point") is None else int(act["zero_point"].reshape(-1)[0])
+            self.qmin, self.qmax = int(act["qmin"]), int(act["qmax"])
+            self.elem, cbits, self.shift = _container(act["bits"], self.qmin < 0)
+            signed = self.elem.startswith("INT")
+            lo, hi = (-(2 ** (cbits - 1)), 2 ** (cbits - 1) - 1) if signed else (0, 2**cbits - 1)
+            self.lo, self.hi = lo - self.shift, hi - self.shift  # the container's range, unshifted
+        else:
+            self.alog = E._log_quantizer(act, False, 1)
+            self.register_buffer("a_max", torch.from_numpy(act["max_abs"]).float())
+
+    def forward(self, x):
+        if not self.quantized:
+            return x
+        if self.scheme != "linear":
+            m = _bcast(self.a_max.clamp_min(1e-30), x, self.alog.per_channel, 0)
+            return self.alog.dequantize(self.alog.codes(x, m), m)
+        if torch.onnx.is_in_onnx_export():
+            return _QDQ.apply(
+                x, self.scale, self.zero, self.qmin, self.qmax, self.elem, self.lo, self.hi, self.shift
+            )
+        # the prepared quantizer's own function: the same kernel choice, the same output strides
+        return fake_quant_scalar(x, self.scale, self.zero, self.qmin, self.qmax)
+
+    def codes(self, x):
+        """Integer codes minus the zero point of a value this quantizer produced (exact)."""
+        return torch.round(x.double() / self.scale)
+
+    def extra_repr(self):
+        return f"{self.scheme}, bits={self.spec['bits']}"
+
+
+class IntWeight(nn.Module):
+    """A quantized weight from the file: codes, scales and zero points; returns the dequantized
+    weight (the fake-quantize kernel's ``(q - Z) S``)."""
+
+    def __init__(self, w: dict):
+        super().__init__()
+        self.spec = {k: v for k, v in w.items() if not isinstance(v, np.ndarray)}
+        self.scheme = w["scheme"]
+        self.quantized = True
+        t = torch.from_numpy
+        shape = w["shape"]
+        self.axis = int(w.get("ch_axis", 0)) if w.get("per_channel") else None
+        if self.scheme == "float":
+            self.register_buffer("w_hat", t(w["values"]).float())
+            return
+        codes = t(np.asarray(w["codes"])).to(torch.int32)
+        self.register_buffer("codes", codes)
+        if w.get("mask") is not None:
+            self.register_buffer("mask", t(w["mask"]))
+        bshape = [1] * len(shape)
+        if self.axis is not None:
+            bshape[self.axis] = -1
+        if self.scheme == "linear":
+            scale = t(w["scale"]).float().reshape(bshape if self.axis is not None else [])
+            zero = (
+                t(w["zero_point"]).float().reshape(scale.shape)
+                if w.get("zero_point") is not None
+                else torch.zeros(())
+            )
+            self.register_buffer("w_scale", scale)
+            self.register_buffer("w_zero", zero)
+            self.register_buffer("w_hat", (codes.float() - zero) * scale)
+            # the ONNX container: codes - qmin fit; 8-bit signed codes go as uint8 + 128 (u8u8)
+            self.elem, _, shift = _container(w["bits"], w["qmin"] < 0)
+            self.register_buffer("onnx_codes", (codes + shift).to(torch.int32))
+            n = int(scale.numel())
+            zero_i = zero.reshape(-1).round().to(torch.int32).expand(n).clone() + shift
+            per = self.axis is not None
+            self.register_buffer("onnx_zero", zero_i if per else zero_i.reshape([]))
+            self.register_buffer(
+                "onnx_scale", scale.reshape(-1).clone() if per else scale.reshape([]).clone()
+            )
+        else:
+            self.wlog = E._log_quantizer(w, True, shape[0])
+            m = t(w["max_abs"]).float()
+            self.register_buffer("w_max", m)
+            with torch.no_grad():
+                self.register_buffer(
+                    "w_hat",
+                    self.wlog.dequantize(codes.float(), _bcast(m, codes, w["per_channel"], self.axis or 0)),
+                )
+
+    def forward(self):
+        if self.quantized and self.scheme == "linear" and torch.onnx.is_in_onnx_export():
+            axis = -1 if self.axis is None else self.axis
+            return _DQ.apply(self.onnx_codes, self.w_hat, self.onnx_scale, self.onnx_zero, axis, self.elem)
+        return self.w_hat
+
+    def extra_repr(self):
+        return f"{self.scheme}, bits={self.spec.get('bits', 32)}, layout={self.spec.get('layout')}"
+
+
+INT_OPS = {"linear", "conv1d", "conv2d", "conv3d", "matmul", "bmm", "mm"}
+
+
+class IntAccum(nn.Module):
+    """``F.linear``/``F.conv*``/``matmul`` on linear-quantized operands as an exact integer
+    accumulation (float64 holds every integer below 2^53) rescaled once by the two scales."""
+
+    def __init__(self, fn, a: nn.Module, b: nn.Module):
+        super().__init__()
+        self.fn = fn
+        self.a, self.b = a, b  # IntQuant or IntWeight (not registered again: no state of their own)
+
+    def forward(self, x, w, *rest, **kwargs):
+        xa = self.a.codes(x)
+        if isinstance(self.b, IntWeight):
+            wb = self.b.codes.double() - self.b.w_zero.double()
+            sb = self.b.w_scale.double()
+        else:
+            wb, sb = self.b.codes(w), torch.tensor(self.b.scale, dtype=torch.float64)
+        bias = rest[0] if rest else kwargs.pop("bias", None)
+        acc = (
+            self.fn(xa, wb, None, *rest[1:], **kwargs)
+            if bias is not None or rest
+            else self.fn(xa, wb, **kwargs)
+        )
+        name = getattr(self.fn, "__name__", "")
+        sa = torch.tensor(self.a.scale, dtype=torch.float64)
+        if isinstance(self.b, IntWeight) and self.b.axis is not None:
+            if name == "linear" or name.startswith("conv"):
+                shape = [1, -1] + [1] * (acc.dim() - 2) if name.startswith("conv") else [-1]
+            else:  # x @ W with W per output column
+                shape = [-1]
+            y = acc * (sa * sb.reshape(-1)).reshape(shape)
+        else:
+            y = acc * (sa * sb.reshape([]))
+        if float(acc.abs().max()) >= EXACT_INT:
+            raise OverflowError("integer accumulation above 2^53")
+        y = y.float()
+        if bias is not None:
+            y = y + (bias.reshape(1, -1, *([1] * (y.dim() - 2))) if name.startswith("conv") else bias)
+        return y
+
+
+def load_graph_model(nodes: list[dict], arithmetic: str = "float") -> fx.GraphModule:
+    """The runnable model of a decoded node list (an ``fx.GraphModule`` over allow-listed calls)."""
+    if arithmetic not in ("float", "integer"):
+        raise ValueError(f"arithmetic={arithmetic!r}: use 'integer' or 'float'")
+    root = nn.Module()
+    graph = fx.Graph()
+    env: list = []
+    qmods: dict[int, nn.Module] = {}
+    for i, node in enumerate(nodes):
+        op = node["op"]
+        if op == "input":
+            env.append(graph.placeholder(str(node["name"]).replace(".", "_") or f"input{i}"))
+        elif op == "const":
+            root.register_buffer(f"c{i}", torch.from_numpy(np.asarray(node["value"]).copy()))
+            env.append(graph.get_attr(f"c{i}"))
+        elif op == "qweight":
+            qmods[i] = IntWeight(node["weight"])
+            root.add_module(f"w{i}", qmods[i])
+            env.append(graph.call_module(f"w{i}", ()))
+        elif op == "quant":
+            qmods[i] = IntQuant(node["act"])
+            root.add_module(f"q{i}", qmods[i])
+            env.append(graph.call_module(f"q{i}", (env[node["input"]],)))
+        elif op in ("call", "method"):
+            args, kwargs = _dec(node["args"], env), _dec(node["kwargs"], env)
+            if op == "method":
+                env.append(graph.call_method(_check_method(node["fn"]), tuple(args), dict(kwargs)))
+                continue
+            fn = _resolve(node["fn"])
+            if fn is getattr and args[1] not in GETATTR_OK:
+                raise ValueError(f"the file reads attribute {args[1]!r}")
+            acc = _integer_op(fn, node, nodes, qmods) if arithmetic == "integer" else None
+            if acc is not None:
+                root.add_module(f"acc{i}", acc)
+                env.append(graph.call_module(f"acc{i}", tuple(args), dict(kwargs)))
+            else:
+                env.append(graph.call_function(fn, tuple(args), dict(kwargs)))
+        elif op == "output":
+            graph.output(_dec(node["args"], env))
+            env.append(None)
+        else:
+            raise ValueError(f"unknown node {op!r} in the file")
+    gm = fx.GraphModule(root, graph, class_name="IntegerGraphModel")
+    return gm.eval()
+
+
+def _integer_op(fn, node, nodes, qmods) -> IntAccum | None:
+    name = getattr(fn, "__name__", "")
+    if name not in INT_OPS:
+        return None
+    refs = [a["$n"] for a in node["args"]["$t"][:2] if isinstance(a, dict) and "$n" in a]
+    if len(refs) != 2:
+        return None
+    a, b = (qmods.get(r) for r in refs)
+    linear_q = isinstance(a, IntQuant) and a.scheme == "linear"
+    ok_b = (isinstance(b, IntWeight) and b.scheme == "linear") or (
+        isinstance(b, IntQuant) and b.scheme == "linear"
+    )
+    if not (linear_q and ok_b):
+        return None
+    if isinstance(b, IntWeight) and b.axis is not None:
+        # per-channel scales must lie on the output axis of the product
+        ndim = b.codes.dim()
+        out_axis = 0 if name == "linear" or name.startswith("conv") else ndim - 1
+        if b.axis != out_axis:
+            return None
+    return IntAccum(fn, a, b)
+
+
+def set_quantized(gm: nn.Module, quantized: bool) -> None:
+    """``False``: activation quantizers pass through and weights are their dequantized values (the
+    float reference model for latency)."""
+    for m in gm.modules():
+        if isinstance(m, (IntQuant, IntWeight)):
+            m.quantized = quantized
+
+
+# -- ONNX -----------------------------------------------------------------------------------------
+def onnx_graph_model(gm: nn.Module, example: torch.Tensor, quantized: bool = True, opset: int = 21):
+    """The ONNX model of a loaded graph (see the module doc). Returns ``(ModelProto, info)``; info
+    lists the containers and what runs at a wider width than its codes."""
+    import io
+    import warnings
+
+    import onnx
+    from onnx import TensorProto as TP
+    from onnx import helper, numpy_helper
+
+    info = {"weight_containers": [], "act_containers": [], "simulated": []}
+    for m in gm.modules():
+        if isinstance(m, IntQuant) and quantized:
+            if m.scheme != "linear":
+                raise NotImplementedError(f"ONNX QDQ cannot express {m.scheme} activation codes")
+            info["act_containers"].append(m.elem.lower())
+            if _container(m.spec["bits"], m.qmin < 0)[1] != m.spec["bits"]:
+                info["simulated"].append(f"{m.spec['bits']}-bit activations run in {m.elem.lower()}")
+        if isinstance(m, IntWeight) and quantized and m.scheme != "float":
+            if m.scheme != "linear":
+                raise NotImplementedError(f"ONNX QDQ cannot express {m.scheme} weight codes")
+            elem, cbits, _ = _container(m.spec["bits"], m.spec["qmin"] < 0)
+            info["weight_containers"].append(elem.lower())
+            if cbits != m.spec["bits"]:
+                info["simulated"].append(f"{m.spec['bits']}-bit weights run in {elem.lower()}")
+    set_quantized(gm, quantized)
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                gm,
+                (example,),
+                buf,
+                dynamo=False,
+                opset_version=min(opset, 20),
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
+                do_constant_folding=False,
+            )
+    finally:
+        set_quantized(gm, True)
+    model = onnx.load_from_string(buf.getvalue())
+    # containers: the post-pass the symbolic functions marked
+    inits = {t.name: t for t in model.graph.initializer}
+    consts = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
+
+    def retype(name: str, elem: int, shift: int = 0):
+        if name in inits:
+            arr = numpy_helper.to_array(inits[name]).astype(np.int64) + shift
+            new = helper.make_tensor(name, elem, list(arr.shape), arr.reshape(-1).tolist())
+            inits[name].CopyFrom(new)
+        elif name in consts:
+            node = consts[name]
+            attr = next(a for a in node.attribute if a.name == "value")
+            arr = numpy_helper.to_array(attr.t).astype(np.int64) + shift
+            attr.t.CopyFrom(helper.make_tensor(name, elem, list(arr.shape), arr.reshape(-1).tolist()))
+        else:
+            raise RuntimeError(f"ONNX post-pass: {name} is neither an initializer nor a constant")
+
+    identity = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Identity"}
+
+    def own(name: str, suffix: str) -> str:
+        """The node's own copy of an initializer the exporter deduplicated behind Identity nodes."""
+        src = name
+        while src in identity:
+            src = identity[src]
+        if src == name or src not in inits:
+            return name
+        copy = onnx.TensorProto()
+        copy.CopyFrom(inits[src])
+        copy.name = f"{name}__{suffix}"
+        model.graph.initializer.append(copy)
+        inits[copy.name] = model.graph.initializer[-1]
+        return copy.name
+
+    done = set()
+    for k, n in enumerate(model.graph.node):
+        marks = {a.name: a for a in n.attribute if a.name.startswith("qpexp_")}
+        if not marks:
+            continue
+        elem = getattr(TP, marks["qpexp_elem"].s.decode())
+        for a in marks.values():
+            n.attribute.remove(a)
+        slots = [2] + ([0] if n.op_type == "DequantizeLinear" and n.input[0] not in consts else [])
+        for slot in slots:
+            if slot == 0 and not (n.input[0] in inits or n.input[0] in identity):
+                continue  # an activation's DQ: its input is the Q's output
+            n.input[slot] = own(n.input[slot], str(k))
+            if n.input[slot] not in done:
+                retype(n.input[slot], elem)
+                done.add(n.input[slot])
+    # the deduplication Identity nodes nothing reads any more (their initializers were copied)
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    dead = [n for n in model.graph.node if n.op_type == "Identity" and n.output[0] not in used]
+    for n in dead:
+        model.graph.node.remove(n)
+    del model.opset_import[:]
+    model.opset_import.extend([helper.make_opsetid("", opset)])
+    model.ir_version = 10
+    model.producer_name = "qpexp"
+    onnx.checker.check_model(model)
+    return model, info
+
+
+# -- the file -------------------------------------------------------------------------------------
+def convert_graph(model: nn.Module, path: str | Path | None = None, arithmetic: str = "float"):
+    """Write the prepared model as a graph file (``.npz``/``.pt``) and return the loaded model."""
+    header, blob = encode_graph(graph_ir(model))
+    if path is None:
+        return load_graph_model(decode_graph(header, blob), arithmetic)
+    E.save_package(header, blob, path)
+    return load_graph(path, arithmetic)
+
+
+def load_graph(path: str | Path, arithmetic: str = "float") -> fx.GraphModule:
+    header, blob = E.read_package(path)
+    return load_graph_model(decode_graph(header, blob), arithmetic)
+
+
+def is_graph_file(path: str | Path) -> bool:
+    header, _ = E.read_package(path)
+    return json.loads(header).get("format") == FORMAT
+
+
+def graph_package_stats(path: str | Path) -> dict:
+    """Where the bytes of a graph file go (as :func:`qpexp.core.quant.export.package_stats`)."""
+    import zlib
+
+    path = Path(path)
+    header, blob = E.read_package(path)
+    meta = json.loads(header)
+    predicted = 0
+    for node in meta["nodes"]:
+        if "weight" in node:
+            w = node["weight"]
+            predicted += (
+                w["payload_bits"] if w["scheme"] != "float" or w["pruned"] else math.prod(w["shape"]) * 32
+            )
+            for k in ("scale", "zero_point", "max_abs"):
+                if w.get(k):
+                    predicted += 8 * w[k]["nbytes"]
+        if node.get("act"):
+            predicted += sum(8 * s["nbytes"] for s in node["act"].values() if isinstance(s, dict))
+        if isinstance(node.get("value"), dict):
+            predicted += 8 * node["value"]["nbytes"]
+    head = len(zlib.compress(header.encode(), 9))
+    size = path.stat().st_size
+    return {
+        "file_bytes": size,
+        "payload_bytes": int(blob.size),
+        "header_bytes": head,
+        "container_bytes": size - int(blob.size) - head,
+        "accounted_payload_bits": int(predicted),
+    }
+
+
+def act_quantizer_of(model: nn.Module):
+    """Every activation quantizer of the prepared model, for calibration checks."""
+    return [m for m in model.modules() if isinstance(m, LinearQuantizer) and not m.is_weight]
