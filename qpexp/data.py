@@ -220,7 +220,9 @@ class ArrayDataModule(L.LightningDataModule):
         return TensorLoader(x, y, bs, shuffle=train if shuffle is None else shuffle, seed=self.seed)
 
     def train_dataloader(self):
-        return self.loader("train")
+        from qpexp.distributed import shard_train_loader
+
+        return shard_train_loader(self.loader("train"), self.trainer)  # DDP: this rank's share
 
     def val_dataloader(self):
         return self.loader("val")

@@ -35,6 +35,7 @@ from qpexp.core.modules import clone_state
 from qpexp.core.prune import ensure_masks
 from qpexp.core.quant import quantize_
 from qpexp.core.quant.graph import float_ops
+from qpexp.distributed import finish_stage, stage_entry
 from qpexp.frontier import ACCURACY_STANDS
 from qpexp.io import atomic_write_json, read_json, safe_torch_load
 from qpexp.schema import plain_config, prune_config, quant_config, validate
@@ -125,6 +126,8 @@ def fit(module, dm, epochs: int, work_dir: Path, logger, trainer_cfg: dict) -> f
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from qpexp.callbacks import progress_bar_enabled
+
     start = time.perf_counter()
     # every epoch overwrites work_dir/last.ckpt (monitor=None, top-1); Lightning 2.6 writes `save_last`
     # only when a top-k checkpoint was saved in the same step, so save_top_k=0 would save it only at the end
@@ -133,7 +136,7 @@ def fit(module, dm, epochs: int, work_dir: Path, logger, trainer_cfg: dict) -> f
     opts = {
         "accelerator": "cpu",
         "devices": 1,
-        "enable_progress_bar": False,
+        "enable_progress_bar": progress_bar_enabled(),  # interactive single runs only
         "enable_model_summary": False,
         "num_sanity_val_steps": 0,
         "log_every_n_steps": 1,
@@ -219,7 +222,7 @@ class Pipeline:
     # each stage: reuse the cache entry, else train it and fill the entry
     def _stage(self, name: str, module_fn, epochs: int, dm, model, record: dict) -> dict:
         start = time.perf_counter()
-        with self.cache.entry(name, self.keys[name]) as entry:
+        with stage_entry(self.cache, name, self.keys[name]) as entry:  # DDP: rank 0 writes
             loaded = entry.load_or_discard()  # None: missing, or damaged (moved aside, warned: retrain)
             hit = loaded is not None
             if hit:
@@ -252,7 +255,7 @@ class Pipeline:
                 state.update(getattr(module, "stage_state", lambda: {})())
                 entry.save(state, meta)
                 for f in entry.work.glob("*.ckpt"):
-                    f.unlink()
+                    f.unlink(missing_ok=True)  # DDP: every rank clears the same folder
         record[f"{name}/val_acc"] = meta["val_acc"]
         record[f"{name}/test_acc"] = meta["test_acc"]
         record[f"{name}/best_epoch"] = meta["best_epoch"]
@@ -262,6 +265,7 @@ class Pipeline:
         record[f"train_seconds/{name}"] = meta["train_seconds"]
         record[f"seconds/{name}"] = time.perf_counter() - start
         record[f"artifacts/{name}"] = str(entry.path)
+        record.update(finish_stage(name, model))  # DDP: every rank holds the same model
         # each stage's model, counted as the final one; the last stage's count is the final record
         snap = self.last_measure = self.measure(model, self.example, self.dense_bits)
         for k in (

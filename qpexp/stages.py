@@ -17,8 +17,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from qpexp.core.accounting import layer_sparsity, sparsity
 from qpexp.core.modules import clone_state
 from qpexp.core.prune import MaskKeeper, PruneConfig, ensure_masks, make_criterion, prune_step, schedule
-from qpexp.core.prune.criteria.taylor import weight_grads
 from qpexp.core.prune.masks import strip_masks
+from qpexp.distributed import rank_batches, reduce_weight_grads, sync_masks, sync_quant_state
 
 
 class DivergenceError(RuntimeError):
@@ -218,7 +218,8 @@ class PruneStage(Stage):
         if not getattr(self.criterion, "needs_grads", False):
             return None
         loader = self.trainer.datamodule.loader("train", shuffle=True)
-        return weight_grads(self.model, loader, self.cfg.taylor_batches)  # BatchNorm statistics kept
+        # BatchNorm statistics kept; under DDP each rank its share, averaged per batch across ranks
+        return reduce_weight_grads(self.model, loader, self.cfg.taylor_batches)
 
     def _example(self) -> torch.Tensor:
         """One input sample, for pruners that trace the model (channel pruning)."""
@@ -233,6 +234,7 @@ class PruneStage(Stage):
         self.layer_sparsity = self.pruner(
             self.model, self.cfg, target, self.criterion, grads, example=self._example()
         )
+        sync_masks(self.model)  # DDP: rank 0's masks everywhere (the same, from reduced scores)
         self.done_step = step
         if self.rewind_state is not None:
             masks = {k: v for k, v in self.model.state_dict().items() if k.endswith("_mask")}
@@ -384,10 +386,9 @@ class QATStage(Stage):
         for m in self.model.modules():  # observers update in training mode only
             if hasattr(m, "min_val") or hasattr(m, "max_abs"):
                 m.train()
-        for i, (x, _) in enumerate(loader):
-            if i >= self.calib_batches:
-                break
+        for x, _ in rank_batches(loader, self.calib_batches):  # DDP: each rank its share
             self.model(x)
+        sync_quant_state(self.model, init=True)  # DDP: ranges and LSQ steps reduced across ranks
         self.model.train(was)
         from qpexp.core.quant.layers import warn_symmetric_nonnegative
 
@@ -396,3 +397,7 @@ class QATStage(Stage):
     def on_fit_start(self):
         if self.current_epoch == 0 and not self.trainer.ckpt_path:
             self.calibrate(self.trainer.datamodule.loader("train", shuffle=False))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        sync_quant_state(self.model)  # DDP: observer ranges of every rank's batch (no-op otherwise)
