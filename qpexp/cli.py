@@ -37,6 +37,20 @@ if not OmegaConf.has_resolver("qpexp_point"):
     OmegaConf.register_new_resolver("qpexp_point", point_dirname)
 
 
+def register_plugins() -> None:
+    """qpexp's Hydra sweeper (``hydra/sweeper=qpexp_optuna``, ``sweep=optuna``), registered here too:
+    Hydra's plugin scan does not see a namespace package that an editable install maps."""
+    from hydra.core.plugins import Plugins
+
+    import hydra_plugins.qpexp_optuna_sweeper.config  # noqa: F401 (the config group option)
+    from hydra_plugins.qpexp_optuna_sweeper.optuna_sweeper import QpexpOptunaSweeper
+
+    Plugins.instance().register(QpexpOptunaSweeper)
+
+
+register_plugins()
+
+
 def summary_table(record: dict) -> str:
     head = (
         f"{'stage':<9} {'val acc':>8} {'test acc':>8} {'sparsity':>8} {'bits w/a':>9} "
@@ -98,6 +112,13 @@ def run_job(cfg: DictConfig) -> dict:
         record.update(status="failed", error=f"{type(e).__name__}: {error_line(e)}")
         write_record(run_dir, record)
         return record
+    from qpexp.distributed import ddp_session, env_rank
+
+    # a DDP rank that the cluster started (SLURM tasks, torchrun): trains along, writes nothing
+    if env_rank() != 0:
+        pipeline.cfg.export.enabled = False
+        with ddp_session(pipeline):
+            return pipeline.run()
     from qpexp.tracking import make_tracker
 
     name = hc.job.override_dirname or None
@@ -108,7 +129,9 @@ def run_job(cfg: DictConfig) -> dict:
     pipeline.logger = tracker.logger
     ok = False
     try:
-        record.update(pipeline.run())
+        with ddp_session(pipeline) as ddp:  # trainer=ddp: starts (or joins) the other ranks
+            record.update(pipeline.run())
+            record.update(ddp.record())
         ok = True
     except Exception as e:
         user = is_user_error(e)  # bad data, a model that refuses the data's shape, ...

@@ -19,6 +19,10 @@ def sweep_points(config: DictConfig) -> list[list[str]]:
     params = OmegaConf.select(config, "hydra.sweeper.params") or {}
     overrides = [f"{k}={v}" for k, v in params.items()]
     overrides += list(OmegaConf.select(config, "hydra.overrides.task") or [])
+    if "qpexp_optuna_sweeper" in str(OmegaConf.select(config, "hydra.sweeper._target_") or ""):
+        from hydra_plugins.qpexp_optuna_sweeper.optuna_sweeper import check_points
+
+        return check_points(overrides)  # every value of the search space in some point
     parsed = OverridesParser.create().parse_overrides(overrides)
     return [point for batch in BasicSweeper.split_arguments(parsed, None) for point in batch]
 

@@ -1,0 +1,1 @@
+"""qpexp's Hydra sweeper for multi-objective search with Optuna (``hydra/sweeper=qpexp_optuna``)."""
