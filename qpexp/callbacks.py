@@ -164,12 +164,12 @@ def sweep_counts(state: Path) -> dict | None:
 
 
 def progress_line(c: dict) -> str:
-    """``[sweep] 7/18 done, 1 failed, 2 running (3 reused), 42 s``."""
+    """``[sweep] 7/18 done, 1 failed (3 reused), 2 running, 42 s``."""
     total = c["total"] if c["total"] is not None else "?"
-    msg = f"[sweep] {c['done']}/{total} done, {c['failed']} failed, {c['running']} running"
+    msg = f"[sweep] {c['done']}/{total} done, {c['failed']} failed"
     if c["reused"]:
         msg += f" ({c['reused']} reused)"
-    return f"{msg}, {c['seconds']:.0f} s"
+    return f"{msg}, {c['running']} running, {c['seconds']:.0f} s"
 
 
 class _Watcher:
@@ -213,7 +213,7 @@ class SweepProgress(Callback):
     At the start of a multirun it counts the points (as the basic sweeper expands them; a sweeper
     with ``n_trials`` counts those) into ``<sweep dir>/.qpexp/progress.json``; each job appends its
     start and its outcome to this run's log there, and the progress is printed as
-    ``[sweep] 7/18 done, 1 failed, 2 running (3 reused), 42 s``: by each finishing job (joblib's
+    ``[sweep] 7/18 done, 1 failed (3 reused), 2 running, 42 s``: by each finishing job (joblib's
     workers print to the console), and by the sweep's own process whenever it changes for launchers
     whose jobs print elsewhere (submitit; every ``$QPEXP_PROGRESS_INTERVAL`` seconds, default 5). A
     point whose complete record was reused counts as done. Each job that has no ``threads`` set (and

@@ -152,6 +152,8 @@ def ddp_session(pipeline):
         return
     backend = "nccl" if _uses_cuda(pipeline.trainer_cfg) else "gloo"
     ext = _external_world()
+    if ext is None:
+        _check_local_world(pipeline.trainer_cfg, world, backend)
     session = Session(world, saved_env={k: os.environ.get(k) for k in ENV_KEYS})
     # Lightning sets torch's thread count to cores / processes unless OMP_NUM_THREADS is set: keep qpexp's
     os.environ.setdefault(
@@ -167,13 +169,6 @@ def ddp_session(pipeline):
             env = SLURMEnvironment()
             addr, port = env.main_address, env.main_port
     else:  # rank 0 of a job: start the other ranks on this node
-        if int(pipeline.trainer_cfg.get("num_nodes", 1) or 1) > 1:
-            from qpexp.errors import ConfigError
-
-            raise ConfigError(
-                "trainer.num_nodes > 1 needs one process per device started by the cluster "
-                "(SLURM: hydra.launcher.tasks_per_node=DEVICES, hydra.launcher.nodes=NODES; or torchrun)"
-            )
         r, local, addr, port = 0, 0, "127.0.0.1", _free_port()
         env = {"MASTER_ADDR": addr, "MASTER_PORT": str(port), "WORLD_SIZE": str(world), "NODE_RANK": "0"}
         session.procs = _start_ranks(pipeline, world, env)
@@ -201,6 +196,19 @@ def ddp_session(pipeline):
             dist.destroy_process_group()
         _SHARD_DATA = True
         _end(session, ok)
+
+
+def _check_local_world(trainer_cfg: dict, world: int, backend: str) -> None:
+    """The ranks qpexp starts itself live on this node (one GPU each with NCCL)."""
+    from qpexp.errors import ConfigError
+
+    if int(trainer_cfg.get("num_nodes", 1) or 1) > 1:
+        raise ConfigError(
+            "trainer.num_nodes > 1 needs one process per device started by the cluster "
+            "(SLURM: hydra.launcher.tasks_per_node=DEVICES, hydra.launcher.nodes=NODES; or torchrun)"
+        )
+    if backend == "nccl" and torch.cuda.device_count() < world:
+        raise ConfigError(f"trainer.devices={world}: this node has {torch.cuda.device_count()} GPU(s)")
 
 
 def _start_ranks(pipeline, world: int, env: dict) -> list[subprocess.Popen]:
