@@ -184,6 +184,7 @@ def validate(cfg: DictConfig) -> DictConfig:
         if not isinstance(node, DictConfig) or "_target_" not in node:
             raise ConfigError(f"{key}: needs a config with _target_ (choose one with {key}=NAME)")
     _check_target("model", t.model)  # imports torch only
+    check_data_path(t.data)  # a missing file is refused before the data module (Lightning) is imported
     _check_target("data", t.data)  # the data module imports Lightning: checked last
     return t
 

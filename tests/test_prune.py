@@ -145,13 +145,19 @@ def channel_walk(arch: str, kept: list[int], order: list[int], goal: int) -> lis
 
 def l1_global_order(model, pool: list[int]) -> list[int]:
     """The order in which scope=global removes the remaining channels of the layers ``pool``: each
-    filter's L1 norm divided by the mean of its layer's remaining filters, lowest first (ties: layer
-    order, then channel order); one entry (the layer index) per channel."""
+    channel's group score (the L1 norm of its filter plus that of the next layer's input columns it
+    feeds, Torch-Pruning's group importance) divided by the mean of its group's remaining channels,
+    lowest first (ties: layer order, then channel order); one entry (the layer index) per channel."""
     layers = [m for _, m in prunable_layers(model)]
     keys = []
     for layer in pool:
         w = layers[layer].weight.detach()
+        nxt = layers[layer + 1].weight.detach()
         s = w.abs().reshape(w.shape[0], -1).sum(1)
+        if nxt.dim() == 2 and w.dim() > 2:  # through Flatten: each channel feeds L columns, channel-major
+            s = s + nxt.abs().reshape(nxt.shape[0], w.shape[0], -1).sum((0, 2))
+        else:
+            s = s + nxt.abs().transpose(0, 1).reshape(w.shape[0], -1).sum(1)
         alive = [c for c in range(w.shape[0]) if bool((w[c] != 0).any())]
         mean = float(s[alive].mean())
         ranked = sorted(alive, key=lambda c: float(s[c]))

@@ -217,7 +217,7 @@ def test_frontier_wandb_run_holds_the_table(sweep):
     assert run["group"] == "tinysweep"
     assert "frontier/table/_type" in run["history_keys"]
     assert "frontier/best_ratio_within_1pt" in run["summary"] and "frontier/hypervolume" in run["summary"]
-    (table,) = [f for f in run["files"] if str(f).endswith(".table.json")]
+    (table,) = [f for f in run["files"] if str(f).endswith(".table.json") and "frontier/table_" in str(f)]
     data = json.loads(next((sweep["sweep"] / "wandb").glob(f"offline-run-*/{table}")).read_text())
     assert len(data["data"]) == 6 and "final/test_acc" in data["columns"]  # 5 points + the dense row
 
