@@ -468,7 +468,14 @@ def _onnx_check(model, path: Path, x, y, dm, cfg, out_dir: Path, record: dict) -
         # ORT rounds float biases to int32 (scale S_x S_w) so that it can fuse integer kernels; where it
         # fuses none (sub-8-bit or narrow-range activations) that rounding only adds error: keep them float
         qs = ort_session(qmodel, threads, opt_path, disabled=["WeightBiasQuantization"])
-    fs = ort_session(fmodel, threads)
+    return onnx_results(
+        model, qs, ort_session(fmodel, threads), x, y, dm, cfg, record, info, qpath, kernels, bias_quantized
+    )
+
+
+def onnx_results(model, qs, fs, x, y, dm, cfg, record, info, qpath, kernels, bias_int32: bool) -> dict:
+    """Run the QDQ session ``qs`` on the test split beside the fake-quantized ``model``, time it
+    against the float session ``fs``: the ``deploy/onnx_*`` record keys (per-layer and graph formats)."""
     batch = min(len(y), getattr(dm, "batch_size", 100))
     eval_batch = getattr(dm, "eval_batch_size", 1000)
     pred = _predictions(lambda xb: qs.run(None, {"input": xb.numpy()})[0], x, eval_batch)
@@ -485,7 +492,7 @@ def _onnx_check(model, path: Path, x, y, dm, cfg, out_dir: Path, record: dict) -
         "deploy/fp32_onnx_latency_ms": lat["f"],
         "deploy/latency_batch_size": batch,
         "deploy/onnx_integer_kernels": len(kernels),
-        "deploy/onnx_bias_int32": bias_quantized,
+        "deploy/onnx_bias_int32": bias_int32,
         "deploy/onnx_weight_container": ",".join(sorted(set(info["weight_containers"]))) or "float",
         "deploy/onnx_act_container": ",".join(sorted(set(info["act_containers"]))) or "float",
         "deploy/simulated_only": bool(simulated),

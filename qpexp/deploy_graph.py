@@ -89,7 +89,7 @@ def _roundtrip(model, path: Path, x: torch.Tensor, y: torch.Tensor, batch: int) 
 
 
 def _onnx_check(model, path: Path, x, y, dm, cfg, out_dir: Path, record: dict) -> dict:
-    from qpexp.deploy import _latency, _predictions, integer_kernels, ort_session
+    from qpexp.deploy import integer_kernels, onnx_results, ort_session
 
     if not getattr(cfg, "onnx", True):
         return {
@@ -119,33 +119,9 @@ def _onnx_check(model, path: Path, x, y, dm, cfg, out_dir: Path, record: dict) -
     bias_int32 = len(kernels) > len(plain_kernels)
     if not bias_int32:
         qs, kernels = plain, plain_kernels
-    fs = ort_session(fmodel, threads)
-    batch = min(len(y), getattr(dm, "batch_size", 100))
-    eval_batch = getattr(dm, "eval_batch_size", 1000)
-    pred = _predictions(lambda xb: qs.run(None, {"input": xb.numpy()})[0], x, eval_batch)
-    with torch.no_grad():
-        ref = _predictions(model, x, eval_batch)
-    acc = int((pred == y).sum()) / max(len(y), 1)
-    lat = _latency({"q": qs, "f": fs}, x[:batch].numpy(), max(int(getattr(cfg, "latency_batches", 50)), 1))
-    simulated = info["simulated"]
-    out = {
-        "deploy/onnx_path": str(qpath),
-        "deploy/onnx_test_acc": acc,
-        "deploy/onnx_argmax_agree": int((pred == ref).sum()) / max(len(y), 1),
-        "deploy/onnx_latency_ms": lat["q"],
-        "deploy/fp32_onnx_latency_ms": lat["f"],
-        "deploy/latency_batch_size": batch,
-        "deploy/onnx_integer_kernels": len(kernels),
-        "deploy/onnx_bias_int32": bias_int32,
-        "deploy/onnx_weight_container": ",".join(sorted(set(info["weight_containers"]))) or "float",
-        "deploy/onnx_act_container": ",".join(sorted(set(info["act_containers"]))) or "float",
-        "deploy/simulated_only": bool(simulated),
-    }
-    if simulated:
-        out["deploy/simulated_reason"] = "; ".join(sorted(set(simulated)))
-    if "final/test_acc" in record:
-        out["deploy/onnx_acc_diff"] = acc - record["final/test_acc"]
-    return out
+    return onnx_results(
+        model, qs, ort_session(fmodel, threads), x, y, dm, cfg, record, info, qpath, kernels, bias_int32
+    )
 
 
 def deploy_graph(model: torch.nn.Module, dm, out_dir: str | Path, cfg, record: dict) -> dict:
