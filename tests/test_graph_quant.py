@@ -283,6 +283,10 @@ def test_state_dict_round_trip():
     fresh.load_state_dict(state)
     with torch.no_grad():
         assert torch.equal(fresh.eval()(x), m(x))
+    twin = copy.deepcopy(m)  # deep copies keep the installed graphs, with their own quantizers
+    assert type(twin) is type(m) and twin.attn.in_proj_weight_wq is not m.attn.in_proj_weight_wq
+    with torch.no_grad():
+        assert torch.equal(twin(x), m(x))
 
 
 def test_sequential_models_keep_the_per_layer_path():

@@ -213,7 +213,9 @@ def export_graph(model: nn.Module) -> fx.Graph:
     try:
         try:
             ranks = prepare_info(model).get("ranks") or {}
-            graph, leaves = _trace_with_retries(model, root_site(model, ranks), "export", set(), "", False, ranks=ranks)
+            graph, leaves = _trace_with_retries(
+                model, root_site(model, ranks), "export", set(), "", False, ranks=ranks
+            )
         except TraceFailure as e:
             raise NotImplementedError(f"convert: {e}") from e
     finally:
