@@ -283,6 +283,10 @@ def test_state_dict_round_trip():
     fresh.load_state_dict(state)
     with torch.no_grad():
         assert torch.equal(fresh.eval()(x), m(x))
+    twin = copy.deepcopy(m)  # deep copies keep the installed graphs, with their own quantizers
+    assert type(twin) is type(m) and twin.attn.in_proj_weight_wq is not m.attn.in_proj_weight_wq
+    with torch.no_grad():
+        assert torch.equal(twin(x), m(x))
 
 
 def test_sequential_models_keep_the_per_layer_path():
@@ -292,6 +296,26 @@ def test_sequential_models_keep_the_per_layer_path():
     quantize_(m, QuantConfig(), example=torch.randn(2, 40))
     assert type(m) is nn.Sequential and m._qpexp_quant_info["graph_quantizers"] == []
     assert len(m._qpexp_quant_info["folded_bn"]) == 3
+
+
+def test_sequential_with_average_pooling_keeps_its_children(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
+    _bn_stats(m)
+    x = torch.randn(64, 3, 6, 6)
+    quantize_(m, QuantConfig(), example=x[:2])
+    assert len(m) == 6 and isinstance(m[-1].layer, nn.Linear) and isinstance(m, nn.Sequential)
+    assert m._qpexp_quant_info["graph_quantizers"] == ["3.input_q"]  # the pooling input
+    calibrate(m, x)
+    with torch.no_grad():
+        assert torch.equal(convert(m, tmp_path / "m.npz", arithmetic="float")(x), m(x))
 
 
 def test_call_it_was_not_traced_for_runs_float_with_a_warning():

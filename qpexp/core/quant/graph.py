@@ -39,8 +39,9 @@ What :func:`prepare` does (``quantize_`` calls it):
      quantization integer concatenation needs, observed once per step.
 
    Quantizers are submodules of the module whose forward contains the op (the nearest one that
-   is not a container), named ``<op>_q<i>`` (input ``i``) or ``<op>_q`` (output), so checkpoints
-   of prepared models load into freshly prepared ones.
+   is not a container), named ``<op>_q<i>`` (input ``i``) or ``<op>_q`` (output); a pooling
+   module's input quantizer is its own ``input_q`` (so an ``nn.Sequential`` never gains a child).
+   Checkpoints of prepared models load into freshly prepared ones.
 5. The instrumented graph becomes the model's forward (a per-instance subclass of the model's own
    class; a different graph for eval mode when the model's forward depends on ``self.training``).
    Nothing is installed when no graph-level quantizer was needed (plain ``nn.Sequential`` models:
@@ -934,14 +935,15 @@ class _Instrumenter:
         if not cfg.act.enabled:
             return bool(inserted)
 
-        def act(src: fx.Node, consumer: fx.Node, qname: str) -> None:
+        def act(src: fx.Node, consumer: fx.Node, qname: str, owner: str | None = None) -> None:
             if not isinstance(src, fx.Node) or src in weightish or src.meta.get("qpexp_quantizer"):
                 return
             k = kind(src)
             if not (k.tensor and k.floating):
                 return
             if src not in qver:
-                path = self.quantizer(self.owner(consumer), qname, lambda: _act_quantizer(cfg.act))
+                owner = self.owner(consumer) if owner is None else owner
+                path = self.quantizer(owner, qname, lambda: _act_quantizer(cfg.act))
                 qver[src] = insert(src, path, consumer)
             consumer.replace_input_with(src, qver[src])
 
@@ -953,9 +955,8 @@ class _Instrumenter:
             name = op_name(node, self.modules)
             if node.op == "call_module":
                 if isinstance(self.modules[node.target], POOL_MODULES) and node.args:
-                    owner = self.owner(node)
-                    leaf = node.target[len(owner) + 1 :] if owner else node.target
-                    act(node.args[0], node, leaf.replace(".", "_") + "_q")
+                    # on the pooling module itself: a container (a Sequential model) gains no child
+                    act(node.args[0], node, "input_q", owner=node.target)
                 continue
             ins = list(dict.fromkeys(node.all_input_nodes))
             floats = [a for a in ins if kind(a).tensor and kind(a).floating]
