@@ -203,6 +203,9 @@ class Pipeline:
             keys["prune"] = cache_key({"base": keys["baseline"], "prune": prune, "threads": self.threads})
             after = keys["prune"] if self.prune_on else keys["baseline"]
             quant = OmegaConf.to_container(c.quant)
+            for k in ("target_ratio", "budget_bits"):  # bits_w=auto only: keys of other configs unchanged
+                if quant.get(k) is None:
+                    quant.pop(k, None)
             keys["qat"] = cache_key({"base": after, "quant": quant, "threads": self.threads})
             self._keys = keys
         return self._keys
@@ -213,7 +216,9 @@ class Pipeline:
 
     @property
     def quant_on(self) -> bool:
-        return self.cfg.quant.bits_w != 32
+        """QAT runs: weights not in float, and no analysis that stops before it."""
+        a = self.cfg.analysis
+        return self.cfg.quant.bits_w != 32 and not (a is not None and a.stop)
 
     def _fail_hook(self, stage: str) -> None:
         if self.cfg.fail_at == stage:
@@ -356,8 +361,34 @@ class Pipeline:
                 if k in pr["meta"]:
                     record[f"prune/{k}"] = pr["meta"][k]
             record["prune/target_ratio"] = c.prune.ratio
+        if c.analysis is not None:  # on the model before QAT (baseline or pruned, from the cache)
+            from qpexp.analysis import plot_sensitivity, sensitivity
+
+            pc = prune_config(c.prune)
+            pc.seed = c.seed
+            a = c.analysis
+            record.update(
+                sensitivity(
+                    model,
+                    dm,
+                    quant_config(c.quant),
+                    pc,
+                    list(a.widths),
+                    list(a.ratios),
+                    example,
+                    pc.structure,
+                )
+            )
+            plot_sensitivity(record, self.run_dir / "sensitivity.png")
         if self.quant_on:
-            quantize_(model, quant_config(c.quant), example=self.example)
+            qcfg = quant_config(c.quant)
+            if c.quant.bits_w == "auto":  # per-layer widths within the size budget, then QAT
+                from qpexp.analysis import mixed_precision
+
+                assignment, mp = mixed_precision(model, dm, qcfg, c.quant, self.dense_bits, example)
+                record.update(mp)
+                qcfg.overrides = dict(assignment)
+            quantize_(model, qcfg, example=self.example)
             record["quant/float_ops"] = ",".join(
                 float_ops(model)
             )  # what stays float: softmax, LayerNorm, ...
@@ -382,6 +413,10 @@ class Pipeline:
         record["final/val_acc"] = record[f"{last}/val_acc"]
         record["final/test_acc"] = record[f"{last}/test_acc"]
         record.update(self.last_measure)
+        if (
+            "quant/budget_bits" in record
+        ):  # the final honest size against the budget the widths were chosen for
+            record["quant/budget_met"] = record["final/size_bits"] <= record["quant/budget_bits"]
         if self.quant_on and c.export.enabled:
             from qpexp.deploy import deploy, deploy_status
 

@@ -64,7 +64,7 @@ class ActSchema:
 
 @dataclass
 class QuantSchema:
-    bits_w: int = 4
+    bits_w: Any = 4  # an int, or "auto": per-layer widths within target_ratio / budget_bits
     bits_a: int = 8
     scheme: str = "linear"
     granularity: str = "channel"
@@ -81,6 +81,16 @@ class QuantSchema:
     weight_decay: float = 0.0
     label_smoothing: float = 0.1
     calib_batches: int = 10
+    target_ratio: float | None = None  # bits_w=auto: final/compression_ratio to reach (> 1)
+    budget_bits: int | None = None  # bits_w=auto: or the size budget itself, in bits
+
+
+@dataclass
+class AnalysisSchema:
+    kind: str = "sensitivity"
+    widths: list[int] = field(default_factory=lambda: [2, 3, 4, 8])
+    ratios: list[float] = field(default_factory=lambda: [0.5, 0.75, 0.9])
+    stop: bool = True  # stop after the analysis (no QAT)
 
 
 @dataclass
@@ -104,6 +114,7 @@ class RootSchema:
     prune: PruneSchema = field(default_factory=PruneSchema)
     quant: QuantSchema = field(default_factory=QuantSchema)
     export: ExportSchema = field(default_factory=ExportSchema)
+    analysis: AnalysisSchema | None = None
     logger: Any = None
     trainer: Any = None
     fail_at: str | None = None  # test hook: raise inside the named stage
@@ -143,8 +154,14 @@ def prune_config(p) -> PruneConfig:
     return PruneConfig(**{k: v for k, v in OmegaConf.to_container(p).items() if k in names})
 
 
+AUTO = "auto"
+AUTO_BITS = 8  # quant.bits_w=auto: the width of weights the assignment does not cover
+
+
 def quant_config(q) -> QuantConfig:
-    weight = QuantSpec(q.bits_w, q.scheme, q.granularity, q.symmetric, q.range, q.ema_decay)
+    """The core's settings; with ``bits_w=auto`` weights at ``AUTO_BITS`` until widths are assigned."""
+    bits = AUTO_BITS if q.bits_w == AUTO else q.bits_w
+    weight = QuantSpec(bits, q.scheme, q.granularity, q.symmetric, q.range, q.ema_decay)
     act = QuantSpec(q.bits_a, q.act.scheme, q.act.granularity, q.act.symmetric, q.act.range, q.act.ema_decay)
     return QuantConfig(weight, act, q.first_bits, q.last_bits, dict(q.overrides), q.fold_bn)
 
@@ -157,6 +174,8 @@ def _positive(key: str, value, allow_zero: bool = False) -> None:
 def validate(cfg: DictConfig) -> DictConfig:
     """Check everything that can be checked without data; return the typed config."""
     t = typed(cfg)
+    check_auto_bits(t.quant)
+    check_analysis(t.analysis)
     try:
         prune_config(t.prune).validate()
         quant_config(t.quant).validate()
@@ -187,6 +206,50 @@ def validate(cfg: DictConfig) -> DictConfig:
     check_data_path(t.data)  # a missing file is refused before the data module (Lightning) is imported
     _check_target("data", t.data)  # the data module imports Lightning: checked last
     return t
+
+
+def check_auto_bits(q: DictConfig) -> None:
+    """``quant.bits_w``: an integer width or ``auto`` (then ``quant.target_ratio`` > 1 or
+    ``quant.budget_bits`` > 0, and no hand-set per-layer widths); the budget keys only with ``auto``."""
+    b = q.bits_w
+    if isinstance(b, str) and b != AUTO or isinstance(b, bool) or not isinstance(b, (int, str)):
+        raise ConfigError(f"quant.bits_w={b!r} must be an integer width or 'auto'")
+    if b != AUTO:
+        for key in ("target_ratio", "budget_bits"):
+            if q[key] is not None:
+                raise ConfigError(f"quant.{key}={q[key]!r} is only used with quant.bits_w=auto")
+        return
+    if (q.target_ratio is None) == (q.budget_bits is None):
+        raise ConfigError(
+            "quant.bits_w=auto needs exactly one of quant.target_ratio (e.g. quant.target_ratio=14) "
+            "and quant.budget_bits"
+        )
+    if q.target_ratio is not None and not q.target_ratio > 1:
+        raise ConfigError(f"quant.target_ratio={q.target_ratio!r} must be > 1")
+    if q.budget_bits is not None:
+        _positive("quant.budget_bits", q.budget_bits)
+    for key in ("first_bits", "last_bits"):
+        if q[key] is not None:
+            raise ConfigError(f"quant.{key}={q[key]!r}: quant.bits_w=auto chooses every layer's width")
+    if q.overrides:
+        raise ConfigError("quant.overrides: quant.bits_w=auto chooses every layer's width; leave it {}")
+
+
+def check_analysis(a: DictConfig | None) -> None:
+    if a is None:
+        return
+    if a.kind != "sensitivity":
+        raise ConfigError(f"analysis.kind={a.kind!r} is unknown: use 'sensitivity'")
+    if not a.widths and not a.ratios:
+        raise ConfigError("analysis.widths and analysis.ratios are both empty: nothing to measure")
+    for b in a.widths:
+        try:
+            QuantSpec(bits=b).validate("analysis", "analysis.widths")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    for r in a.ratios:
+        if not 0 < r < 1:
+            raise ConfigError(f"analysis.ratios: {r!r} must lie in (0, 1)")
 
 
 def check_data_path(data: DictConfig) -> None:

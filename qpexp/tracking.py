@@ -25,10 +25,28 @@ class Tracker:
             self.run.summary.update({k: v for k, v in record.items() if k != "config" and _scalar(v)})
 
     def log_layers(self, record: dict) -> None:
-        """Per-layer sparsity as a W&B table and bar chart."""
+        """Per-layer sparsity as a W&B table and bar chart; per-layer weight widths likewise when
+        they differ (``quant.bits_w=auto``); the sensitivity table and heatmap when measured."""
         if self.run is None:
             return
         import wandb
+
+        bits = [
+            [k.split("/")[1], v]
+            for k, v in record.items()
+            if k.startswith("layers/") and k.endswith("/bits_w") and "quant/assignment" in record
+        ]
+        if bits:
+            table = wandb.Table(columns=["layer", "bits_w"], data=bits)
+            self.run.log(
+                {
+                    "layers/bits_w_table": table,
+                    "layers/bits_w_bar": wandb.plot.bar(
+                        table, "layer", "bits_w", title="weight bits per layer (quant.bits_w=auto)"
+                    ),
+                }
+            )
+        self.log_sensitivity(record)
 
         rows = [
             [k.split("/")[1], v]
@@ -45,6 +63,32 @@ class Tracker:
                     ),
                 }
             )
+
+    def log_sensitivity(self, record: dict) -> None:
+        """``sensitivity/table`` (layer, setting, val_acc, val_loss, acc_drop in points) and its
+        heatmap (W&B's confusion-matrix preset: layer x setting, cell = acc_drop), as
+        :func:`qpexp.wandb_views.build_workspace` expects; ``sensitivity.png`` as an image."""
+        from qpexp.analysis import sensitivity_rows
+
+        rows = sensitivity_rows(record)
+        if self.run is None or not rows:
+            return
+        import wandb
+
+        table = wandb.Table(columns=["layer", "setting", "val_acc", "val_loss", "acc_drop"], data=rows)
+        out = {
+            "sensitivity/table": table,
+            "sensitivity/heatmap": wandb.plot_table(
+                "wandb/confusion_matrix/v1",
+                table,
+                {"Actual": "layer", "Predicted": "setting", "nPredictions": "acc_drop"},
+                {"title": "val accuracy drop (points), one layer at a time"},
+            ),
+        }
+        png = Path(self.run_dir) / "sensitivity.png"
+        if png.exists():
+            out["sensitivity/plot"] = wandb.Image(str(png))
+        self.run.log(out)
 
     def finish(self, ok: bool) -> None:
         if self.run is not None:

@@ -30,6 +30,7 @@ AXIS_KEYS = {
     "criterion": ("prune", "criterion"),
     "structure": ("prune", "structure"),
     "schedule": ("prune", "schedule"),
+    "target_ratio": ("quant", "target_ratio"),  # quant.bits_w=auto
     "granularity": ("quant", "granularity"),
     "quant_scheme": ("quant", "scheme"),
     "quant_range": ("quant", "range"),
@@ -52,19 +53,22 @@ def point_axes(config: dict, sweep: str | None = None) -> dict:
         sec = cfg.get(section)
         if isinstance(sec, dict) and name in sec:
             out[key] = sec[name]
+    if out.get("target_ratio") is None:  # an axis of quant.bits_w=auto only
+        out.pop("target_ratio", None)
     model = cfg.get("model")
     if isinstance(model, dict) and model.get("_target_"):
         out["arch"] = str(model["_target_"]).rsplit(".", 1)[-1]
     quant = cfg.get("quant") if isinstance(cfg.get("quant"), dict) else {}
     if quant:
         out["mixed_precision"] = bool(
-            quant.get("overrides")
+            quant.get("bits_w") == "auto"
+            or quant.get("overrides")
             or quant.get("first_bits") is not None
             or quant.get("last_bits") is not None
         )
     bits, ratio = out.get("bits_w"), out.get("ratio")
     if bits is not None or ratio is not None:
-        out["dense"] = (bits is None or bits >= 32) and not ratio
+        out["dense"] = (bits is None or bits != "auto" and bits >= 32) and not ratio
     if sweep:
         out["sweep"] = sweep
     return out
