@@ -67,7 +67,7 @@ def summary_table(record: dict) -> str:
         hit = " (cached)" if record.get(f"cache/{stage}_hit") else ""
         lines.append(
             f"{stage:<9} {r['val_acc']:>8.4f} {r['test_acc']:>8.4f} {r['sparsity']:>8.3f} "
-            f"{r['bits_w']:>4g}/{r['bits_a']:<4g} {r['size_bits']:>10,} {r['compression_ratio']:>6.2f}x "
+            f"{r['bits_w']:>4.3g}/{r['bits_a']:<4g} {r['size_bits']:>10,} {r['compression_ratio']:>6.2f}x "
             f"{seconds:>8.1f}{hit}"
         )
     if "deploy/onnx_test_acc" in record:

@@ -413,9 +413,8 @@ class Pipeline:
         record["final/val_acc"] = record[f"{last}/val_acc"]
         record["final/test_acc"] = record[f"{last}/test_acc"]
         record.update(self.last_measure)
-        if (
-            "quant/budget_bits" in record
-        ):  # the final honest size against the budget the widths were chosen for
+        # bits_w=auto: the final honest size against the budget the widths were chosen for
+        if "quant/budget_bits" in record:
             record["quant/budget_met"] = record["final/size_bits"] <= record["quant/budget_bits"]
         if self.quant_on and c.export.enabled:
             from qpexp.deploy import deploy, deploy_status

@@ -265,3 +265,34 @@ def test_pipeline_sensitivity_analysis(tmp_path):
     assert rec["sensitivity/reference/val_acc"] == rec["prune/val_acc"]  # the pruned model, as it is
     png = tmp_path / "run" / "sensitivity.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_wandb_gets_the_sensitivity_heatmap_and_the_widths(tmp_path):
+    """One CLI run (W&B offline): analysis=sensitivity going on to QAT with bits_w=auto."""
+    from conftest import read_record, run_cli, wandb_offline_runs
+
+    run_dir = tmp_path / "run"
+    args = [
+        *TINY,
+        "logger=wandb",
+        "data.source.num_samples=1000",
+        f"cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={run_dir}",
+        "export.enabled=false",
+        "analysis=sensitivity",
+        "analysis.stop=false",
+        "quant.bits_w=auto",
+        "quant.target_ratio=5",
+    ]
+    run_cli(args, cwd=tmp_path)
+    rec = read_record(run_dir)
+    assert rec["status"] == "ok" and "qat/test_acc" in rec and "sensitivity/fc/w2/val_acc" in rec
+    (run,) = wandb_offline_runs(run_dir)
+    for k in (
+        "sensitivity/table",
+        "sensitivity/heatmap_table",
+        "layers/bits_w_table",
+        "layers/bits_w_bar_table",
+    ):
+        assert any(h.startswith(k) for h in run["history_keys"]), (k, sorted(run["history_keys"]))
+    assert run["summary"]["quant/assignment"] == rec["quant/assignment"]
