@@ -122,6 +122,26 @@ def test_assignment_size_is_the_real_models_size(kind):
     assert size_bits(m) == planned + fixed <= budget
 
 
+def test_assignment_size_with_raw_weight_matrices():
+    """A transformer: attention's in_proj_weight (no conv/linear layer) stays at the base width (8
+    bits with bits_w=auto) in the plan and in the quantized model; planned size = size_bits."""
+    from qpexp.archs import transformer
+
+    torch.manual_seed(0)
+    model = transformer((40,), 10, dim=16, depth=1, heads=2)
+    prune_step(model, PruneConfig(ratio=0.5), target=0.5)
+    x = torch.randn(32, 40)
+    q = QuantConfig(QuantSpec(8, granularity="channel"), QuantSpec(8, symmetric=False))
+    sizes, fixed = layer_sizes(model, q, example=x[:1])
+    assert "blocks.0.attn.in_proj_weight" not in sizes and "blocks.0.fc1" in sizes
+    assignment = {n: (3 if i % 2 else 5) for i, n in enumerate(sizes)}
+    m = copy.deepcopy(model)
+    quantize_(m, QuantConfig(q.weight, q.act, overrides=assignment), example=x[:1])
+    bits = {v.name: v.bits_w for v in layer_views(m)}
+    assert bits["blocks.0.attn.in_proj_weight"] == 8 and all(bits[n] == b for n, b in assignment.items())
+    assert size_bits(m) == fixed + sum(sizes[n][b] for n, b in assignment.items())
+
+
 def fake_quant_sym_tensor(w: np.ndarray, bits: int) -> np.ndarray:
     """Symmetric per-tensor min/max fake quantization, written out: S = max|w| / (2^(b-1) - 1)."""
     qmax = 2 ** (bits - 1) - 1

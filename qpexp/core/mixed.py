@@ -28,8 +28,10 @@ def layer_sizes(
     model, qcfg: QuantConfig, widths=WIDTHS, example=None, calib=None
 ) -> tuple[dict[str, dict[int, int]], int]:
     """``({layer: {bits: stored bits of that layer}}, fixed bits of the rest)`` from ``size_bits``
-    of a copy of ``model`` prepared with ``qcfg`` (activations included) and every layer at each width."""
-    prepared = prepare_float_weights(model, qcfg, example, act=True, calib=calib)
+    of a copy of ``model`` prepared with ``qcfg`` (activations included; raw weight matrices such as
+    attention ``in_proj_weight``, not conv/linear layers, at ``qcfg.weight.bits``, as ``quantize_``
+    leaves them) and every conv/linear layer at each width."""
+    prepared = prepare_float_weights(model, qcfg, example, act=True, calib=calib, raw_bits=qcfg.weight.bits)
     wrappers = weight_layers(prepared)
     sizes: dict[str, dict[int, int]] = {n: {} for n in wrappers}
     rest = set()

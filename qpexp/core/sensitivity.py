@@ -61,14 +61,22 @@ def calibrate(model: nn.Module, batches) -> None:
 
 
 def prepare_float_weights(
-    model: nn.Module, qcfg: QuantConfig, example=None, act: bool = False, calib=None
+    model: nn.Module,
+    qcfg: QuantConfig,
+    example=None,
+    act: bool = False,
+    calib=None,
+    raw_bits: int = FLOAT_BITS,
 ) -> nn.Module:
-    """A copy of ``model`` prepared by ``quantize_`` with every weight in float; activations in float,
-    or (``act``) quantized as ``qcfg.act`` says and calibrated on ``calib``."""
+    """A copy of ``model`` prepared by ``quantize_`` with every conv/linear weight in float (raw weight
+    matrices such as attention ``in_proj_weight`` at ``raw_bits``); activations in float, or (``act``)
+    quantized as ``qcfg.act`` says and calibrated on ``calib``."""
     m = copy.deepcopy(model)
     a = qcfg.act if act else replace(qcfg.act, bits=FLOAT_BITS)
-    cfg = QuantConfig(replace(qcfg.weight, bits=FLOAT_BITS), a, None, None, {}, qcfg.fold_bn)
+    cfg = QuantConfig(replace(qcfg.weight, bits=raw_bits), a, None, None, {}, qcfg.fold_bn)
     quantize_(m, cfg, example=example)
+    for wrapper in weight_layers(m).values():
+        wrapper.wq = None
     if act and a.enabled:
         calibrate(m, calib or [])
     return m
