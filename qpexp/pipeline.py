@@ -199,17 +199,25 @@ class Pipeline:
                 "threads": self.threads,
             }
             keys = {"baseline": cache_key(base)}
+            # distillation changes the training stages; alpha=0 leaves their keys as they were
+            distill = {"distill": OmegaConf.to_container(c.distill)} if self.distill_on else {}
             prune = prune_key(OmegaConf.to_container(c.prune))
-            keys["prune"] = cache_key({"base": keys["baseline"], "prune": prune, "threads": self.threads})
+            keys["prune"] = cache_key(
+                {"base": keys["baseline"], "prune": prune, "threads": self.threads, **distill}
+            )
             after = keys["prune"] if self.prune_on else keys["baseline"]
             quant = OmegaConf.to_container(c.quant)
-            keys["qat"] = cache_key({"base": after, "quant": quant, "threads": self.threads})
+            keys["qat"] = cache_key({"base": after, "quant": quant, "threads": self.threads, **distill})
             self._keys = keys
         return self._keys
 
     @property
     def prune_on(self) -> bool:
         return self.cfg.prune.ratio > 0
+
+    @property
+    def distill_on(self) -> bool:
+        return self.cfg.distill.alpha > 0
 
     @property
     def quant_on(self) -> bool:
@@ -324,6 +332,15 @@ class Pipeline:
             model,
             record,
         )
+        record["distill/alpha"] = c.distill.alpha
+        record["distill/temperature"] = c.distill.temperature
+        distiller = None
+        if self.distill_on and (self.prune_on or self.quant_on):
+            from qpexp.distill import Distiller, make_teacher
+
+            teacher = make_teacher(model)  # the baseline stage's model (trained or from the cache)
+            record["distill/teacher_test_acc"] = evaluate(teacher, dm.loader("test"))
+            distiller = Distiller(teacher, c.distill.alpha, c.distill.temperature)
         if self.prune_on:
             pc = prune_config(c.prune)
             pc.seed = c.seed
@@ -349,6 +366,7 @@ class Pipeline:
                     rewind_state=rewind,
                     agp_dt=c.prune.agp_dt,
                     pruner=pruner,
+                    distiller=distiller,
                 )
 
             pr = self._stage("prune", make_prune, epochs, dm, model, record)
@@ -371,6 +389,7 @@ class Pipeline:
                     weight_decay=c.quant.weight_decay,
                     label_smoothing=c.quant.label_smoothing,
                     calib_batches=c.quant.calib_batches,
+                    distiller=distiller,
                 ),
                 c.quant.epochs,
                 dm,

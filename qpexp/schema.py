@@ -84,6 +84,12 @@ class QuantSchema:
 
 
 @dataclass
+class DistillSchema:
+    alpha: float = 0.0
+    temperature: float = 4.0
+
+
+@dataclass
 class ExportSchema:
     enabled: bool = True
     onnx: bool = True
@@ -103,6 +109,7 @@ class RootSchema:
     baseline: BaselineSchema = field(default_factory=BaselineSchema)
     prune: PruneSchema = field(default_factory=PruneSchema)
     quant: QuantSchema = field(default_factory=QuantSchema)
+    distill: DistillSchema = field(default_factory=DistillSchema)
     export: ExportSchema = field(default_factory=ExportSchema)
     logger: Any = None
     trainer: Any = None
@@ -169,6 +176,14 @@ def validate(cfg: DictConfig) -> DictConfig:
     _positive("quant.epochs", t.quant.epochs, allow_zero=True)
     _positive("quant.lr", t.quant.lr)
     _positive("quant.calib_batches", t.quant.calib_batches)
+    if not 0.0 <= t.distill.alpha <= 1.0:
+        raise ConfigError(f"distill.alpha={t.distill.alpha!r} must lie in [0, 1] (0: no distillation)")
+    _positive("distill.temperature", t.distill.temperature)
+    if t.distill.alpha > 0 and not t.baseline.enabled:
+        raise ConfigError(
+            f"distill.alpha={t.distill.alpha} needs the trained baseline as its teacher, but "
+            "baseline.enabled=false: set baseline.enabled=true or distill.alpha=0"
+        )
     if t.prune.rewind not in (None, "init", "epoch"):
         raise ConfigError(f"prune.rewind={t.prune.rewind!r} must be null, 'init' or 'epoch'")
     if t.prune.max_acc_drop is not None:

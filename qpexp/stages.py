@@ -42,9 +42,11 @@ class Stage(L.LightningModule):
         cycle_epochs: int | None = None,
         min_lr_frac: float = 0.0,
         label_smoothing: float = 0.0,
+        distiller=None,
     ):
         super().__init__()
         self.label_smoothing = label_smoothing
+        self.distiller = distiller  # qpexp.distill.Distiller: also learn from the baseline's logits
         self.model = model
         self.lr, self.epochs, self.weight_decay = lr, epochs, weight_decay
         self.cycle_epochs = cycle_epochs or max(epochs, 1)
@@ -62,7 +64,10 @@ class Stage(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         logits = self.model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        if self.distiller is not None:
+            loss = self.distiller.loss(logits, x, y, self.label_smoothing)
+        else:
+            loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         if not torch.isfinite(loss):
             raise DivergenceError(
                 f"{self.stage}: training loss became {loss.item()} at epoch {self.current_epoch}, batch {batch_idx}"

@@ -3,7 +3,7 @@
 import argparse
 import json
 
-NAMES = ("qat", "prune", "sweep")
+NAMES = ("qat", "prune", "sweep", "distill")
 
 
 def emit(rows: list[dict], figures: dict, title: str) -> None:
