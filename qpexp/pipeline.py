@@ -207,6 +207,9 @@ class Pipeline:
             )
             after = keys["prune"] if self.prune_on else keys["baseline"]
             quant = OmegaConf.to_container(c.quant)
+            if quant.get("rounding") == "nearest":  # keys as before the rounding settings existed
+                for k in ("rounding", "rounding_batches", "rounding_iters"):
+                    quant.pop(k, None)
             keys["qat"] = cache_key({"base": after, "quant": quant, "threads": self.threads, **distill})
             self._keys = keys
         return self._keys
@@ -379,7 +382,7 @@ class Pipeline:
             record["quant/float_ops"] = ",".join(
                 float_ops(model)
             )  # what stays float: softmax, LayerNorm, ...
-            self._stage(
+            qat = self._stage(
                 "qat",
                 lambda: QATStage(
                     model,
@@ -390,12 +393,19 @@ class Pipeline:
                     label_smoothing=c.quant.label_smoothing,
                     calib_batches=c.quant.calib_batches,
                     distiller=distiller,
+                    rounding=c.quant.rounding,
+                    rounding_batches=c.quant.rounding_batches,
+                    rounding_iters=c.quant.rounding_iters,
                 ),
                 c.quant.epochs,
                 dm,
                 model,
                 record,
             )
+            record["quant/rounding"] = c.quant.rounding
+            for k in ("rounding_seconds", "rounding_changed"):
+                if k in qat["meta"]:
+                    record[f"quant/{k}"] = qat["meta"][k]
             record["final/quant_mode"] = "qat" if c.quant.epochs > 0 else "ptq"
         last = "qat" if self.quant_on else "prune" if self.prune_on else "baseline"
         record["final/val_acc"] = record[f"{last}/val_acc"]

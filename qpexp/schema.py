@@ -81,6 +81,9 @@ class QuantSchema:
     weight_decay: float = 0.0
     label_smoothing: float = 0.1
     calib_batches: int = 10
+    rounding: str = "nearest"
+    rounding_batches: int = 8
+    rounding_iters: int = 500
 
 
 @dataclass
@@ -176,6 +179,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     _positive("quant.epochs", t.quant.epochs, allow_zero=True)
     _positive("quant.lr", t.quant.lr)
     _positive("quant.calib_batches", t.quant.calib_batches)
+    check_rounding(t.quant)
     if not 0.0 <= t.distill.alpha <= 1.0:
         raise ConfigError(f"distill.alpha={t.distill.alpha!r} must lie in [0, 1] (0: no distillation)")
     _positive("distill.temperature", t.distill.temperature)
@@ -202,6 +206,21 @@ def validate(cfg: DictConfig) -> DictConfig:
     check_data_path(t.data)  # a missing file is refused before the data module (Lightning) is imported
     _check_target("data", t.data)  # the data module imports Lightning: checked last
     return t
+
+
+def check_rounding(q) -> None:
+    if q.rounding not in ("nearest", "adaround"):
+        raise ConfigError(f"quant.rounding={q.rounding!r} is unknown: use 'nearest' or 'adaround'")
+    _positive("quant.rounding_batches", q.rounding_batches)
+    _positive("quant.rounding_iters", q.rounding_iters)
+    if q.rounding == "nearest" or q.bits_w == 32:
+        return
+    if q.epochs > 0:
+        raise ConfigError(
+            f"quant.rounding=adaround is post-training rounding: it needs quant.epochs=0 (got {q.epochs})"
+        )
+    if q.scheme != "linear":
+        raise ConfigError(f"quant.rounding=adaround supports quant.scheme=linear only (got {q.scheme!r})")
 
 
 def check_data_path(data: DictConfig) -> None:

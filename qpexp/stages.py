@@ -380,9 +380,19 @@ class QATStage(Stage):
 
     stage = "qat"
 
-    def __init__(self, *args, calib_batches: int = 10, **kwargs):
+    def __init__(
+        self,
+        *args,
+        calib_batches: int = 10,
+        rounding: str = "nearest",
+        rounding_batches: int = 8,
+        rounding_iters: int = 500,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.calib_batches = calib_batches
+        self.rounding, self.rounding_batches, self.rounding_iters = rounding, rounding_batches, rounding_iters
+        self.rounding_info: dict = {}
 
     @torch.no_grad()
     def calibrate(self, loader) -> None:
@@ -398,6 +408,25 @@ class QATStage(Stage):
         from qpexp.core.quant.layers import warn_symmetric_nonnegative
 
         warn_symmetric_nonnegative(self.model)  # symmetric activation quantizer on never-negative input
+        if self.rounding == "adaround":
+            self.adaround(loader)
+
+    def adaround(self, loader) -> None:
+        """Learned rounding of every weight (PTQ). The same first batches on every DDP rank: the
+        result is deterministic, so every rank rounds alike."""
+        from qpexp.core.quant.adaround import adaround_
+
+        batches = [x for i, (x, _) in zip(range(self.rounding_batches), loader)]
+        self.rounding_info = adaround_(self.model, batches, iters=self.rounding_iters)
+
+    def stage_meta(self) -> dict:
+        if not self.rounding_info:
+            return {}
+        layers = [v for k, v in self.rounding_info.items() if k != "seconds"]
+        return {
+            "rounding_seconds": self.rounding_info["seconds"],
+            "rounding_changed": sum(v["changed"] for v in layers) / max(len(layers), 1),
+        }
 
     def on_fit_start(self):
         if self.current_epoch == 0 and not self.trainer.ckpt_path:
