@@ -339,10 +339,11 @@ class Pipeline:
         record["distill/temperature"] = c.distill.temperature
         distiller = None
         if self.distill_on and (self.prune_on or self.quant_on):
-            from qpexp.distill import Distiller, make_teacher
+            from qpexp.distill import Distiller, make_teacher, precompute
 
             teacher = make_teacher(model)  # the baseline stage's model (trained or from the cache)
             record["distill/teacher_test_acc"] = evaluate(teacher, dm.loader("test"))
+            record["distill/precomputed"] = precompute(teacher, dm)  # else: the teacher runs per batch
             distiller = Distiller(teacher, c.distill.alpha, c.distill.temperature)
         if self.prune_on:
             pc = prune_config(c.prune)

@@ -62,10 +62,10 @@ class Stage(L.LightningModule):
 
     # -- steps ------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
-        x, y = batch
+        x, y, *teacher = batch  # a third tensor: the teacher's logits, precomputed (qpexp.distill)
         logits = self.model(x)
         if self.distiller is not None:
-            loss = self.distiller.loss(logits, x, y, self.label_smoothing)
+            loss = self.distiller.loss(logits, x, y, self.label_smoothing, *teacher)
         else:
             loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         if not torch.isfinite(loss):

@@ -60,6 +60,38 @@ def test_stage_training_step_uses_the_teacher():
     torch.testing.assert_close(loss, hand_loss(s, t, y, 0.7, 3.0, 0.1), rtol=1e-5, atol=1e-6)
 
 
+def test_precomputed_teacher_logits_travel_with_their_batches():
+    """The table of teacher logits: each shuffled training batch carries its own samples' rows, and a
+    stage given them uses them instead of running the teacher."""
+    from qpexp.data import TensorLoader
+    from qpexp.distill import precompute
+
+    teacher = make_teacher(_net(1))
+    g = torch.Generator().manual_seed(0)
+
+    class DM:  # the hook an in-memory data module offers
+        teacher_logits = None
+        splits = {"train": (torch.randn(250, 8, generator=g), torch.randint(0, 4, (250,), generator=g))}
+
+    dm = DM()
+    assert precompute(teacher, dm, chunk=100)
+    x_all, y_all = dm.splits["train"]
+    loader = TensorLoader(x_all, y_all, 64, shuffle=True, seed=3, extra=dm.teacher_logits)
+    loader.set_epoch(2)
+    seen = 0
+    for x, y, t in loader:
+        with torch.no_grad():
+            torch.testing.assert_close(t, teacher(x), rtol=1e-5, atol=1e-5)
+        seen += len(y)
+    assert seen == 250
+    other = torch.randn(64, 4, generator=g)  # not the teacher's logits: the stage must use these
+    stage = Stage(_net(2), 4, label_smoothing=0.1, distiller=Distiller(teacher, 0.5, 2.0))
+    stage.on_train_epoch_start()
+    x, y = x_all[:64], y_all[:64]
+    loss = stage.training_step((x, y, other), 0)
+    torch.testing.assert_close(loss, hand_loss(stage.model(x), other, y, 0.5, 2.0, 0.1), rtol=1e-5, atol=1e-6)
+
+
 def test_student_with_alpha_one_moves_toward_the_teacher():
     """Labels that disagree with the teacher: with alpha=1 the student learns the teacher's answers."""
     teacher = make_teacher(_net(1))
@@ -127,4 +159,28 @@ def test_pipeline_records_distillation(tmp_path):
     rec = Pipeline(cfg, tmp_path / "run").run()
     assert rec["distill/alpha"] == 0.5 and rec["distill/temperature"] == 4.0
     assert rec["distill/teacher_test_acc"] == rec["baseline/test_acc"]  # the teacher is the baseline
+    assert rec["distill/precomputed"] is True  # MNIST-1D: the teacher's logits computed once
     assert rec["status"] == "ok" and "qat/test_acc" in rec
+
+
+def test_ddp_two_cpu_ranks_distill_and_adaround_identical(tmp_path):
+    """``trainer=ddp`` (2 CPU processes, gloo): distillation in the prune stage and AdaRound PTQ leave
+    both ranks with bit-identical models (the teacher is the same baseline on every rank; AdaRound
+    rounds on the same first batches everywhere)."""
+    from conftest import read_record, run_cli
+
+    args = [*TINY, "export.enabled=false", "data.val_fraction=0.15", "distill.alpha=0.5", "quant.epochs=0"]
+    args += ["quant.rounding=adaround", "quant.rounding_iters=20", "quant.rounding_batches=2"]
+    dump = tmp_path / "dump"
+    run_cli(
+        [*args, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+         f"cache_dir={tmp_path / 'c'}", f"hydra.run.dir={tmp_path / 'ddp'}"],
+        cwd=tmp_path, env={"QPEXP_DDP_DUMP": str(dump)},
+    )  # fmt: skip
+    rec = read_record(tmp_path / "ddp")
+    assert rec["status"] == "ok" and rec["ddp/world_size"] == 2 and rec["quant/rounding"] == "adaround"
+    assert rec["distill/teacher_test_acc"] == rec["baseline/test_acc"]
+    for stage in ("prune", "qat"):
+        a = torch.load(dump / f"{stage}-rank0.pt", weights_only=True)
+        b = torch.load(dump / f"{stage}-rank1.pt", weights_only=True)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
