@@ -148,3 +148,42 @@ def test_pipeline_ptq_with_adaround(tmp_path):
     rec = Pipeline(cfg, tmp_path / "run").run()
     assert rec["final/quant_mode"] == "ptq" and rec["quant/rounding"] == "adaround"
     assert 0 < rec["quant/rounding_changed"] < 1 and rec["quant/rounding_seconds"] > 0
+
+
+@pytest.mark.parametrize(
+    "build, shape",
+    [
+        ("qpexp.models.mlp", (1, 40)),
+        ("qpexp.models.lenet5", (1, 8, 8)),
+        ("qpexp.archs.resnet.resnet20", (3, 8, 8)),  # graph model: residual adds, folded BatchNorm
+    ],
+)
+def test_models_round_through_the_graph(build, shape):
+    """Every quantized conv/linear layer of a prepared, calibrated model is rounded: its quantizer's codes
+    are floor or ceil of the original weight over the scale (symmetric per-channel min/max: the scale is
+    max|w| / 7 per output channel, computed here), some of them not the nearest."""
+    import importlib
+
+    mod, _, fn = build.rpartition(".")
+    kwargs = {"width": 0.25} if "resnet" in build else {}
+    torch.manual_seed(0)
+    model = getattr(importlib.import_module(mod), fn)(shape, 10, **kwargs).eval()
+    x = torch.randn(64, *shape, generator=torch.Generator().manual_seed(0))
+    cfg = QuantConfig(weight=QuantSpec(bits=4, granularity="channel", symmetric=True), act=QuantSpec(bits=8))
+    quantize_(model, cfg, example=x[:1])
+    model.train()  # calibrate activation ranges, as QATStage.calibrate does
+    with torch.no_grad():
+        model(x)
+    model.eval()
+    layers = [m for m in model.modules() if type(m).__name__ == "QuantLayer"]
+    before = [q.layer.weight.detach().clone() for q in layers]
+    info = adaround_(model, [x[:32], x[32:]], iters=100)
+    assert len(info) - 1 == len(layers)  # every layer rounded ("seconds" besides)
+    changed = 0
+    for q, w in zip(layers, before):
+        s = w.abs().flatten(1).amax(1).div(7).reshape(-1, *[1] * (w.dim() - 1))
+        codes = q.wq.int_repr(q.layer.weight).float()
+        lo, hi = torch.floor(w / s).clamp(-7, 7), torch.ceil(w / s).clamp(-7, 7)
+        assert bool(((codes == lo) | (codes == hi)).all())
+        changed += int((codes != torch.round(w / s).clamp(-7, 7)).sum())
+    assert changed > 0

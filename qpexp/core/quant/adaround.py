@@ -10,7 +10,9 @@ the float weight ``W`` on the same inputs. ``h(V) = clamp(sigmoid(V) (zeta - gam
 minimised with Adam. Then every weight is rounded to ``floor(W/S) + [V >= 0]`` and written back as
 ``S (q - Z)`` (kept inside the original range, so that a min/max weight quantizer recomputes the same
 scale: the elements that set the range keep their value and their nearest code), and the layer's own
-quantizer is checked to give exactly those codes. Pruned weights (``weight_mask``) stay zero.
+quantizer is checked to give exactly those codes. Pruned weights (``weight_mask``) stay zero. A
+layer whose hard rounding reconstructs worse than nearest rounding (soft variables not settled after
+too few iterations) keeps nearest rounding.
 
 Supports the linear weight scheme (min/max or LSQ ranges, per tensor or per channel) on conv/linear
 layers (:class:`QuantLayer`); raw weight parameters quantized in the graph and other schemes raise
@@ -74,7 +76,8 @@ def round_layer(
     seed: int = 0,
 ) -> dict:
     """Learn the rounding of ``qlayer``'s weight on its (already fake-quantized) inputs ``x``, write it
-    back and return ``{"codes", "nearest", "mse_nearest", "mse_adaround"}``."""
+    back and return ``{"codes", "nearest", "mse_nearest", "mse_adaround", "kept_nearest"}`` (the output
+    errors on ``x`` against the float weight's output)."""
     layer, wq = qlayer.layer, qlayer.wq
     if not isinstance(wq, LinearQuantizer):
         raise ValueError(
@@ -122,6 +125,15 @@ def round_layer(
         keep = _range_setters(wq, w)
         if keep is not None:
             codes = torch.where(keep, nearest.to(w.dtype), codes)
+        # hard rounding can land worse than nearest when the soft variables did not settle (too few
+        # iterations): then the layer keeps nearest rounding
+        err = {
+            name: float((_layer_out(layer, x, (c - zero) * scale) - target).pow(2).mean())
+            for name, c in (("nearest", nearest.to(w.dtype)), ("adaround", codes))
+        }
+        kept_nearest = err["adaround"] > err["nearest"]
+        if kept_nearest:
+            codes = nearest.to(w.dtype)
         new = (codes - zero) * scale
         if keep is not None:  # inside the original range: the same min/max, the same scale
             dims = (
@@ -145,11 +157,13 @@ def round_layer(
             raise RuntimeError(
                 f"adaround: the weight quantizer gives {bad} codes other than the learned ones"
             )
-        err = {
-            "mse_nearest": float((_layer_out(layer, x, wq(w)) - target).pow(2).mean()),
-            "mse_adaround": float((_layer_out(layer, x, wq(layer.weight)) - target).pow(2).mean()),
-        }
-    return {"codes": codes, "nearest": nearest, **err}
+    return {
+        "codes": codes,
+        "nearest": nearest,
+        "mse_nearest": err["nearest"],
+        "mse_adaround": min(err["nearest"], err["adaround"]),
+        "kept_nearest": kept_nearest,
+    }
 
 
 def _forward_order(model: nn.Module, example: torch.Tensor) -> list[tuple[str, nn.Module]]:
@@ -211,6 +225,7 @@ def adaround_(model: nn.Module, batches: list[torch.Tensor], iters: int = 500, *
                 "changed": float((r["codes"] != r["nearest"]).float().mean()),
                 "mse_nearest": r["mse_nearest"],
                 "mse_adaround": r["mse_adaround"],
+                "kept_nearest": r["kept_nearest"],
             }
     finally:
         model.train(was)
