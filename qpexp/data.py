@@ -127,10 +127,20 @@ def check_arrays(arrays: dict, source: str, num_classes: int | None = None) -> i
 
 class TensorLoader:
     """Batches sliced from in-memory tensors (no per-sample collate); reshuffled per epoch from
-    ``(seed, epoch)`` so a resumed run sees the same order as an uninterrupted one."""
+    ``(seed, epoch)`` so a resumed run sees the same order as an uninterrupted one. With ``extra``
+    (one row per sample, e.g. a distillation teacher's logits) each batch is ``(x, y, extra)``."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0):
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        extra: torch.Tensor | None = None,
+    ):
         self.x, self.y, self.batch_size, self.shuffle, self.seed = x, y, batch_size, shuffle, seed
+        self.extra = extra
         self.epoch = 0
         self.sampler = self  # Lightning calls loader.sampler.set_epoch(epoch)
         self.batch_sampler = None
@@ -143,14 +153,17 @@ class TensorLoader:
 
     def __iter__(self):
         n = len(self.y)
+        e = self.extra
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             idx = torch.randperm(n, generator=g)
             x, y = self.x[idx], self.y[idx]
+            e = e[idx] if e is not None else None
         else:
             x, y = self.x, self.y
         for i in range(0, n, self.batch_size):
-            yield x[i : i + self.batch_size], y[i : i + self.batch_size]
+            b = slice(i, i + self.batch_size)
+            yield (x[b], y[b]) if e is None else (x[b], y[b], e[b])
 
 
 class ArrayDataModule(L.LightningDataModule):
@@ -176,6 +189,9 @@ class ArrayDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.standardize, self.num_classes, self.seed = standardize, num_classes, seed
         self.path = path  # the user's file (data=npz); the source reads it
+        # a distillation teacher's logits for the train split: the training loader yields them as each
+        # batch's third tensor (qpexp.distill; set by the pipeline, None otherwise)
+        self.teacher_logits: torch.Tensor | None = None
         self._ready = False
 
     def prepare(self) -> ArrayDataModule:
@@ -222,7 +238,9 @@ class ArrayDataModule(L.LightningDataModule):
     def train_dataloader(self):
         from qpexp.distributed import shard_train_loader
 
-        return shard_train_loader(self.loader("train"), self.trainer)  # DDP: this rank's share
+        loader = self.loader("train")
+        loader.extra = self.teacher_logits
+        return shard_train_loader(loader, self.trainer)  # DDP: this rank's share
 
     def val_dataloader(self):
         return self.loader("val")

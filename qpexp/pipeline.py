@@ -199,20 +199,31 @@ class Pipeline:
                 "threads": self.threads,
             }
             keys = {"baseline": cache_key(base)}
+            # distillation changes the training stages; alpha=0 leaves their keys as they were
+            distill = {"distill": OmegaConf.to_container(c.distill)} if self.distill_on else {}
             prune = prune_key(OmegaConf.to_container(c.prune))
-            keys["prune"] = cache_key({"base": keys["baseline"], "prune": prune, "threads": self.threads})
+            keys["prune"] = cache_key(
+                {"base": keys["baseline"], "prune": prune, "threads": self.threads, **distill}
+            )
             after = keys["prune"] if self.prune_on else keys["baseline"]
             quant = OmegaConf.to_container(c.quant)
             for k in ("target_ratio", "budget_bits"):  # bits_w=auto only: keys of other configs unchanged
                 if quant.get(k) is None:
                     quant.pop(k, None)
-            keys["qat"] = cache_key({"base": after, "quant": quant, "threads": self.threads})
+            if quant.get("rounding") == "nearest":  # keys as before the rounding settings existed
+                for k in ("rounding", "rounding_batches", "rounding_iters"):
+                    quant.pop(k, None)
+            keys["qat"] = cache_key({"base": after, "quant": quant, "threads": self.threads, **distill})
             self._keys = keys
         return self._keys
 
     @property
     def prune_on(self) -> bool:
         return self.cfg.prune.ratio > 0
+
+    @property
+    def distill_on(self) -> bool:
+        return self.cfg.distill.alpha > 0
 
     @property
     def quant_on(self) -> bool:
@@ -329,6 +340,16 @@ class Pipeline:
             model,
             record,
         )
+        record["distill/alpha"] = c.distill.alpha
+        record["distill/temperature"] = c.distill.temperature
+        distiller = None
+        if self.distill_on and (self.prune_on or self.quant_on):
+            from qpexp.distill import Distiller, make_teacher, precompute
+
+            teacher = make_teacher(model)  # the baseline stage's model (trained or from the cache)
+            record["distill/teacher_test_acc"] = evaluate(teacher, dm.loader("test"))
+            record["distill/precomputed"] = precompute(teacher, dm)  # else: the teacher runs per batch
+            distiller = Distiller(teacher, c.distill.alpha, c.distill.temperature)
         if self.prune_on:
             pc = prune_config(c.prune)
             pc.seed = c.seed
@@ -354,6 +375,7 @@ class Pipeline:
                     rewind_state=rewind,
                     agp_dt=c.prune.agp_dt,
                     pruner=pruner,
+                    distiller=distiller,
                 )
 
             pr = self._stage("prune", make_prune, epochs, dm, model, record)
@@ -392,7 +414,7 @@ class Pipeline:
             record["quant/float_ops"] = ",".join(
                 float_ops(model)
             )  # what stays float: softmax, LayerNorm, ...
-            self._stage(
+            qat = self._stage(
                 "qat",
                 lambda: QATStage(
                     model,
@@ -402,12 +424,20 @@ class Pipeline:
                     weight_decay=c.quant.weight_decay,
                     label_smoothing=c.quant.label_smoothing,
                     calib_batches=c.quant.calib_batches,
+                    distiller=distiller,
+                    rounding=c.quant.rounding,
+                    rounding_batches=c.quant.rounding_batches,
+                    rounding_iters=c.quant.rounding_iters,
                 ),
                 c.quant.epochs,
                 dm,
                 model,
                 record,
             )
+            record["quant/rounding"] = c.quant.rounding
+            for k in ("rounding_seconds", "rounding_changed"):
+                if k in qat["meta"]:
+                    record[f"quant/{k}"] = qat["meta"][k]
             record["final/quant_mode"] = "qat" if c.quant.epochs > 0 else "ptq"
         last = "qat" if self.quant_on else "prune" if self.prune_on else "baseline"
         record["final/val_acc"] = record[f"{last}/val_acc"]

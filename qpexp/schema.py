@@ -83,6 +83,9 @@ class QuantSchema:
     calib_batches: int = 10
     target_ratio: float | None = None  # bits_w=auto: final/compression_ratio to reach (> 1)
     budget_bits: int | None = None  # bits_w=auto: or the size budget itself, in bits
+    rounding: str = "nearest"
+    rounding_batches: int = 8
+    rounding_iters: int = 500
 
 
 @dataclass
@@ -91,6 +94,12 @@ class AnalysisSchema:
     widths: list[int] = field(default_factory=lambda: [2, 3, 4, 8])
     ratios: list[float] = field(default_factory=lambda: [0.5, 0.75, 0.9])
     stop: bool = True  # stop after the analysis (no QAT)
+
+
+@dataclass
+class DistillSchema:
+    alpha: float = 0.0
+    temperature: float = 4.0
 
 
 @dataclass
@@ -113,6 +122,7 @@ class RootSchema:
     baseline: BaselineSchema = field(default_factory=BaselineSchema)
     prune: PruneSchema = field(default_factory=PruneSchema)
     quant: QuantSchema = field(default_factory=QuantSchema)
+    distill: DistillSchema = field(default_factory=DistillSchema)
     export: ExportSchema = field(default_factory=ExportSchema)
     analysis: AnalysisSchema | None = None
     logger: Any = None
@@ -188,6 +198,15 @@ def validate(cfg: DictConfig) -> DictConfig:
     _positive("quant.epochs", t.quant.epochs, allow_zero=True)
     _positive("quant.lr", t.quant.lr)
     _positive("quant.calib_batches", t.quant.calib_batches)
+    check_rounding(t.quant)
+    if not 0.0 <= t.distill.alpha <= 1.0:
+        raise ConfigError(f"distill.alpha={t.distill.alpha!r} must lie in [0, 1] (0: no distillation)")
+    _positive("distill.temperature", t.distill.temperature)
+    if t.distill.alpha > 0 and not t.baseline.enabled:
+        raise ConfigError(
+            f"distill.alpha={t.distill.alpha} needs the trained baseline as its teacher, but "
+            "baseline.enabled=false: set baseline.enabled=true or distill.alpha=0"
+        )
     if t.prune.rewind not in (None, "init", "epoch"):
         raise ConfigError(f"prune.rewind={t.prune.rewind!r} must be null, 'init' or 'epoch'")
     if t.prune.max_acc_drop is not None:
@@ -250,6 +269,21 @@ def check_analysis(a: DictConfig | None) -> None:
     for r in a.ratios:
         if not 0 < r < 1:
             raise ConfigError(f"analysis.ratios: {r!r} must lie in (0, 1)")
+
+
+def check_rounding(q) -> None:
+    if q.rounding not in ("nearest", "adaround"):
+        raise ConfigError(f"quant.rounding={q.rounding!r} is unknown: use 'nearest' or 'adaround'")
+    _positive("quant.rounding_batches", q.rounding_batches)
+    _positive("quant.rounding_iters", q.rounding_iters)
+    if q.rounding == "nearest" or q.bits_w == 32:
+        return
+    if q.epochs > 0:
+        raise ConfigError(
+            f"quant.rounding=adaround is post-training rounding: it needs quant.epochs=0 (got {q.epochs})"
+        )
+    if q.scheme != "linear":
+        raise ConfigError(f"quant.rounding=adaround supports quant.scheme=linear only (got {q.scheme!r})")
 
 
 def check_data_path(data: DictConfig) -> None:

@@ -42,9 +42,11 @@ class Stage(L.LightningModule):
         cycle_epochs: int | None = None,
         min_lr_frac: float = 0.0,
         label_smoothing: float = 0.0,
+        distiller=None,
     ):
         super().__init__()
         self.label_smoothing = label_smoothing
+        self.distiller = distiller  # qpexp.distill.Distiller: also learn from the baseline's logits
         self.model = model
         self.lr, self.epochs, self.weight_decay = lr, epochs, weight_decay
         self.cycle_epochs = cycle_epochs or max(epochs, 1)
@@ -60,9 +62,12 @@ class Stage(L.LightningModule):
 
     # -- steps ------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
-        x, y = batch
+        x, y, *teacher = batch  # a third tensor: the teacher's logits, precomputed (qpexp.distill)
         logits = self.model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        if self.distiller is not None:
+            loss = self.distiller.loss(logits, x, y, self.label_smoothing, *teacher)
+        else:
+            loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         if not torch.isfinite(loss):
             raise DivergenceError(
                 f"{self.stage}: training loss became {loss.item()} at epoch {self.current_epoch}, batch {batch_idx}"
@@ -375,9 +380,19 @@ class QATStage(Stage):
 
     stage = "qat"
 
-    def __init__(self, *args, calib_batches: int = 10, **kwargs):
+    def __init__(
+        self,
+        *args,
+        calib_batches: int = 10,
+        rounding: str = "nearest",
+        rounding_batches: int = 8,
+        rounding_iters: int = 500,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.calib_batches = calib_batches
+        self.rounding, self.rounding_batches, self.rounding_iters = rounding, rounding_batches, rounding_iters
+        self.rounding_info: dict = {}
 
     @torch.no_grad()
     def calibrate(self, loader) -> None:
@@ -393,6 +408,25 @@ class QATStage(Stage):
         from qpexp.core.quant.layers import warn_symmetric_nonnegative
 
         warn_symmetric_nonnegative(self.model)  # symmetric activation quantizer on never-negative input
+        if self.rounding == "adaround":
+            self.adaround(loader)
+
+    def adaround(self, loader) -> None:
+        """Learned rounding of every weight (PTQ). The same first batches on every DDP rank: the
+        result is deterministic, so every rank rounds alike."""
+        from qpexp.core.quant.adaround import adaround_
+
+        batches = [x for i, (x, _) in zip(range(self.rounding_batches), loader)]
+        self.rounding_info = adaround_(self.model, batches, iters=self.rounding_iters)
+
+    def stage_meta(self) -> dict:
+        if not self.rounding_info:
+            return {}
+        layers = [v for k, v in self.rounding_info.items() if k != "seconds"]
+        return {
+            "rounding_seconds": self.rounding_info["seconds"],
+            "rounding_changed": sum(v["changed"] for v in layers) / max(len(layers), 1),
+        }
 
     def on_fit_start(self):
         if self.current_epoch == 0 and not self.trainer.ckpt_path:

@@ -3,7 +3,7 @@
 import argparse
 import json
 
-NAMES = ("qat", "prune", "sweep", "sensitivity")
+NAMES = ("qat", "prune", "sweep", "sensitivity", "distill")
 
 
 def emit(rows: list[dict], figures: dict, title: str) -> None:
