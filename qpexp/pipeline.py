@@ -160,9 +160,10 @@ def make_model(cfg: DictConfig, dm):
 
 # -- the pipeline ---------------------------------------------------------------------------------
 class Pipeline:
-    def __init__(self, cfg: DictConfig, run_dir: str | Path, logger=None):
+    def __init__(self, cfg: DictConfig, run_dir: str | Path, logger=None, typed: DictConfig | None = None):
+        """``typed``: ``validate(cfg)`` when the caller has it already (the CLI: one validation per point)."""
         self.raw = cfg
-        self.cfg = validate(cfg)  # typed; raises ConfigError before anything else happens
+        self.cfg = typed if typed is not None else validate(cfg)  # raises ConfigError before anything else
         self.run_dir = Path(run_dir)
         self.logger = logger
         c = self.cfg
@@ -172,6 +173,7 @@ class Pipeline:
         self.threads = resolve_threads(c.threads)
         self._dm = None
         self._keys: dict[str, str] | None = None
+        self._macs: dict = {}  # model_macs by model structure (a stage that changes no shape or width reuses it)
 
     def data(self):
         """The data module, prepared once (data errors surface here, before any training)."""
@@ -305,7 +307,7 @@ class Pipeline:
 
             record["prune/frozen"] = check_channel_pruning(model, example)
         record["dense/params"] = count_params(model)[0]
-        record["dense/macs"] = model_macs(model, example)["macs"]
+        record["dense/macs"] = self.macs(model, example)["macs"]
 
         base = self._stage(
             "baseline",
@@ -394,12 +396,27 @@ class Pipeline:
         record["status"] = status if self.quant_on and c.export.enabled else "ok"
         return record
 
+    def macs(self, model, example, views=None) -> dict:
+        """``model_macs``, counted again only when the structure changed: the module tree (names and
+        types), every parameter's and buffer's shape, each layer's weight and activation width and the
+        example's shape (what MACs and BOPs depend on; unstructured zeros do not change them)."""
+        views = layer_views(model) if views is None else views
+        key = (
+            tuple((n, type(m).__qualname__) for n, m in model.named_modules()),
+            tuple((n, tuple(t.shape)) for n, t in [*model.named_parameters(), *model.named_buffers()]),
+            tuple((v.name, v.bits_w, v.bits_a) for v in views),
+            tuple(example.shape),
+        )
+        if key not in self._macs:
+            self._macs[key] = model_macs(model, example)
+        return self._macs[key]
+
     @torch.no_grad()
     def measure(self, model, example, dense_bits: int) -> dict:
         total, rows, other = size_bits(model, detail=True)
         params, nonzero = count_params(model)
-        macs = model_macs(model, example)
         views = layer_views(model)
+        macs = self.macs(model, example, views)
         bw = {v.bits_w for v in views}
         ba = {v.bits_a for v in views}
         weights = {v.name: v.weight.numel() for v in views}
