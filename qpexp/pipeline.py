@@ -7,6 +7,7 @@ stage the cache already holds), measures the final model and writes ``record.jso
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -121,17 +122,41 @@ def quiet_lightning():
                 logging.getLogger(n).setLevel(lvl)
 
 
-def fit(module, dm, epochs: int, work_dir: Path, logger, trainer_cfg: dict) -> float:
+def epoch_checkpoint(work_dir: Path, every_s: float):
+    """A ModelCheckpoint that overwrites ``work_dir/last.ckpt`` at the end of an epoch (monitor=None,
+    top-1; Lightning 2.6 writes ``save_last`` only when a top-k checkpoint was saved in the same step, so
+    save_top_k=0 would save it only at the end), once ``every_s`` seconds passed since the last one (or
+    since the stage started); 0: every epoch. Epoch ends only: a resumed stage replays whole epochs,
+    so its result equals an uninterrupted one's from whichever epoch it resumes."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class EpochCheckpoint(ModelCheckpoint):
+        def on_train_start(self, trainer, pl_module):
+            self._qpexp_last = time.monotonic()
+            return super().on_train_start(trainer, pl_module)
+
+        def _should_skip_saving_checkpoint(self, trainer) -> bool:
+            return super()._should_skip_saving_checkpoint(trainer) or (
+                time.monotonic() - getattr(self, "_qpexp_last", -math.inf) < every_s
+            )
+
+        def _save_checkpoint(self, trainer, filepath: str) -> None:
+            super()._save_checkpoint(trainer, filepath)
+            self._qpexp_last = time.monotonic()
+
+    return EpochCheckpoint(dirpath=work_dir, filename="last", save_top_k=1, enable_version_counter=False)
+
+
+def fit(
+    module, dm, epochs: int, work_dir: Path, logger, trainer_cfg: dict, checkpoint_every_s: float = 0.0
+) -> float:
     """Train ``module`` for ``epochs`` (resuming from ``work_dir/last.ckpt``), keep its best epoch."""
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     from qpexp.callbacks import progress_bar_enabled
 
     start = time.perf_counter()
-    # every epoch overwrites work_dir/last.ckpt (monitor=None, top-1); Lightning 2.6 writes `save_last`
-    # only when a top-k checkpoint was saved in the same step, so save_top_k=0 would save it only at the end
-    ckpt = ModelCheckpoint(dirpath=work_dir, filename="last", save_top_k=1, enable_version_counter=False)
+    ckpt = epoch_checkpoint(work_dir, checkpoint_every_s)
     last = work_dir / "last.ckpt"
     opts = {
         "accelerator": "cpu",
@@ -239,7 +264,17 @@ class Pipeline:
                 self._fail_hook(name)
                 module = module_fn()
                 train_s = (
-                    fit(module, dm, epochs, entry.work, self.logger, self.trainer_cfg) if epochs > 0 else 0.0
+                    fit(
+                        module,
+                        dm,
+                        epochs,
+                        entry.work,
+                        self.logger,
+                        self.trainer_cfg,
+                        self.cfg.checkpoint_every_s,
+                    )
+                    if epochs > 0
+                    else 0.0
                 )
                 if epochs == 0 and hasattr(module, "calibrate"):
                     module.calibrate(dm.loader("train", shuffle=False))
