@@ -13,7 +13,7 @@ quantizer takes the unclamped form (:func:`fake_quant_unclamped`: ``round(x (1/S
 clone, whose gradient is the identity, computed in C++): symmetric min/max weights never clamp (their
 scale comes from their own ``max|w|``), and a per-tensor activation in training checks its batch's
 min and max (which it reads anyway). It saves a Python backward per quantizer per step: QAT of the
-MNIST-1D CNN (w8a8) went from 1.48x to 1.15-1.29x an fp32 step, ``python -m qpexp.bench qat``.
+MNIST-1D CNN (w8a8) went from 1.40-1.49x to 1.22-1.32x an fp32 step (``python -m qpexp.bench qat``).
 
 A per-tensor activation quantizer keeps Python copies of its range and qparams: a training step
 reads the batch min/max (two scalar reads) and touches its buffers only when the running range
