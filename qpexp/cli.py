@@ -89,7 +89,8 @@ def run_job(cfg: DictConfig) -> dict:
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     try:
-        check_data_path(validate(cfg).data)  # schema, targets, data file: before Lightning is imported
+        typed = validate(cfg)
+        check_data_path(typed.data)  # schema, targets, data file: before Lightning is imported
         from qpexp.pipeline import Pipeline, base_record, complete_record, write_record
 
         done = complete_record(run_dir, cfg)
@@ -97,7 +98,7 @@ def run_job(cfg: DictConfig) -> dict:
             log.info("%s: complete record found, nothing to run", run_dir)
             return done
         record = base_record(cfg)
-        pipeline = Pipeline(cfg, run_dir)
+        pipeline = Pipeline(cfg, run_dir, typed=typed)  # validated once per point
     except Exception as e:
         if not is_user_error(e):
             raise

@@ -7,6 +7,7 @@ stage the cache already holds), measures the final model and writes ``record.jso
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -121,17 +122,41 @@ def quiet_lightning():
                 logging.getLogger(n).setLevel(lvl)
 
 
-def fit(module, dm, epochs: int, work_dir: Path, logger, trainer_cfg: dict) -> float:
+def epoch_checkpoint(work_dir: Path, every_s: float):
+    """A ModelCheckpoint that overwrites ``work_dir/last.ckpt`` at the end of an epoch (monitor=None,
+    top-1; Lightning 2.6 writes ``save_last`` only when a top-k checkpoint was saved in the same step, so
+    save_top_k=0 would save it only at the end), once ``every_s`` seconds passed since the last one (or
+    since the stage started); 0: every epoch. Epoch ends only: a resumed stage replays whole epochs,
+    so its result equals an uninterrupted one's from whichever epoch it resumes."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class EpochCheckpoint(ModelCheckpoint):
+        def on_train_start(self, trainer, pl_module):
+            self._qpexp_last = time.monotonic()
+            return super().on_train_start(trainer, pl_module)
+
+        def _should_skip_saving_checkpoint(self, trainer) -> bool:
+            return super()._should_skip_saving_checkpoint(trainer) or (
+                time.monotonic() - getattr(self, "_qpexp_last", -math.inf) < every_s
+            )
+
+        def _save_checkpoint(self, trainer, filepath: str) -> None:
+            super()._save_checkpoint(trainer, filepath)
+            self._qpexp_last = time.monotonic()
+
+    return EpochCheckpoint(dirpath=work_dir, filename="last", save_top_k=1, enable_version_counter=False)
+
+
+def fit(
+    module, dm, epochs: int, work_dir: Path, logger, trainer_cfg: dict, checkpoint_every_s: float = 0.0
+) -> float:
     """Train ``module`` for ``epochs`` (resuming from ``work_dir/last.ckpt``), keep its best epoch."""
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     from qpexp.callbacks import progress_bar_enabled
 
     start = time.perf_counter()
-    # every epoch overwrites work_dir/last.ckpt (monitor=None, top-1); Lightning 2.6 writes `save_last`
-    # only when a top-k checkpoint was saved in the same step, so save_top_k=0 would save it only at the end
-    ckpt = ModelCheckpoint(dirpath=work_dir, filename="last", save_top_k=1, enable_version_counter=False)
+    ckpt = epoch_checkpoint(work_dir, checkpoint_every_s)
     last = work_dir / "last.ckpt"
     opts = {
         "accelerator": "cpu",
@@ -160,9 +185,10 @@ def make_model(cfg: DictConfig, dm):
 
 # -- the pipeline ---------------------------------------------------------------------------------
 class Pipeline:
-    def __init__(self, cfg: DictConfig, run_dir: str | Path, logger=None):
+    def __init__(self, cfg: DictConfig, run_dir: str | Path, logger=None, typed: DictConfig | None = None):
+        """``typed``: ``validate(cfg)`` when the caller has it already (the CLI: one validation per point)."""
         self.raw = cfg
-        self.cfg = validate(cfg)  # typed; raises ConfigError before anything else happens
+        self.cfg = typed if typed is not None else validate(cfg)  # raises ConfigError before anything else
         self.run_dir = Path(run_dir)
         self.logger = logger
         c = self.cfg
@@ -172,6 +198,7 @@ class Pipeline:
         self.threads = resolve_threads(c.threads)
         self._dm = None
         self._keys: dict[str, str] | None = None
+        self._macs: dict = {}  # model_macs by model structure (a stage that changes no shape or width reuses it)
 
     def data(self):
         """The data module, prepared once (data errors surface here, before any training)."""
@@ -253,7 +280,17 @@ class Pipeline:
                 self._fail_hook(name)
                 module = module_fn()
                 train_s = (
-                    fit(module, dm, epochs, entry.work, self.logger, self.trainer_cfg) if epochs > 0 else 0.0
+                    fit(
+                        module,
+                        dm,
+                        epochs,
+                        entry.work,
+                        self.logger,
+                        self.trainer_cfg,
+                        self.cfg.checkpoint_every_s,
+                    )
+                    if epochs > 0
+                    else 0.0
                 )
                 if epochs == 0 and hasattr(module, "calibrate"):
                     module.calibrate(dm.loader("train", shuffle=False))
@@ -321,7 +358,7 @@ class Pipeline:
 
             record["prune/frozen"] = check_channel_pruning(model, example)
         record["dense/params"] = count_params(model)[0]
-        record["dense/macs"] = model_macs(model, example)["macs"]
+        record["dense/macs"] = self.macs(model, example)["macs"]
 
         base = self._stage(
             "baseline",
@@ -458,12 +495,27 @@ class Pipeline:
         record["status"] = status if self.quant_on and c.export.enabled else "ok"
         return record
 
+    def macs(self, model, example, views=None) -> dict:
+        """``model_macs``, counted again only when the structure changed: the module tree (names and
+        types), every parameter's and buffer's shape, each layer's weight and activation width and the
+        example's shape (what MACs and BOPs depend on; unstructured zeros do not change them)."""
+        views = layer_views(model) if views is None else views
+        key = (
+            tuple((n, type(m).__qualname__) for n, m in model.named_modules()),
+            tuple((n, tuple(t.shape)) for n, t in [*model.named_parameters(), *model.named_buffers()]),
+            tuple((v.name, v.bits_w, v.bits_a) for v in views),
+            tuple(example.shape),
+        )
+        if key not in self._macs:
+            self._macs[key] = model_macs(model, example)
+        return self._macs[key]
+
     @torch.no_grad()
     def measure(self, model, example, dense_bits: int) -> dict:
         total, rows, other = size_bits(model, detail=True)
         params, nonzero = count_params(model)
-        macs = model_macs(model, example)
         views = layer_views(model)
+        macs = self.macs(model, example, views)
         bw = {v.bits_w for v in views}
         ba = {v.bits_a for v in views}
         weights = {v.name: v.weight.numel() for v in views}

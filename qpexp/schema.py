@@ -128,6 +128,7 @@ class RootSchema:
     logger: Any = None
     trainer: Any = None
     fail_at: str | None = None  # test hook: raise inside the named stage
+    checkpoint_every_s: float = 10.0  # a stage's resume checkpoint at an epoch end this long after the last
 
 
 def _err(e: OmegaConfBaseException) -> ConfigError:
@@ -213,6 +214,7 @@ def validate(cfg: DictConfig) -> DictConfig:
         _positive("prune.max_acc_drop", t.prune.max_acc_drop, allow_zero=True)
     if t.threads is not None:
         _positive("threads", t.threads)
+    _positive("checkpoint_every_s", t.checkpoint_every_s, allow_zero=True)
     for key in ("data", "model"):
         node = t[key]
         if isinstance(node, DictConfig) and OmegaConf.is_missing(node, "_target_"):

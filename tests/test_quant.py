@@ -350,6 +350,41 @@ def test_activation_minmax_is_running_and_frozen_in_eval():
     exact(q.zero_point, t(z).reshape(1).to(torch.int32))
 
 
+@pytest.mark.parametrize("range_", ["minmax", "ema"])
+@pytest.mark.parametrize("n", [40, FUSED_MAX_NUMEL + 40])
+def test_training_step_activation_matches_formula_clamped_or_not(range_, n):
+    """Training mode, batch after batch: the output and the straight-through gradient equal the formula
+    on the range observed so far (the running min/max, or the EMA), both on batches where no code is
+    clamped (the unclamped fast path) and on batches where some are (a min/max range's zero point
+    can round the top code of its max to ``qmax + 1``; an EMA range lags the batch)."""
+    decay = F32(0.9)
+    q = act_q(bits=4, range_=range_, decay=float(decay))
+    q.train()
+    g = torch.Generator().manual_seed(n)
+    lo = hi = None
+    seen = {"clamped": 0, "unclamped": 0}
+    for i in range(60):
+        x = torch.randn(n, generator=g) * (1 + i % 5) + float(torch.randn((), generator=g))
+        if i == 0:  # by hand: [-1.5, 13.5] at 4 bits: S = 1, Z = 0 - rint(-1.5) = 2, 13.5 -> 14 + 2 = 16
+            x = torch.linspace(-1.5, 13.5, n)
+        x.requires_grad_(True)
+        bl, bh = F32(x.detach().min()), F32(x.detach().max())
+        if lo is None:
+            lo, hi = bl, bh
+        elif range_ == "ema":
+            lo, hi = lo * decay + bl * F32(1 - decay), hi * decay + bh * F32(1 - decay)
+        else:
+            lo, hi = min(lo, bl), max(hi, bh)
+        s, z = np_qparams_from_range(lo, hi, 4, False)
+        want, _, mask = np_fake_quant(x.detach().numpy(), s, z, 0, 15)
+        y = q(x)
+        exact(y, t(want))
+        gy = torch.randn(n, generator=g)
+        exact(torch.autograd.grad(y, x, gy)[0], gy * t(mask))
+        seen["unclamped" if mask.all() else "clamped"] += 1
+    assert seen["clamped"] > 0 and seen["unclamped"] > 0, seen
+
+
 def test_ema_range_update():
     decay = 0.8
     q = act_q(bits=8, range_="ema", decay=decay)

@@ -31,6 +31,7 @@ def test_sigkill_mid_stage_then_resume_gives_same_record(tmp_path):
     args = [
         "logger=none", "cache=false", "export.enabled=false", "baseline.epochs=3", "prune.steps=2",
         "prune.finetune_epochs=10", "quant.epochs=2", "quant.calib_batches=2",
+        "checkpoint_every_s=0",  # a checkpoint every epoch: the test kills the run once one exists
     ]  # fmt: skip
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     run_cli([*args, f"hydra.run.dir={ref_dir}"], cwd=tmp_path)
@@ -53,6 +54,57 @@ def test_sigkill_mid_stage_then_resume_gives_same_record(tmp_path):
     ref, rec = read_record(ref_dir), read_record(run_dir)
     assert rec["status"] == "ok" and rec["cache/baseline_hit"]  # baseline reused from the run folder
     assert numbers(rec) == numbers(ref)
+
+
+def test_checkpoint_interval_and_resume_from_an_older_epoch(tmp_path, monkeypatch):
+    """``checkpoint_every_s``: 0 writes the resume checkpoint at every epoch end, a long interval none
+    within a short stage; a stage resumed from an older epoch's checkpoint (what a kill between two
+    sparse checkpoints leaves) replays the epochs after it and gives an uninterrupted run's record."""
+    import shutil
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from qpexp import pipeline
+
+    saved, kept = [], tmp_path / "epoch1.ckpt"
+    save = ModelCheckpoint._save_checkpoint
+
+    def spy(self, trainer, filepath):
+        save(self, trainer, filepath)
+        saved.append(trainer.current_epoch)
+        if trainer.current_epoch == 1:
+            shutil.copy(filepath, kept)
+
+    monkeypatch.setattr(ModelCheckpoint, "_save_checkpoint", spy)
+    resumed_from = []
+    load = pipeline.safe_torch_load
+
+    def load_spy(path, *a, **k):
+        resumed_from.append(Path(path))
+        return load(path, *a, **k)
+
+    monkeypatch.setattr(pipeline, "safe_torch_load", load_spy)
+    args = [
+        *TINY,
+        "cache=false",
+        "export.enabled=false",
+        "baseline.epochs=4",
+        "prune.ratio=0",
+        "quant.bits_w=32",
+    ]
+    every = Pipeline(compose([*args, "checkpoint_every_s=0"]), tmp_path / "every").run()
+    assert saved == [0, 1, 2, 3] and kept.exists()
+    saved.clear()
+    rare = Pipeline(compose([*args, "checkpoint_every_s=3600"]), tmp_path / "rare").run()
+    assert saved == []
+    work = tmp_path / "resumed" / "baseline" / "work"
+    work.mkdir(parents=True)
+    shutil.copy(kept, work / "last.ckpt")  # killed after epoch 1's checkpoint, two epochs later
+    resumed = Pipeline(compose([*args, "checkpoint_every_s=3600"]), tmp_path / "resumed").run()
+    assert saved == [] and safe_torch_load(kept)["epoch"] == 1
+    assert [p.parent for p in resumed_from if p.name == "last.ckpt"] == [work]  # it did resume, once
+    assert numbers(rare) == numbers(every) == numbers(resumed)
+    assert numbers(every)["baseline/best_epoch"] >= 0
 
 
 def test_multirun_rerun_only_incomplete_points(tmp_path):

@@ -663,7 +663,7 @@ def _submitit_conf(root: Path) -> Path:
 def _submitit_args(tmp: Path, conf: Path) -> list[str]:
     return [
         "--config-dir", str(conf), "sweep=tiny", *(a for a in TINY if not a.startswith("quant.epochs")),
-        "logger=csv", "export.enabled=false",
+        "logger=csv", "export.enabled=false", "checkpoint_every_s=0",  # a checkpoint every epoch: killed after one
         "prune.ratio=0.5", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20",
         "hydra.launcher.cpus_per_task=1", f"cache_dir={tmp / 'cache'}", f"hydra.sweep.dir={tmp / 'sweep'}",
     ]  # fmt: skip

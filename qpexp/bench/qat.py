@@ -1,7 +1,8 @@
 """One QAT training step vs the fp32 step, side by side in one process (batch 100, one thread).
 
 Variants on the MNIST-1D CNN and MLP: fp32; qpexp QAT (w8a8, w4a8: per-channel symmetric weights,
-per-tensor asymmetric activations, min/max ranges); torch.ao.quantization eager QAT with the fbgemm
+per-tensor asymmetric activations, min/max ranges; lsq w4a8: the default sweep's setting, one
+learned step size per weight tensor, 8-bit min/max activations); torch.ao.quantization eager QAT with the fbgemm
 QAT qconfig (fused fake-quant observers, per-channel weights, conv+ReLU fused). torch.ao's default
 QAT mappings lack ``Conv1d`` / ``ConvReLU1d``: without them the CNN's conv weights are silently never
 fake-quantized, so custom mappings are supplied and checked.
@@ -30,12 +31,14 @@ from qpexp.models import cnn1d, mlp
 BATCH = 100
 
 
-def qpexp_qat(model: nn.Module, bits_w: int, bits_a: int = 8) -> nn.Module:
-    cfg = QuantConfig(
-        weight=QuantSpec(bits=bits_w, granularity="channel", symmetric=True, range="minmax"),
-        act=QuantSpec(bits=bits_a, granularity="tensor", symmetric=False, range="minmax"),
-    )
-    return quantize_(copy.deepcopy(model), cfg)
+def qpexp_qat(model: nn.Module, bits_w: int, bits_a: int = 8, lsq: bool = False) -> nn.Module:
+    """Per-channel symmetric min/max weights, or (``lsq``) the default sweep's one learned step size
+    per weight tensor; per-tensor asymmetric min/max activations."""
+    weight = QuantSpec(bits=bits_w, granularity="channel", symmetric=True, range="minmax")
+    if lsq:
+        weight = QuantSpec(bits=bits_w, granularity="tensor", symmetric=True, range="lsq")
+    act = QuantSpec(bits=bits_a, granularity="tensor", symmetric=False, range="minmax")
+    return quantize_(copy.deepcopy(model), QuantConfig(weight=weight, act=act))
 
 
 def torch_ao_qat(model: nn.Module) -> nn.Module:
@@ -102,6 +105,7 @@ def bench_model(name: str, model: nn.Module, rounds: int, steps: int) -> list[di
         "fp32": copy.deepcopy(model),
         "qpexp w8a8": qpexp_qat(model, 8),
         "qpexp w4a8": qpexp_qat(model, 4),
+        "qpexp lsq w4a8": qpexp_qat(model, 4, lsq=True),
         "torch.ao w8a8": torch_ao_qat(model),
     }
     stepper = {k: make_step(m, x, y) for k, m in variants.items()}

@@ -13,6 +13,14 @@ same points would train without sharing (sum of all their ``train_seconds/*``); 
 anything but training (process start-up and imports, Hydra, W&B, data, evaluation, measuring,
 waiting on a lock or for the last job). ``--quick`` cuts every training budget (baseline 30 epochs,
 prune 3 x 5, QAT 5) to see the overheads in a couple of minutes.
+
+``--profile``: where a point's time goes on a warm worker. The same sweep runs in ONE process with
+Hydra's basic launcher (every point after the first in an already warm process, as in a reused loky
+worker), with timers around the pipeline's parts; prints per part the seconds per point over the
+warm points (all but the first), in CPU seconds of the process (robust on a shared machine; W&B's
+own service process is not in them) and wall seconds, and the overhead per point: the point's time
+(its share of the sweep's time outside the points included) minus its training (``fit``, what
+``train_seconds/*`` counts).
 """
 
 from __future__ import annotations
@@ -71,17 +79,153 @@ def run_sweep(workdir: Path, name: str, extra: list[str], timeout: int) -> dict:
     }
 
 
+# (label, module, attribute): the parts timed by ``--profile``; "a > b" is a part inside part a
+PARTS = [
+    ("point (run_job)", "qpexp.cli", "run_job"),
+    ("Hydra job (setup + point)", "hydra._internal.core_plugins.basic_launcher", "run_job"),
+    ("validate config", "qpexp.schema", "validate"),
+    ("validate config", "qpexp.pipeline", "validate"),
+    ("complete/base record (git, versions)", "qpexp.pipeline", "complete_record"),
+    ("complete/base record (git, versions)", "qpexp.pipeline", "base_record"),
+    ("W&B init (make_tracker)", "qpexp.tracking", "make_tracker"),
+    ("W&B summary, layers, finish", "qpexp.tracking", "Tracker.summary"),
+    ("W&B summary, layers, finish", "qpexp.tracking", "Tracker.log_layers"),
+    ("W&B summary, layers, finish", "qpexp.tracking", "Tracker.finish"),
+    ("write record", "qpexp.pipeline", "write_record"),
+    ("pipeline.run", "qpexp.pipeline", "Pipeline.run"),
+    ("run > data", "qpexp.pipeline", "Pipeline.data"),
+    ("run > build model", "qpexp.pipeline", "make_model"),
+    ("run > quantize_ (fx)", "qpexp.pipeline", "quantize_"),
+    ("run > stages", "qpexp.pipeline", "Pipeline._stage"),
+    ("stages > cache load", "qpexp.cache", "Entry.load_or_discard"),
+    ("stages > cache save", "qpexp.cache", "Entry.save"),
+    ("stages > fit (= training time)", "qpexp.pipeline", "fit"),
+    ("fit > Trainer()", "lightning.pytorch", "Trainer.__init__"),
+    ("fit > checkpoint writes", "lightning.pytorch.callbacks", "ModelCheckpoint._save_checkpoint"),
+    ("fit > validation loops", "lightning.pytorch.loops.evaluation_loop", "_EvaluationLoop.run"),
+    ("stages > evaluate val+test", "qpexp.pipeline", "evaluate"),
+    ("stages > measure", "qpexp.pipeline", "Pipeline.measure"),
+    ("measure > MACs (FlopCounterMode)", "qpexp.pipeline", "model_macs"),
+    ("sweep start: check every point", "qpexp.callbacks", "FrontierCallback.on_multirun_start"),
+    ("sweep end: frontier files, W&B run", "qpexp.callbacks", "FrontierCallback.on_multirun_end"),
+]
+
+
+def profile_child() -> None:
+    """Run ``qpexp`` (argv after the output path) in this process with timers on :data:`PARTS`;
+    write ``[{part: [seconds, calls]}, ...]`` (one dict per point, then the sweep's other time)."""
+    import functools
+    import importlib
+
+    out = sys.argv[1]
+    points: list[dict] = []
+    outside: dict = {}
+
+    def timed(label, fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            if label == PARTS[0][0]:
+                points.append({})
+            whole_sweep = label.startswith("sweep ")
+            t, c = time.perf_counter(), time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                acc = points[-1] if points and not whole_sweep else outside
+                w, cpu, n = acc.get(label, (0.0, 0.0, 0))
+                acc[label] = (w + time.perf_counter() - t, cpu + time.process_time() - c, n + 1)
+
+        return wrapper
+
+    for label, mod, attr in PARTS:
+        owner = importlib.import_module(mod)
+        *path, name = attr.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        setattr(owner, name, timed(label, getattr(owner, name)))
+    sys.argv = ["qpexp", *sys.argv[2:]]
+    from qpexp.cli import main as qpexp_main
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    try:
+        qpexp_main()
+    finally:
+        outside["sweep"] = (time.perf_counter() - t0, time.process_time() - c0, 1)
+        Path(out).write_text(json.dumps([*points, outside]))
+
+
+def run_profile(workdir: Path, extra: list[str], timeout: int) -> tuple[list[dict], dict]:
+    out = workdir / "profile.json"
+    sweep_dir = workdir / "profile"
+    args = [sys.executable, "-c", "from qpexp.bench.sweep import profile_child; profile_child()", str(out)]
+    args += ["sweep=frontier", f"hydra.sweep.dir={sweep_dir}", "hydra/launcher=basic", *extra]
+    proc = subprocess.run(args, cwd=workdir, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    *points, outside = json.loads(out.read_text())
+    warm = points[1:] or points
+    point = PARTS[0][0]
+    fit = "stages > fit (= training time)"
+
+    def per_point(pts, label, i):  # i: 0 wall, 1 CPU, 2 calls
+        return sum(p.get(label, (0.0, 0.0, 0))[i] for p in pts) / max(len(pts), 1)
+
+    rows = [
+        {
+            "part": label,
+            "cpu s/point": per_point(warm, label, 1),
+            "wall s/point": per_point(warm, label, 0),
+            "calls/point": per_point(warm, label, 2),
+            "first point cpu s": per_point(points[:1], label, 1),
+        }
+        for label in dict.fromkeys(label for label, _, _ in PARTS)
+        if not label.startswith("sweep ")
+    ]
+    # the sweep's time outside the points: Hydra's job setup between points, multirun start and end
+    between = [outside["sweep"][i] - sum(p.get(point, (0.0, 0.0, 0))[i] for p in points) for i in (0, 1)]
+    n = max(len(points), 1)
+    for label in ("sweep start: check every point", "sweep end: frontier files, W&B run"):
+        w, cpu, _ = outside.get(label, (0.0, 0.0, 0))
+        rows.append({"part": label + " (/ points)", "cpu s/point": cpu / n, "wall s/point": w / n})
+    rows.append(
+        {
+            "part": "outside points (all of the above, Hydra)",
+            "cpu s/point": between[1] / n,
+            "wall s/point": between[0] / n,
+        }
+    )
+    overhead = [p.get(point, (0.0, 0.0))[i] - p.get(fit, (0.0, 0.0))[i] for p in warm for i in (1,)]
+    figures = {
+        "profile_points": len(points),
+        "profile_overhead_per_point_cpu_s": sum(overhead) / len(overhead) + between[1] / n,
+        "profile_overhead_per_point_wall_s": per_point(warm, point, 0)
+        - per_point(warm, fit, 0)
+        + between[0] / n,
+        "profile_fit_per_point_cpu_s": per_point(warm, fit, 1),
+        "profile_sweep_wall_s": outside["sweep"][0],
+    }
+    return rows, figures
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m qpexp.bench sweep", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny training budgets (overheads only)")
     p.add_argument("--skip-nocache", action="store_true", help="skip the cache=false run (the slowest)")
     p.add_argument("--dir", help="work folder (default: a fresh temporary one)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per sweep")
+    p.add_argument("--profile", action="store_true", help="where a point's time goes on a warm worker")
     a, extra = p.parse_known_args()
     extra = [*(QUICK if a.quick else []), "logger=wandb", *extra]
     workdir = Path(a.dir or tempfile.mkdtemp(prefix="qpexp-bench-sweep-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     cache = f"cache_dir={workdir / 'cache'}"
+    if a.profile:
+        rows, figures = run_profile(workdir, [f"cache_dir={workdir / 'profile_cache'}", *extra], a.timeout)
+        figures |= {"quick": a.quick, "workdir": str(workdir)}
+        emit(
+            rows, figures, f"qpexp sweep=frontier{' --quick' if a.quick else ''}: one warm process, per point"
+        )
+        return
     rows = [run_sweep(workdir, "cold", [cache, *extra], a.timeout)]
     rows.append(run_sweep(workdir, "cold", [cache, *extra], a.timeout) | {"run": "rerun"})
     if not a.skip_nocache:
