@@ -356,6 +356,9 @@ class Pipeline:
                 if k in pr["meta"]:
                     record[f"prune/{k}"] = pr["meta"][k]
             record["prune/target_ratio"] = c.prune.ratio
+            for point in pr["meta"].get("curve", []):  # every step's candidate: the sparsity curve
+                for k in ("sparsity", "val_acc", "test_acc"):
+                    record[f"prune/curve/{point['step']}/{k}"] = point[k]
         if self.quant_on:
             quantize_(model, quant_config(c.quant), example=self.example)
             record["quant/float_ops"] = ",".join(
