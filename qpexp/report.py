@@ -251,6 +251,38 @@ def _versions(recs: list[dict]) -> str:
     return text + f"; git {', '.join(shas)}" + (" (records differ in versions)" if len(vs) > 1 else "")
 
 
+def describe(exp: str) -> str:
+    """The experiment config's own header comment (what it runs and why), without the package line."""
+    from qpexp.cli import config_dir
+
+    path = Path(config_dir()) / "experiment" / f"{exp}.yaml"
+    if not path.is_file():
+        return ""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("#").strip()
+        if not text.startswith(("@package", "Run:", "GPU row:")):
+            lines.append(text)
+    return " ".join(lines)
+
+
+def budget(recs: list[dict]) -> str:
+    """The training budget the records ran with (from their configs)."""
+    f = recs[0]["_flat"]
+    if "baseline.epochs" not in f:
+        return "-"
+    parts = [f"baseline {f.get('baseline.epochs')} epochs at lr {f.get('baseline.lr')}"]
+    if any(r["_flat"].get("prune.ratio", 0) for r in recs):
+        parts.append(
+            f"pruning {f.get('prune.steps')} x {f.get('prune.finetune_epochs')} epochs at lr {f.get('prune.lr')}"
+        )
+    if any(r["_flat"].get("quant.bits_w", 32) != 32 for r in recs):
+        parts.append(f"QAT {f.get('quant.epochs')} epochs at lr {f.get('quant.lr')}")
+    return "; ".join(parts)
+
+
 def build(dirs, out: Path, table: Path = TABLE, figures: Path | None = None) -> str:
     spec = OmegaConf.to_container(OmegaConf.load(table))
     by_exp = load_records(dirs)
@@ -319,6 +351,8 @@ def build(dirs, out: Path, table: Path = TABLE, figures: Path | None = None) -> 
         recs = by_exp.get(exp, [])
         lines.append(f"### {exp}")
         lines.append("")
+        if describe(exp):
+            lines += [describe(exp), ""]
         if not recs:
             gpu = any(r["device"] == "gpu" for r in spec["rows"] if r["experiment"] == exp)
             extra = " data.path=ROOT trainer=gpu" if gpu else ""
@@ -333,6 +367,7 @@ def build(dirs, out: Path, table: Path = TABLE, figures: Path | None = None) -> 
         lines += [
             f"- command: {', '.join(f'`{c}`' for c in cmds)}",
             f"- records: {len(recs)}, seeds {', '.join(str(s) for s in seeds)}",
+            f"- budget: {budget(recs)}",
             f"- wall time: {sum(secs):.0f} s in all, {sum(secs) / len(secs):.0f} s per run "
             "(`seconds/total`; stages reused from the cache count their loading time only)",
             f"- versions: {_versions(recs)}",

@@ -182,7 +182,8 @@ def test_report_on_synthetic_records(tmp_path):
     runs = tmp_path / "runs"
     # logistic: 30, 32, 34 % -> mean 32.00, sample std 2.00
     _sweep(runs, "repro_mnist1d_logistic", [
-        {"seed": s, "final/test_acc": a, "config": {"seed": s}} for s, a in ((0, 0.30), (1, 0.32), (2, 0.34))
+        {"seed": s, "final/test_acc": a, "config": {"seed": s, "baseline": {"epochs": 150, "lr": 0.01}}}
+        for s, a in ((0, 0.30), (1, 0.32), (2, 0.34))
     ])  # fmt: skip
     # Han LeNet-300-100: fc1 sparsity 0.90 / 0.94 -> kept 10 and 6 % -> 8.00 +- 2.83 (sample std);
     # x fewer weights 1 / (1 - s): s = 0.9, 0.95 -> 10, 20 -> 15.00 +- 7.07
@@ -240,6 +241,7 @@ def test_report_on_synthetic_records(tmp_path):
     assert "`qpexp experiment=repro_mnist1d_logistic logger=none`" in text  # the command that ran it
     assert "qpexp 0.1.0, torch 2.x; git abcdef12" in text
     assert "30 s in all, 10 s per run" in text
+    assert "- budget: baseline 150 epochs at lr 0.01\n" in text
     for png in ("lottery_mnist1d.png", "fronts_mnist1d.png"):
         f = tmp_path / "site" / "docs" / "reproduction" / png
         assert f.stat().st_size > 1000 and f"](docs/reproduction/{png})" in text
