@@ -169,7 +169,9 @@ def plot_lottery(recs: list[dict], spec: dict, path: Path) -> bool:
     if not by:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    dense = [100 * r["baseline/test_acc"] for r in recs]
+    dense = list(
+        {r.get("seed"): 100 * r["baseline/test_acc"] for r in recs}.values()
+    )  # one baseline per seed
     dm, ds = mean_std(dense)
     ax.axhline(dm, color="black", lw=1, label=f"dense ({dm:.1f} +- {ds:.1f}%, n={len(dense)})")
     ax.axhspan(dm - ds, dm + ds, color="black", alpha=0.08)
@@ -318,7 +320,7 @@ def build(dirs, out: Path, table: Path = TABLE, figures: Path | None = None) -> 
             ours = f"{_fmt(m)} +- {_fmt(s)}"
             used.append(exp)
         else:
-            ours = "not run here" if not recs else "no value in the records"
+            ours = "not run here" if not recs else "-"  # run, but no record has the value: the note says why
         seed_txt = ", ".join(str(x) for x in seeds) if seeds else "-"
         lines.append(
             f"| {row['paper']} | {row['setting']} | {pub} | {ours} | {seed_txt} | {row['device']} | "
