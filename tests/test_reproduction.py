@@ -227,16 +227,16 @@ def test_report_on_synthetic_records(tmp_path):
     rows = {
         line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| ") and " | " in line
     }
-    assert "| 32.00 +- 2.00 | 0, 1, 2 | cpu |" in rows["MNIST-1D, logistic regression"]
+    assert "| 32.00 +- 2.00 | 0, 1, 2 | cpu |" in rows["MNIST-1D, logistic regression: test accuracy %"]
     assert "| 8.00 +- 2.83 | 0, 1 |" in rows["LeNet-300-100, digits: fc1 kept %"]
     assert "| 15.00 +- 7.07 | 0, 1 |" in rows["LeNet-300-100, digits: x fewer weights"]
     assert "| 2.00 +- 1.41 | 0, 1 |" in rows["LeNet-300-100, digits: dense error %"]  # errors 1 and 3 %
-    assert "| 72.00 +- 2.83 | 0, 1 |" in rows["magnitude + rewind, ~90% sparse"]
-    assert "step at 92.0% sparse" in rows["magnitude + rewind, ~90% sparse"]
-    assert "| 50.00 +- 0.00 | 0 |" in rows["random masks + rewind, ~90% sparse"]
-    assert "| 81.00 +- 1.41 | 0, 1 |" in rows["MNIST-1D CNN, prune + quantize, best at >= 8x"]
-    assert "no config reaches 8x" in rows["MNIST-1D CNN, quantize only, best at >= 8x"]
-    assert "not run here" in rows["MNIST-1D, MLP 40-100-100-10"]  # its only record failed
+    assert "| 72.00 +- 2.83 | 0, 1 |" in rows["magnitude + rewind, ~90% sparse: test accuracy %"]
+    assert "step at 92.0% sparse" in rows["magnitude + rewind, ~90% sparse: test accuracy %"]
+    assert "| 50.00 +- 0.00 | 0 |" in rows["random masks + rewind, ~90% sparse: test accuracy %"]
+    assert "| 81.00 +- 1.41 | 0, 1 |" in rows["MNIST-1D CNN, prune + quantize, best test accuracy % at >= 8x"]
+    assert "no config reaches 8x" in rows["MNIST-1D CNN, quantize only, best test accuracy % at >= 8x"]
+    assert "not run here" in rows["MNIST-1D, MLP 40-100-100-10: test accuracy %"]  # its only record failed
     assert "not run here" in rows["VGG-16, CIFAR-10: pruned error %"]  # a GPU row without records
     assert "`qpexp experiment=repro_mnist1d_logistic logger=none`" in text  # the command that ran it
     assert "qpexp 0.1.0, torch 2.x; git abcdef12" in text
