@@ -85,6 +85,9 @@ def test_repro_config_runs_on_a_tiny_budget(exp, tmp_path):
         steps = 1 if cfg.prune.schedule == "oneshot" else cfg.prune.steps
         curve = [rec[f"prune/curve/{s}/sparsity"] for s in range(1, steps + 1) if cfg.prune.schedule != "agp"]
         assert curve == sorted(curve)  # every step's model, sparser step by step
+        if curve and cfg.prune.structure == "unstructured":  # the last step's model is the one kept
+            assert rec[f"prune/curve/{steps}/test_acc"] == rec["prune/test_acc"]
+            assert rec[f"prune/curve/{steps}/sparsity"] == rec["prune/sparsity"]
 
 
 # -- the models the report needs: parameter counts by hand against the papers' ----------------------
