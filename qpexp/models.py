@@ -97,7 +97,7 @@ def lenet5(input_shape, num_classes: int, batchnorm: bool = False) -> nn.Sequent
     return nn.Sequential(OrderedDict(layers))
 
 
-ARCHS = ("resnet20", "resnet32", "resnet56", "vgg11", "vgg16", "mobilenetv2", "transformer")
+ARCHS = ("gru", "resnet20", "resnet32", "resnet56", "vgg11", "vgg16", "mobilenetv2", "transformer")
 
 
 def __getattr__(name: str):

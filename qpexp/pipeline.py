@@ -420,6 +420,9 @@ class Pipeline:
                 if k in pr["meta"]:
                     record[f"prune/{k}"] = pr["meta"][k]
             record["prune/target_ratio"] = c.prune.ratio
+            for point in pr["meta"].get("curve", []):  # every step's candidate: the sparsity curve
+                for k in ("sparsity", "val_acc", "test_acc"):
+                    record[f"prune/curve/{point['step']}/{k}"] = point[k]
         if c.analysis is not None:  # on the model before QAT (baseline or pruned, from the cache)
             from qpexp.analysis import plot_sensitivity, sensitivity
 

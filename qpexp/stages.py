@@ -331,6 +331,32 @@ class PruneStage(Stage):
         self.keeper.refresh(self.model)
         self.realized_ratio = sparsity(self.model)
         self.layer_sparsity = layer_sparsity(self.model)
+        self.curve = self.step_curve()
+
+    @torch.no_grad()
+    def step_curve(self) -> list[dict]:
+        """Every step's candidate (its best validation epoch), measured like the kept one: pruned
+        fraction, validation and test accuracy. One iterative run gives the whole accuracy-vs-sparsity
+        curve (lottery-ticket plots); the stage keeps the last step's candidate as before."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None or not self.step_best:
+            return []
+        kept = clone_state(self.model)
+        was = self.model.training
+        self.model.eval()
+        out = []
+        for step in sorted(self.step_best):
+            val, state, epoch = self.step_best[step]
+            self.model.load_state_dict(state)
+            correct = total = 0
+            for x, y in dm.loader("test"):
+                correct += int((self.model(x).argmax(1) == y).sum())
+                total += len(y)
+            out.append({"step": step + 1, "sparsity": sparsity(self.model), "val_acc": val,
+                        "test_acc": correct / max(total, 1), "epoch": epoch})  # fmt: skip
+        self.model.load_state_dict(kept)
+        self.model.train(was)
+        return out
 
     def finalize(self, example: torch.Tensor) -> None:
         """Channel structure: remove the masked channels for real (the model becomes smaller)."""
@@ -353,6 +379,7 @@ class PruneStage(Stage):
             "targets": self.targets,
             "selected_target": self.targets[step] if step >= 0 else 0.0,
             "realized_ratio": self.realized_ratio,
+            "curve": getattr(self, "curve", []),
         }
 
     def extra_state(self) -> dict:

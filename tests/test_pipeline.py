@@ -366,7 +366,11 @@ def test_every_shipped_config_composes_and_validates(choice, tmp_path):
     from qpexp.schema import validate
 
     # validation checks that data.path exists (its content is the data module's business)
-    extra = [f"data.path={tmp_path}"] if choice in ("data=npz", "data=vision") else []
+    vision = (
+        choice.startswith("experiment=")
+        and "override /data: vision" in (CONF / "experiment" / f"{choice.split('=')[1]}.yaml").read_text()
+    )
+    extra = [f"data.path={tmp_path}"] if choice in ("data=npz", "data=vision") or vision else []
     extra += ["model._target_=qpexp.models.mlp"] if choice == "model=custom" else []
     typed = validate(compose([choice, *extra]))
     assert typed.seed == 0 and typed.data._target_.startswith("qpexp.")
@@ -376,7 +380,14 @@ def test_every_shipped_config_composes_and_validates(choice, tmp_path):
 # data=npz/vision: own tests, own files; the real architectures: tests/test_archs.py and
 # tests/test_graph_quant.py run each through every stage at tiny widths
 ARCHS = {"resnet20", "resnet32", "resnet56", "vgg11", "vgg16", "mobilenetv2", "transformer"}
-RUNNABLE = [c for c in CHOICES if c not in ("data=npz", "data=vision") and c.split("=")[1] not in ARCHS]
+# the reproduction experiments (and the GRU they need): tests/test_reproduction.py, on fixture data
+RUNNABLE = [
+    c
+    for c in CHOICES
+    if c not in ("data=npz", "data=vision", "model=gru")
+    and c.split("=")[1] not in ARCHS
+    and not c.startswith("experiment=repro_")
+]
 ON_DATA = {
     "model=lenet5": ["data=digits"],  # LeNet-5 takes images
     "data=digits": ["model=lenet5"],

@@ -10,6 +10,7 @@ CRITERIA = {
     "taylor": "qpexp.core.prune.criteria.taylor.Taylor",
     "random": "qpexp.core.prune.criteria.random.Random",
     "fpgm": "qpexp.core.prune.criteria.fpgm.FPGM",
+    "std": "qpexp.core.prune.criteria.std.Std",  # Han et al. 2015: |w| / std of the layer
 }
 SCOPES = ("global", "layer")
 STRUCTURES = ("unstructured", "channel")
