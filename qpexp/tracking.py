@@ -29,38 +29,27 @@ class Tracker:
         they differ (``quant.bits_w=auto``); the sensitivity table and heatmap when measured."""
         if self.run is None:
             return
-        import wandb
 
-        bits = [
-            [k.split("/")[1], v]
-            for k, v in record.items()
-            if k.startswith("layers/") and k.endswith("/bits_w") and "quant/assignment" in record
-        ]
-        if bits:
-            table = wandb.Table(columns=["layer", "bits_w"], data=bits)
-            self.run.log(
-                {
-                    "layers/bits_w_table": table,
-                    "layers/bits_w_bar": wandb.plot.bar(
-                        table, "layer", "bits_w", title="weight bits per layer (quant.bits_w=auto)"
-                    ),
-                }
-            )
+        if "quant/assignment" in record:  # quant.bits_w=auto: the chosen widths
+            self._layer_bar(record, "bits_w", "weight bits per layer (quant.bits_w=auto)")
         self.log_sensitivity(record)
+        self._layer_bar(record, "sparsity", "realized sparsity per layer")
+
+    def _layer_bar(self, record: dict, key: str, title: str) -> None:
+        """``layers/<key>_table`` and its bar chart ``layers/<key>_bar`` from ``layers/<name>/<key>``."""
+        import wandb
 
         rows = [
             [k.split("/")[1], v]
             for k, v in record.items()
-            if k.startswith("layers/") and k.endswith("/sparsity")
+            if k.startswith("layers/") and k.endswith(f"/{key}")
         ]
         if rows:
-            table = wandb.Table(columns=["layer", "sparsity"], data=rows)
+            table = wandb.Table(columns=["layer", key], data=rows)
             self.run.log(
                 {
-                    "layers/sparsity_table": table,
-                    "layers/sparsity_bar": wandb.plot.bar(
-                        table, "layer", "sparsity", title="realized sparsity per layer"
-                    ),
+                    f"layers/{key}_table": table,
+                    f"layers/{key}_bar": wandb.plot.bar(table, "layer", key, title=title),
                 }
             )
 
