@@ -56,7 +56,9 @@ def rebuild_final(rec: dict, pipe: Pipeline):
         "params": sum(p.numel() for p in model.parameters()),
         "weights": sum(s.numel() for s in shapes),
         # the most weights one channel takes: its filter and its columns of the next layer
-        "channel_cost": max((a[1:].numel() + b.numel() // a[0] for a, b in zip(shapes, shapes[1:])), default=0),
+        "channel_cost": max(
+            (a[1:].numel() + b.numel() // a[0] for a, b in zip(shapes, shapes[1:])), default=0
+        ),
     }
     stage = next(s for s in ("qat", "prune", "baseline") if f"artifacts/{s}" in rec)
     if "artifacts/prune" in rec:
