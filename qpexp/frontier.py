@@ -67,7 +67,7 @@ ACCURACY_STANDS = ("ok", "deploy_mismatch", "deploy_error")
 ACC, RATIO, BOPS = "final/test_acc", "final/compression_ratio", "final/bops"
 AXES = ("quant.bits_w", "prune.ratio", "prune.scope", "seed")
 # config keys that never change what a point computes: not axes, not part of a config's identity
-NEUTRAL = ("cache", "cache_dir", "threads", "name", "logger.", "export.")
+NEUTRAL = ("cache", "cache_dir", "checkpoint_every_s", "threads", "name", "logger.", "export.")
 # what determines the baseline (= the dense model); mirrors the stage cache key in qpexp.pipeline
 BASELINE_KEYS = ("data", "model", "baseline", "trainer", "seed")
 HV_WINDOW = 0.05

@@ -342,3 +342,22 @@ def test_threads_per_worker_only_in_multirun(monkeypatch):
     monkeypatch.setenv("QPEXP_THREADS", "7")
     SweepProgress().on_job_start(cfg("RunMode.MULTIRUN"))
     assert os.environ["QPEXP_THREADS"] == "7"  # the user's setting wins
+
+
+def test_seeds_of_one_config_group_across_settings_that_change_nothing(tmp_path):
+    """Sweeps run with another cache folder or resume-checkpoint interval are the same config: their
+    seeds average together (mean of 0.90 and 0.80 by hand), and neither setting becomes an axis."""
+    from qpexp.frontier import collect
+
+    a = _record(4, 0.5, "global", 0, 0.90, 9.0, 0.95, kind="none")
+    b = _record(4, 0.5, "global", 1, 0.80, 9.0, 0.95, kind="none")
+    a["config"]["checkpoint_every_s"], b["config"]["checkpoint_every_s"] = None, 10
+    b["config"]["cache_dir"] = "elsewhere/cache"
+    _write(tmp_path / "s0", "p", a)
+    _write(tmp_path / "s1", "p", b)
+    rows, axes = collect([tmp_path / "s0", tmp_path / "s1"])
+    assert "checkpoint_every_s" not in axes and "cache_dir" not in axes
+    from qpexp.frontier import groups
+
+    (mean,) = [g for g in groups(rows, axes) if g["point"] == "run"]
+    assert mean["n"] == 2 and mean["acc"] == pytest.approx(0.85)
