@@ -68,6 +68,9 @@ ACC, RATIO, BOPS = "final/test_acc", "final/compression_ratio", "final/bops"
 AXES = ("quant.bits_w", "prune.ratio", "prune.scope", "seed")
 # config keys that never change what a point computes: not axes, not part of a config's identity
 NEUTRAL = ("cache", "cache_dir", "checkpoint_every_s", "threads", "name", "logger.", "export.")
+# keys added after records were written, with the value that older records computed with: a point
+# without the key is the same config as one that sets it to this value
+ADDED_LATER = {"quant.narrow_range": True}
 # what determines the baseline (= the dense model); mirrors the stage cache key in qpexp.pipeline
 BASELINE_KEYS = ("data", "model", "baseline", "trainer", "seed")
 HV_WINDOW = 0.05
@@ -145,6 +148,10 @@ def collect(dirs) -> tuple[list[dict], list[str]]:
                 seen.add(p)
                 points.append(_load_point(p, root))
     flat_cfgs = [_flatten(p["rec"].get("config") or {}) for p in points]
+    for f in flat_cfgs:
+        if f:
+            for k, v in ADDED_LATER.items():
+                f.setdefault(k, v)
     # axes: the config keys that vary between points (seed-derived copies such as data.seed left out)
     keys = sorted({k for f in flat_cfgs for k in f})
     varying = []

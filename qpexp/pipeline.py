@@ -237,6 +237,8 @@ class Pipeline:
             for k in ("target_ratio", "budget_bits"):  # bits_w=auto only: keys of other configs unchanged
                 if quant.get(k) is None:
                     quant.pop(k, None)
+            if quant.get("narrow_range") is True:  # keys as before the setting existed
+                quant.pop("narrow_range")
             if quant.get("rounding") == "nearest":  # keys as before the rounding settings existed
                 for k in ("rounding", "rounding_batches", "rounding_iters"):
                     quant.pop(k, None)

@@ -69,6 +69,7 @@ class QuantSchema:
     scheme: str = "linear"
     granularity: str = "channel"
     symmetric: bool = True
+    narrow_range: bool = True
     range: str = "minmax"
     ema_decay: float = 0.9
     act: ActSchema = field(default_factory=ActSchema)
@@ -172,7 +173,7 @@ AUTO_BITS = 8  # quant.bits_w=auto: the width of weights the assignment does not
 def quant_config(q) -> QuantConfig:
     """The core's settings; with ``bits_w=auto`` weights at ``AUTO_BITS`` until widths are assigned."""
     bits = AUTO_BITS if q.bits_w == AUTO else q.bits_w
-    weight = QuantSpec(bits, q.scheme, q.granularity, q.symmetric, q.range, q.ema_decay)
+    weight = QuantSpec(bits, q.scheme, q.granularity, q.symmetric, q.range, q.ema_decay, q.narrow_range)
     act = QuantSpec(q.bits_a, q.act.scheme, q.act.granularity, q.act.symmetric, q.act.range, q.act.ema_decay)
     return QuantConfig(weight, act, q.first_bits, q.last_bits, dict(q.overrides), q.fold_bn)
 

@@ -52,6 +52,7 @@ def prepared(
     range_="minmax",
     prune=0.0,
     x=None,
+    narrow_range=True,
     **cfg,
 ):
     torch.manual_seed(0)
@@ -61,7 +62,14 @@ def prepared(
             (n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))
         ]:
             set_mask(layer, (torch.rand_like(layer.weight) > prune).float())
-    spec_w = QuantSpec(bits=bits_w, scheme=scheme, granularity=granularity, symmetric=symmetric, range=range_)
+    spec_w = QuantSpec(
+        bits=bits_w,
+        scheme=scheme,
+        granularity=granularity,
+        symmetric=symmetric,
+        range=range_,
+        narrow_range=narrow_range,
+    )
     spec_a = QuantSpec(bits=bits_a, scheme=act_scheme, symmetric=act_symmetric, range="minmax")
     quantize_(model, QuantConfig(weight=spec_w, act=spec_a, **cfg))
     x = torch.randn(64, 40) if x is None else x
@@ -84,6 +92,8 @@ CASES = {
     "w16a16_asym": {"bits_w": 16, "bits_a": 16, "symmetric": False, "act_symmetric": True},
     "w5a6_sym_acts": {"bits_w": 5, "bits_a": 6, "act_symmetric": True},
     "w4_lsq": {"bits_w": 4, "range_": "lsq"},
+    "w2_lsq_full_range_pruned": {"bits_w": 2, "range_": "lsq", "narrow_range": False, "prune": 0.5},
+    "w8_lsq_full_range": {"bits_w": 8, "range_": "lsq", "narrow_range": False, "granularity": "tensor"},
     "log4_pruned": {"bits_w": 4, "scheme": "log", "prune": 0.9},
     "log3_log_acts": {"bits_w": 3, "scheme": "log", "act_scheme": "log", "granularity": "tensor"},
     "companding4": {"bits_w": 4, "scheme": "companding", "act_scheme": "companding"},
@@ -383,6 +393,8 @@ def test_onnx_matches_the_fake_quantized_model(tmp_path):
     [
         ({"bits_w": 8}, False, "uint8"),
         ({"bits_w": 4}, False, "int4"),
+        ({"bits_w": 4, "range_": "lsq", "narrow_range": False}, False, "int4"),
+        ({"bits_w": 8, "range_": "lsq", "narrow_range": False}, False, "uint8"),
         ({"bits_w": 3}, True, "int4"),
         ({"bits_w": 6, "symmetric": False}, True, "uint8"),
         ({"bits_w": 4, "bits_a": 4, "symmetric": False}, False, "uint4"),

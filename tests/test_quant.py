@@ -126,6 +126,52 @@ def test_reference_on_hand_computed_examples():
 
 
 # -- linear: equal to the textbook formula, on the fused-kernel path and on the chain path ---------
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_full_signed_range_with_a_learned_step(bits, per_channel):
+    """``narrow_range=False``: codes in ``[-2^(b-1), 2^(b-1)-1]`` (2 bits: {-2, -1, 0, 1}), ``Z = 0``,
+    against the numpy formula at the learned step; the same step with the narrow range never reaches
+    ``-2^(b-1)``."""
+    full, narrow = (
+        LinearQuantizer(
+            QuantSpec(
+                bits=bits,
+                symmetric=True,
+                granularity="channel" if per_channel else "tensor",
+                range="lsq",
+                narrow_range=nr,
+            ),
+            is_weight=True,
+            channels=3,
+        )
+        for nr in (False, True)
+    )
+    assert (full.qmin, full.qmax) == (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    assert int_range(2, True, narrow=False) == (-2, 1)  # by hand: 4 levels
+    x = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(bits)) * 2
+    for q in (full, narrow):
+        q(x)  # initializes the step
+        with torch.no_grad():
+            q.scale.copy_(torch.tensor([0.9, 0.5, 0.7][: q.scale.numel()]) * 2 / 2**bits)  # some codes clamp
+    axis = 0 if per_channel else None
+    s = full.scale.detach().numpy()
+    want, codes, _ = np_fake_quant(x.numpy(), s, 0, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1, axis)
+    exact(full(x).detach(), t(want))
+    exact(full.int_repr(x), t(codes.astype(np.int32)))
+    assert int(codes.min()) == -(2 ** (bits - 1))  # the extra level is used
+    assert int(narrow.int_repr(x).min()) == -(2 ** (bits - 1)) + 1
+    assert full.n_qparams() == narrow.n_qparams()  # the same storage: Z = 0 implicit either way
+
+
+def test_full_range_is_refused_where_it_means_nothing():
+    for spec in (
+        QuantSpec(bits=4, symmetric=False, narrow_range=False),
+        QuantSpec(bits=4, scheme="log", symmetric=True, narrow_range=False),
+    ):
+        with pytest.raises(ValueError, match="quant.narrow_range=false needs a symmetric linear"):
+            quantize_(cnn1d((40,), 10), QuantConfig(weight=spec))
+
+
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("size", ["small", "large"])

@@ -36,10 +36,11 @@ FUSED_MAX_NUMEL = 4096  # from about this many elements on, the vectorized chain
 TINY_SCALE = torch.finfo(torch.float32).tiny * 2**24  # keeps 1/S finite
 
 
-def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
-    """Integer range: narrow signed ``[-(2^(b-1)-1), 2^(b-1)-1]`` when symmetric, else ``[0, 2^b-1]``."""
+def int_range(bits: int, symmetric: bool, narrow: bool = True) -> tuple[int, int]:
+    """Integer range: narrow signed ``[-(2^(b-1)-1), 2^(b-1)-1]`` when symmetric (full signed
+    ``[-2^(b-1), 2^(b-1)-1]`` when not ``narrow``), else ``[0, 2^b-1]``."""
     if symmetric:
-        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+        return -(2 ** (bits - 1) - int(narrow)), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
 
 
@@ -184,7 +185,7 @@ class LinearQuantizer(nn.Module):
         self.decay = spec.ema_decay
         self.is_weight = is_weight
         self.ch_axis = ch_axis
-        self.qmin, self.qmax = int_range(self.bits, self.symmetric)
+        self.qmin, self.qmax = int_range(self.bits, self.symmetric, spec.narrow_range)
         n = channels if self.per_channel else 1
         self.register_buffer("min_val", torch.full((n,), math.inf))
         self.register_buffer("max_val", torch.full((n,), -math.inf))

@@ -21,7 +21,11 @@ class QuantSpec:
 
     ``bits`` 2..8 or 16 (32 means: leave in float). ``range``: ``minmax`` (weights: the tensor's own
     range; activations: running min/max over everything observed), ``ema`` (exponential moving
-    average of batch min/max), ``lsq`` (learned step size, Esser et al. 2020).
+    average of batch min/max), ``lsq`` (learned step size, Esser et al. 2020). ``narrow_range``
+    (symmetric linear only): codes ``[-(2^(b-1)-1), 2^(b-1)-1]``, one of the ``2^b`` patterns unused
+    (3 levels at 2 bits); False gives the full signed range ``[-2^(b-1), 2^(b-1)-1]`` (4 levels at 2
+    bits), as LSQ's paper quantizes weights. The scale ``S`` and ``Z = 0`` are the same either way;
+    only a learned step size (``lsq``) or learned rounding reaches the extra negative code.
     """
 
     bits: int = 8
@@ -30,6 +34,7 @@ class QuantSpec:
     symmetric: bool = False
     range: str = "minmax"
     ema_decay: float = 0.9
+    narrow_range: bool = True
 
     def validate(self, key: str, bits_key: str | None = None) -> None:
         """Raise ValueError naming the config key (``key.scheme``...; ``bits_key`` for the width)."""
@@ -46,6 +51,14 @@ class QuantSpec:
             raise ValueError(f"{key}.range={self.range!r} is unknown: use one of {RANGES}")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"{key}.ema_decay={self.ema_decay} must lie in (0, 1)")
+        if not isinstance(self.narrow_range, bool):
+            raise ValueError(f"{key}.narrow_range must be true or false, got {self.narrow_range!r}")
+        if not self.narrow_range and (self.scheme != "linear" or not self.symmetric):
+            raise ValueError(
+                f"{key}.narrow_range=false needs a symmetric linear quantizer ({key}.scheme=linear, "
+                f"{key}.symmetric=true): asymmetric codes already use the full range, log codes have no "
+                f"unused pattern; got scheme={self.scheme!r}, symmetric={self.symmetric}"
+            )
 
     @property
     def enabled(self) -> bool:
