@@ -241,9 +241,20 @@ def test_frontier_mp_sweep_definition():
     assert cfg.hydra.sweep.dir == "outputs/sweeps/frontier_mp"
     params = {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
     assert "quant.bits_w" not in params and cfg.quant.bits_w == "auto"
-    assert [float(r) for r in params["quant.target_ratio"]] == [8, 10, 12, 14, 16, 20]
+    assert [float(r) for r in params["quant.target_ratio"]] == [12, 16, 20, 24, 28, 32]
     front = compose(["sweep=frontier"])  # the same training as the uniform frontier
-    for key in ("quant.bits_a", "quant.granularity", "quant.range", "quant.epochs", "prune.steps"):
+    for key in (
+        "quant.bits_a",
+        "quant.granularity",
+        "quant.range",
+        "quant.narrow_range",
+        "quant.epochs",
+        "quant.lr",
+        "prune.structure",
+        "prune.steps",
+        "prune.finetune_epochs",
+        "prune.lr",
+    ):
         assert OmegaConf.select(cfg, key) == OmegaConf.select(front, key), key
     points = sweep_points(cfg)
     assert len(points) == 18

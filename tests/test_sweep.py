@@ -262,6 +262,9 @@ def test_default_sweep_definition():
     assert len(ratios) >= 3 and all(0.5 <= r <= 0.95 for r in ratios)
     assert sorted(params["prune.scope"]) == ["global", "layer"]
     assert cfg.data.name == "mnist1d" and cfg.model._target_.endswith("cnn1d")
+    # the measured recipe (README: the default sweep's ablation)
+    assert cfg.prune.structure == "channel" and cfg.prune.lr == 0.01
+    assert cfg.quant.narrow_range is False and cfg.quant.first_bits == 8 and cfg.quant.lr == 0.01
     assert cfg.threads is None  # derived per worker from hydra.launcher.n_jobs
     assert cfg.logger.group  # the sweep's W&B group
     points = sweep_points(cfg)
