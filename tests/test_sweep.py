@@ -271,3 +271,41 @@ def test_default_sweep_definition():
     assert len(points) == 18
     for point in points:
         validate(compose(["sweep=frontier", *point]))
+
+
+def test_sweep_check_composes_every_point_as_hydra_does():
+    """The sweep check builds each distinct defaults list once and applies the points' values on a
+    copy; the configs must equal Hydra's own composition of each point (``load_sweep_config``), also
+    with a config-group axis, a second value axis and an added (`+`) dict override in the mix."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf, open_dict
+
+    from qpexp.cli import config_dir
+    from qpexp.sweepcheck import point_configs, sweep_points
+
+    def plain(c):
+        d = OmegaConf.to_container(c, resolve=False)
+        d.pop("hydra", None)
+        return d
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        from hydra import compose as hcompose
+
+        for extra in ({}, {"model": "cnn1d,mlp", "quant.lr": "0.1,0.02", "+quant.overrides": "{conv1: 8}"}):
+            cfg = hcompose(config_name="config", overrides=["sweep=frontier"], return_hydra_config=True)
+            with open_dict(cfg):
+                cfg.hydra.sweeper.params.update(extra)
+            points = sweep_points(cfg)
+            assert len(points) == 18 * (4 if extra else 1)
+            loader = GlobalHydra.instance().config_loader()
+            got = list(point_configs(cfg, points))
+            assert [p for p, _ in got] == points
+            for point, mine in got[:: 5 if extra else 1]:  # Hydra's composition: 0.4 s a point
+                assert plain(mine) == plain(loader.load_sweep_config(cfg, list(point))), point
+            if extra:  # the axes really differ between points
+                assert {OmegaConf.select(c, "model._target_") for _, c in got} == {
+                    "qpexp.models.cnn1d",
+                    "qpexp.models.mlp",
+                }
+                assert {c.quant.lr for _, c in got} == {0.1, 0.02}
