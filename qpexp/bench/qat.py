@@ -33,12 +33,15 @@ BATCH = 100
 
 def qpexp_qat(model: nn.Module, bits_w: int, bits_a: int = 8, lsq: bool = False) -> nn.Module:
     """Per-channel symmetric min/max weights, or (``lsq``) the default sweep's one learned step size
-    per weight tensor; per-tensor asymmetric min/max activations."""
+    per weight tensor on the full signed range, the first layer's weights at 8 bits; per-tensor
+    asymmetric min/max activations."""
     weight = QuantSpec(bits=bits_w, granularity="channel", symmetric=True, range="minmax")
+    first = None
     if lsq:
-        weight = QuantSpec(bits=bits_w, granularity="tensor", symmetric=True, range="lsq")
+        weight = QuantSpec(bits=bits_w, granularity="tensor", symmetric=True, range="lsq", narrow_range=False)
+        first = 8
     act = QuantSpec(bits=bits_a, granularity="tensor", symmetric=False, range="minmax")
-    return quantize_(copy.deepcopy(model), QuantConfig(weight=weight, act=act))
+    return quantize_(copy.deepcopy(model), QuantConfig(weight=weight, act=act, first_bits=first))
 
 
 def torch_ao_qat(model: nn.Module) -> nn.Module:
