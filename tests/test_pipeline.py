@@ -469,3 +469,26 @@ def test_every_preset_runs_through_the_pipeline(tmp_path, preset_cache, choice):
         before = safe_torch_load(Path(rec["artifacts/prune" if ratio else "artifacts/baseline"]) / "model.pt")
         for name, layer, _ in found:
             assert torch.equal(layer.weight, before["model"][f"{name}.weight"]), name
+
+
+def test_the_default_sweeps_recipe_deploys_its_2_bit_point(tmp_path):
+    """One point of ``sweep=frontier`` at tiny budgets, export on: channels removed, the first conv at
+    8 bits and the rest at 2 bits with the full signed range ({-2, -1, 0, 1}: the codes the integer
+    file holds), the file bit-exact against the fake-quantized model, onnxruntime agreeing, and the
+    file's payload equal to the accounting's ``final/size_bits``."""
+    from qpexp.core.quant.export import load
+
+    recipe = ["prune.structure=channel", "prune.lr=0.01", "quant.narrow_range=false", "quant.first_bits=8"]
+    rec, _ = run_pipeline(
+        tmp_path,
+        [*recipe, "quant.bits_w=2", "quant.range=lsq", "quant.granularity=tensor", "export.enabled=true"],
+    )
+    assert rec["status"] == "ok", rec.get("error")
+    assert rec["final/params"] < rec["dense/params"]  # channels physically removed
+    assert [rec[f"layers/{n}/bits_w"] for n in ("conv1", "conv2", "conv3", "fc")] == [8, 2, 2, 2]
+    codes = [la.weight_codes for la in load(rec["deploy/path"], arithmetic="float").integer_layers()][1:]
+    assert all(int(c.min()) >= -2 and int(c.max()) <= 1 for c in codes)
+    assert any(int(c.min()) == -2 for c in codes)  # the fourth level is used
+    assert rec["deploy/roundtrip_codes_equal"] is True and rec["deploy/roundtrip_max_abs_diff"] == 0.0
+    assert rec["deploy/onnx_acc_diff"] <= 0.002
+    assert rec["deploy/accounted_payload_bits"] == rec["final/size_bits"]
