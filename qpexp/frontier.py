@@ -59,6 +59,8 @@ import warnings
 from collections import OrderedDict
 from pathlib import Path
 
+from qpexp.config_defaults import ADDED_LATER
+
 log = logging.getLogger("qpexp")
 
 # statuses of a finished run whose accuracy stands (deploy_*: the fake-quantized model is fine, its
@@ -68,9 +70,6 @@ ACC, RATIO, BOPS = "final/test_acc", "final/compression_ratio", "final/bops"
 AXES = ("quant.bits_w", "prune.ratio", "prune.scope", "seed")
 # config keys that never change what a point computes: not axes, not part of a config's identity
 NEUTRAL = ("cache", "cache_dir", "checkpoint_every_s", "threads", "name", "logger.", "export.")
-# keys added after records were written, with the value that older records computed with: a point
-# without the key is the same config as one that sets it to this value
-ADDED_LATER = {"quant.narrow_range": True}
 # what determines the baseline (= the dense model); mirrors the stage cache key in qpexp.pipeline
 BASELINE_KEYS = ("data", "model", "baseline", "trainer", "seed")
 HV_WINDOW = 0.05
@@ -148,7 +147,7 @@ def collect(dirs) -> tuple[list[dict], list[str]]:
                 seen.add(p)
                 points.append(_load_point(p, root))
     flat_cfgs = [_flatten(p["rec"].get("config") or {}) for p in points]
-    for f in flat_cfgs:
+    for f in flat_cfgs:  # a record from before a key existed: the value it computed with
         if f:
             for k, v in ADDED_LATER.items():
                 f.setdefault(k, v)

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qpexp import __version__
 from qpexp.cache import StageCache, cache_key
+from qpexp.config_defaults import without_added_defaults
 from qpexp.core.accounting import (
     count_params,
     layer_views,
@@ -233,14 +234,10 @@ class Pipeline:
                 {"base": keys["baseline"], "prune": prune, "threads": self.threads, **distill}
             )
             after = keys["prune"] if self.prune_on else keys["baseline"]
-            quant = OmegaConf.to_container(c.quant)
-            for k in ("target_ratio", "budget_bits"):  # bits_w=auto only: keys of other configs unchanged
-                if quant.get(k) is None:
-                    quant.pop(k, None)
-            if quant.get("narrow_range") is True:  # keys as before the setting existed
-                quant.pop("narrow_range")
-            if quant.get("rounding") == "nearest":  # keys as before the rounding settings existed
-                for k in ("rounding", "rounding_batches", "rounding_iters"):
+            # keys as before the settings added later existed, while they hold the old behaviour
+            quant = without_added_defaults("quant", OmegaConf.to_container(c.quant))
+            if c.quant.rounding == "nearest":  # adaround's settings do nothing then
+                for k in ("rounding_batches", "rounding_iters"):
                     quant.pop(k, None)
             keys["qat"] = cache_key({"base": after, "quant": quant, "threads": self.threads, **distill})
             self._keys = keys

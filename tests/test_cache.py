@@ -153,3 +153,27 @@ def test_crafted_pickle_with_a_checksum_mismatch_is_still_unsafe(tmp_path):
         Pipeline(compose(args), tmp_path / "r2").run()
     assert not marker.exists()  # nothing in the pickle ran
     assert (entry / "model.pt").exists() and not (entry.parent / "damaged").exists()  # refused, not moved
+
+
+def test_keys_added_later_leave_older_keys_unchanged(tmp_path, monkeypatch):
+    """What the QAT key hashes: none of the quant settings added after entries were cached
+    (``narrow_range``, ``target_ratio``, ``budget_bits``, ``rounding*``) while they hold the value
+    older runs computed with, so those entries stay valid; a setting at another value is hashed."""
+    import qpexp.pipeline as pl
+
+    payloads = []
+    real = pl.cache_key
+    monkeypatch.setattr(pl, "cache_key", lambda p: payloads.append(p) or real(p))
+
+    def quant_hashed(*overrides):
+        payloads.clear()
+        assert pl.Pipeline(compose([*TINY, f"cache_dir={tmp_path}", *overrides]), tmp_path / "r").keys["qat"]
+        (q,) = [p["quant"] for p in payloads if "quant" in p]
+        return q
+
+    added = {"narrow_range", "target_ratio", "budget_bits", "rounding", "rounding_batches", "rounding_iters"}
+    now = quant_hashed()
+    assert not added & set(now) and {"bits_w", "bits_a", "symmetric"} <= set(now)
+    assert quant_hashed("quant.narrow_range=false")["narrow_range"] is False
+    assert quant_hashed("quant.epochs=0", "quant.rounding=adaround")["rounding"] == "adaround"
+    assert quant_hashed("quant.bits_w=auto", "quant.target_ratio=12")["target_ratio"] == 12

@@ -361,3 +361,34 @@ def test_seeds_of_one_config_group_across_settings_that_change_nothing(tmp_path)
 
     (mean,) = [g for g in groups(rows, axes) if g["point"] == "run"]
     assert mean["n"] == 2 and mean["acc"] == pytest.approx(0.85)
+
+
+def test_records_from_before_a_key_existed_group_with_its_old_value(tmp_path):
+    """A record written before ``quant.narrow_range``, ``quant.rounding*`` and ``distill.*`` existed
+    and one that sets them to the values those older runs computed with are one config: the seeds
+    average together (0.90 and 0.80 by hand) and none of the keys becomes an axis; a record that sets
+    one of them to another value is another config."""
+    from qpexp.frontier import collect, groups
+
+    old = _record(4, 0.5, "global", 0, 0.90, 9.0, 0.95, kind="none")
+    new = _record(4, 0.5, "global", 1, 0.80, 9.0, 0.95, kind="none")
+    for k in ("narrow_range", "rounding", "rounding_batches", "rounding_iters"):
+        old["config"]["quant"].pop(k, None)
+    old["config"].pop("distill", None)
+    new["config"]["quant"].update(
+        narrow_range=True, rounding="nearest", rounding_batches=8, rounding_iters=500
+    )
+    new["config"]["distill"] = {"alpha": 0.0, "temperature": 4.0}
+    _write(tmp_path / "s0", "p", old)
+    _write(tmp_path / "s1", "p", new)
+    rows, axes = collect([tmp_path / "s0", tmp_path / "s1"])
+    assert not [a for a in axes if a.startswith(("quant.narrow", "quant.rounding", "distill."))], axes
+    (mean,) = [g for g in groups(rows, axes) if g["point"] == "run"]
+    assert mean["n"] == 2 and mean["acc"] == pytest.approx(0.85)
+
+    full = _record(4, 0.5, "global", 2, 0.70, 9.0, 0.95, kind="none")
+    full["config"]["quant"]["narrow_range"] = False
+    _write(tmp_path / "s2", "p", full)
+    rows, axes = collect([tmp_path / "s0", tmp_path / "s1", tmp_path / "s2"])
+    assert "quant.narrow_range" in axes
+    assert sorted(g["n"] for g in groups(rows, axes) if g["point"] == "run") == [1, 2]

@@ -12,8 +12,9 @@ Where no code can be clamped, clamping and the straight-through mask change noth
 quantizer takes the unclamped form (:func:`fake_quant_unclamped`: ``round(x (1/S)) S`` in place on a
 clone, whose gradient is the identity, computed in C++): symmetric min/max weights never clamp (their
 scale comes from their own ``max|w|``), and a per-tensor activation in training checks its batch's
-min and max (which it reads anyway). It saves a Python backward per quantizer per step: QAT of the
-MNIST-1D CNN (w8a8) went from 1.40-1.49x to 1.22-1.32x an fp32 step (``python -m qpexp.bench qat``).
+min and max (which it reads anyway). It saves a Python backward per quantizer per step
+(``python -m qpexp.bench qat``, MNIST-1D CNN w8a8: 1.40-1.49x an fp32 step before, 1.22-1.32x after
+on a loaded machine; 1.45x on an idle one, where the fp32 step is not slowed as much).
 
 A per-tensor activation quantizer keeps Python copies of its range and qparams: a training step
 reads the batch min/max (two scalar reads) and touches its buffers only when the running range
