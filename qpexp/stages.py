@@ -19,6 +19,7 @@ from qpexp.core.modules import clone_state
 from qpexp.core.prune import MaskKeeper, PruneConfig, ensure_masks, make_criterion, prune_step, schedule
 from qpexp.core.prune.masks import strip_masks
 from qpexp.distributed import rank_batches, reduce_weight_grads, sync_masks, sync_quant_state
+from qpexp.optim import adamw
 
 
 class DivergenceError(RuntimeError):
@@ -121,7 +122,7 @@ class Stage(L.LightningModule):
 
     # -- optimizer --------------------------------------------------------------------------------
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        opt = adamw(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         cycle, floor = self.cycle_epochs, self.min_lr_frac
 
         def factor(epoch: int) -> float:

@@ -27,6 +27,7 @@ from torch import nn
 from qpexp.bench import emit, step_args
 from qpexp.core.quant import QuantConfig, QuantSpec, quantize_
 from qpexp.models import cnn1d, mlp
+from qpexp.optim import adamw
 
 BATCH = 100
 
@@ -80,7 +81,7 @@ def torch_ao_qat(model: nn.Module) -> nn.Module:
 
 
 def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    opt = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()
 
     def step() -> None:

@@ -26,6 +26,7 @@ a state dict or moving the module refreshes the copies. ``python -m qpexp.bench 
 from __future__ import annotations
 
 import math
+import struct
 
 import numpy as np
 import torch
@@ -62,18 +63,30 @@ def affine_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: boo
     return scale, zero
 
 
+_F32 = struct.Struct("f")
+
+
+def _f32(v: float) -> float:
+    """``v`` rounded to float32 (to nearest, ties to even), as a Python float. A sum, difference,
+    product or quotient of two float32 values computed in double precision and then rounded so is
+    the float32 operation's result bit for bit (53 >= 2 x 24 + 2 bits), without numpy's per-scalar
+    cost."""
+    try:
+        return _F32.unpack(_F32.pack(v))[0]
+    except OverflowError:  # beyond float32's range: float32 arithmetic gives infinity
+        return math.copysign(math.inf, v)
+
+
 def affine_qparams_scalar(lo: float, hi: float, bits: int, symmetric: bool) -> tuple[float, int]:
     """:func:`affine_qparams` for one range in Python numbers: the same float32 operations, so the
     same scale and zero point bit for bit (``lo``/``hi`` must be float32 values)."""
-    f32 = np.float32
     qmin, qmax = int_range(bits, symmetric)
     if symmetric:
-        scale = max(f32(max(abs(f32(lo)), abs(f32(hi)))) / f32(qmax), f32(TINY_SCALE))
-        return float(scale), 0
-    lo0 = f32(min(lo, 0.0))
-    scale = max((f32(max(hi, 0.0)) - lo0) / f32(qmax - qmin), f32(TINY_SCALE))
-    zero = min(max(qmin - float(np.round(lo0 / scale)), qmin), qmax)
-    return float(scale), int(zero)
+        return max(_f32(max(abs(lo), abs(hi)) / qmax), TINY_SCALE), 0
+    lo0 = min(lo, 0.0)
+    scale = max(_f32(_f32(max(hi, 0.0) - lo0) / (qmax - qmin)), TINY_SCALE)
+    zero = min(max(qmin - round(_f32(lo0 / scale)), qmin), qmax)
+    return scale, int(zero)
 
 
 class _FakeQuant(torch.autograd.Function):
@@ -151,14 +164,13 @@ def fake_quant_unclamped(x: torch.Tensor, inv_scale, scale) -> torch.Tensor:
     if not (x.requires_grad and torch.is_grad_enabled()):
         return (x * inv_scale).round_().mul_(scale)
     y = x.clone()
-    with torch.no_grad():
-        y.mul_(inv_scale).round_().mul_(scale)
+    y.detach().mul_(inv_scale).round_().mul_(scale)  # the alias is untracked: no grad-mode switch
     return y
 
 
 def _inverse(scale: float) -> float:
     """``1/S`` as torch's kernels take it: ``1.0f / scale`` in float32."""
-    return float(np.float32(1.0) / np.float32(scale))
+    return _f32(1.0 / scale)
 
 
 def _invalidate_hook(module: LinearQuantizer, incompatible_keys) -> None:
@@ -200,7 +212,9 @@ class LinearQuantizer(nn.Module):
         # Python mirrors of a per-tensor activation quantizer's range and qparams: a training step
         # then costs one min/max reduction and two scalar reads unless the range grows (see forward)
         self._scalar = not is_weight and not self.per_channel and self.range != "lsq"
-        self._mirror: tuple[float, float, float, int, float] | None = None  # (min, max, scale, zero, 1/scale)
+        # (min, max, scale, zero, 1/scale, 1/scale and scale as 0-d float32 tensors: an in-place
+        # product by a 0-d tensor dispatches faster than by a Python number, same float32 product)
+        self._mirror: tuple | None = None
         self._zero_float: torch.Tensor | None = None  # LSQ: the zero point as the fused kernel takes it
         self.register_load_state_dict_post_hook(_invalidate_hook)
 
@@ -213,10 +227,30 @@ class LinearQuantizer(nn.Module):
         self._invalidate()
         return super()._apply(fn, *args, **kwargs)
 
-    def _refresh_mirror(self) -> tuple[float, float, float, int, float]:
+    def _refresh_mirror(self) -> tuple:
         lo, hi, scale = (float(v) for v in (self.min_val, self.max_val, self.scale))
-        self._mirror = (lo, hi, scale, int(self.zero_point), _inverse(scale))
+        return self._set_mirror(lo, hi, scale, int(self.zero_point))
+
+    def _set_mirror(self, lo: float, hi: float, scale: float, zero: int) -> tuple:
+        inv = _inverse(scale)
+        old = self._mirror
+        if old is None:
+            f32 = torch.float32
+            inv_t, scale_t = torch.tensor(inv, dtype=f32), torch.tensor(scale, dtype=f32)
+        else:  # reuse the 0-d tensors (no autograd graph holds them: see fake_quant_unclamped)
+            inv_t, scale_t = old[5], old[6]
+            if scale != old[2]:
+                inv_t.fill_(inv)
+                scale_t.fill_(scale)
+        self._mirror = (lo, hi, scale, zero, inv, inv_t, scale_t, self._codes_inside(lo, hi, inv, zero))
         return self._mirror
+
+    def _codes_inside(self, lo: float, hi: float, inv: float, zero: int) -> bool:
+        """Whether the codes ``rint(x (1/S))`` of ``lo`` and ``hi`` (float32 values) lie in
+        ``[qmin - Z, qmax - Z]``: then so do those of every value between them, since a float32 product
+        by a positive number rounds monotonically."""
+        a, b = _f32(lo * inv), _f32(hi * inv)
+        return math.isfinite(a + b) and self.qmin - zero <= round(a) and round(b) <= self.qmax - zero
 
     def extra_repr(self) -> str:
         kind = "channel" if self.per_channel else "tensor"
@@ -271,28 +305,32 @@ class LinearQuantizer(nn.Module):
 
     def _observe_scalar(self, lo: float, hi: float) -> None:
         """The per-tensor activation update in Python numbers (float32 arithmetic, the same numbers
-        as the tensor path): two scalar reads a step, four buffer writes when the range moves."""
+        as the tensor path): two scalar reads a step; when the range moves, a write to each buffer
+        whose value changed (after a ReLU the minimum and zero point stay 0)."""
         f32 = np.float32
         if not self.is_initialized():
             new_lo, new_hi = lo, hi
+            old = None
         else:
-            old_lo, old_hi = (self._mirror or self._refresh_mirror())[:2]
+            old = self._mirror or self._refresh_mirror()
+            old_lo, old_hi = old[:2]
+            if self.range != "ema" and lo >= old_lo and hi <= old_hi:
+                return old  # the running range did not grow: nothing changes
             if self.range == "ema":
                 d = f32(self.decay)
                 e = f32(1 - self.decay)
                 new_lo = float(f32(old_lo) * d + f32(lo) * e)
                 new_hi = float(f32(old_hi) * d + f32(hi) * e)
             else:
-                if lo >= old_lo and hi <= old_hi:
-                    return  # the running range did not grow: nothing changes
                 new_lo, new_hi = min(old_lo, lo), max(old_hi, hi)
         scale, zero = affine_qparams_scalar(new_lo, new_hi, self.bits, self.symmetric)
-        self.min_val.fill_(new_lo)
-        self.max_val.fill_(new_hi)
-        self.scale.fill_(scale)
-        self.zero_point.fill_(zero)
-        self._mirror = (new_lo, new_hi, scale, zero, _inverse(scale))
+        for buf, new, i in ((self.min_val, new_lo, 0), (self.max_val, new_hi, 1), (self.scale, scale, 2)):
+            if old is None or new != old[i]:
+                buf.fill_(new)
+        if old is None or zero != old[3]:
+            self.zero_point.fill_(zero)
         self._mark_initialized()
+        return self._set_mirror(new_lo, new_hi, scale, zero)
 
     @torch.no_grad()
     def _init_lsq(self, x: torch.Tensor) -> None:
@@ -388,18 +426,18 @@ class LinearQuantizer(nn.Module):
         if self.training:
             lo_t, hi_t = torch.aminmax(x.detach())
             lo, hi = lo_t.item(), hi_t.item()
-            self._observe_scalar(lo, hi)
-            _, _, scale, zero, inv = self._mirror
-            f32 = np.float32
-            if (
-                x.dtype == torch.float32
-                and self.qmin - zero <= np.rint(f32(lo) * f32(inv))
-                and np.rint(f32(hi) * f32(inv)) <= self.qmax - zero
+            m = self._mirror
+            if m is None or self.range == "ema" or not (m[0] <= lo and hi <= m[1]):
+                m = self._observe_scalar(lo, hi)
+            # a min/max range contains the batch: its ends' codes (checked once per range) bound the
+            # batch's; an EMA range may not, nor a batch with a NaN (then no comparison holds)
+            if x.dtype == torch.float32 and (
+                (m[7] and m[0] <= lo and hi <= m[1]) or self._codes_inside(lo, hi, m[4], m[3])
             ):
-                return fake_quant_unclamped(x, inv, scale)
+                return fake_quant_unclamped(x, m[5], m[6])
         elif not self.is_initialized():
             raise RuntimeError("activation quantizer used in eval mode before any calibration batch")
-        _, _, scale, zero, inv = self._mirror or self._refresh_mirror()
+        _, _, scale, zero = (self._mirror or self._refresh_mirror())[:4]
         return fake_quant_scalar(x, scale, zero, self.qmin, self.qmax)
 
     @torch.no_grad()
