@@ -36,12 +36,16 @@ class QuantLayer(nn.Module):
         return self.layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.aq is not None:
-            x = self.aq(x)
-        w = self.layer.weight if self.wq is None else self.wq(self.layer.weight)
-        if isinstance(self.layer, nn.Linear):
-            return F.linear(x, w, self.layer.bias)
-        return self.layer._conv_forward(x, w, self.layer.bias)
+        mods = self._modules  # one attribute read instead of nn.Module.__getattr__ per submodule
+        layer, aq, wq = mods["layer"], mods["aq"], mods["wq"]
+        if aq is not None:
+            x = aq(x)
+        w = layer.weight
+        if wq is not None:
+            w = wq(w)
+        if isinstance(layer, nn.Linear):
+            return F.linear(x, w, layer.bias)
+        return layer._conv_forward(x, w, layer.bias)
 
 
 def is_quant_layer(m: nn.Module) -> bool:
