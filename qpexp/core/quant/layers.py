@@ -37,7 +37,7 @@ class QuantLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mods = self._modules  # one attribute read instead of nn.Module.__getattr__ per submodule
-        layer, aq, wq = mods["layer"], mods["aq"], mods["wq"]
+        layer, aq, wq = mods["layer"], mods.get("aq"), mods.get("wq")  # None is a plain attribute
         if aq is not None:
             x = aq(x)
         w = layer.weight
