@@ -7,7 +7,8 @@ QAT qconfig (fused fake-quant observers, per-channel weights, conv+ReLU fused). 
 QAT mappings lack ``Conv1d`` / ``ConvReLU1d``: without them the CNN's conv weights are silently never
 fake-quantized, so custom mappings are supplied and checked.
 
-Variants are interleaved round by round (a round times ``--steps`` steps of each variant, in an
+Every variant trains with the stages' optimizer (:func:`qpexp.optim.adamw`), so the figure is
+what a QAT stage pays over a float stage per step. Variants are interleaved round by round (a round times ``--steps`` steps of each variant, in an
 order rotated from round to round), so machine noise hits them alike; each figure is the median over rounds of the per-step time, reported
 as a ratio to fp32 of the same model in the same round. The ratios use the thread's CPU time (time
 spent waiting for a core on a shared machine is left out); wall-clock ratios are printed beside. Usage: ``python -m qpexp.bench qat [--rounds 15] [--steps 20]``.
