@@ -17,6 +17,7 @@ ADDED_LATER = {
     "quant.narrow_range": True,
     "distill.alpha": 0.0,
     "distill.temperature": 4.0,
+    "prune.auto_batches": 8,  # prune.scope=auto
 }
 
 

@@ -64,7 +64,9 @@ def prune_key(prune: dict) -> dict:
     one key (unstructured ``l2`` scores each weight by ``|w|``, exactly as ``l1`` does)."""
     from qpexp.core.prune.spec import CRITERIA
 
-    p = dict(prune)
+    p = without_added_defaults("prune", dict(prune))
+    if p.get("scope") != "auto":  # auto's setting does nothing then
+        p.pop("auto_batches", None)
     short = {v: k for k, v in CRITERIA.items()}.get(p.get("criterion"), p.get("criterion"))
     if p.get("structure", "unstructured") == "unstructured" and short in ("l1", "l2"):
         p["criterion"] = "l1"

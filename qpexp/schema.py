@@ -44,6 +44,7 @@ class PruneSchema:
     last_ratio: float | None = None
     taylor_batches: int = 8
     taylor_mode: str = "squared"
+    auto_batches: int = 8
     finetune_epochs: int = 30
     lr: float = 1e-3
     weight_decay: float = 0.0

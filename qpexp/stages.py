@@ -235,10 +235,16 @@ class PruneStage(Stage):
             return splits["val"][0][:1]
         return next(iter(dm.loader("train", shuffle=False)))[0][:1]
 
+    def _val_batches(self) -> list:
+        """``prune.auto_batches`` validation batches: ``scope=auto`` measures sensitivity on them."""
+        loader = self.trainer.datamodule.loader("val", shuffle=False)
+        return [b[:2] for b, _ in zip(loader, range(self.cfg.auto_batches))]
+
     def prune_to(self, step: int) -> None:
         target, grads = self.targets[step], self._grads()
+        extra = {"batches": self._val_batches()} if self.cfg.scope == "auto" else {}
         self.layer_sparsity = self.pruner(
-            self.model, self.cfg, target, self.criterion, grads, example=self._example()
+            self.model, self.cfg, target, self.criterion, grads, example=self._example(), **extra
         )
         sync_masks(self.model)  # DDP: rank 0's masks everywhere (the same, from reduced scores)
         self.done_step = step

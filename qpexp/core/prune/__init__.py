@@ -53,13 +53,16 @@ def prune_step(
     criterion=None,
     grads: dict[str, list[torch.Tensor]] | None = None,
     example: torch.Tensor | None = None,
+    batches=None,
 ) -> dict[str, float]:
     """Set unstructured masks so that a fraction ``target`` of prunable weights is zero.
 
     ``target`` is the fraction of all prunable weights: layers with their own ratio (``first_ratio``,
     ``last_ratio``) take theirs and the other layers (the pool) make up the rest, ranked on one scale
-    (``scope=global``) or by the same fraction each (``scope=layer``). Already-pruned weights score
-    lowest, so masks only grow. Returns each layer's realized sparsity.
+    (``scope=global``), by the same fraction each (``scope=layer``), or by fractions planned from
+    each layer's measured sensitivity on the validation ``batches`` (``scope=auto``,
+    :mod:`qpexp.core.prune.auto`). Already-pruned weights score lowest, so masks only grow. Returns
+    each layer's realized sparsity.
     Channel pruning lives in :mod:`qpexp.core.prune.channel`; both pruners share this signature
     (``example``, an input sample for tracing the model, is only needed there).
     """
@@ -81,7 +84,17 @@ def prune_step(
     size = {n: scores[n].numel() for n in names}
     goal = round(target * sum(size.values())) - sum(int((masks[n] == 0).sum()) for n in fixed)
     n_pool = sum(size[n] for n in pool)
-    if pool and cfg.scope == "global":
+    if pool and cfg.scope == "auto":
+        from qpexp.core.prune import auto
+
+        weights = {n: getattr(m, pname) for n, m, pname in layers if n in pool}
+        pooled = {n: scores[n] for n in pool}
+        already = sum(int(torch.isneginf(s).sum()) for s in pooled.values())
+        batches = auto.need_batches(batches)
+        planned, current = auto.unstructured_fractions(model, weights, pooled, goal - already, cfg, batches)
+        keys = {n: auto.planned_scores(pooled[n], current[n], planned[n]) for n in pool}
+        masks.update(global_masks(keys, target, cfg.min_keep_frac, count=max(goal, 0)))
+    elif pool and cfg.scope == "global":
         pooled = {n: scores[n] for n in pool}
         masks.update(global_masks(pooled, target, cfg.min_keep_frac, count=max(goal, 0)))
     elif pool:

@@ -61,6 +61,7 @@ from torch import nn
 
 from qpexp.core.modules import CONV, CONV_LINEAR
 from qpexp.core.prune.attention import HeadPrunedAttention, head_slices, is_attention, unsupported
+from qpexp.core.prune.auto import greedy_plan, need_batches, order_key, val_loss
 from qpexp.core.prune.criteria import Target
 from qpexp.core.prune.masks import prunable_weights, strip_masks
 from qpexp.core.prune.unstructured import keep_minimum
@@ -433,10 +434,12 @@ def channel_prune_step(
     criterion=None,
     grads: dict[str, list[torch.Tensor]] | None = None,
     example: torch.Tensor | None = None,
+    batches=None,
 ) -> dict[str, float]:
     """Mask whole channels (heads) so that a fraction ``target`` of prunable weights is removed (as
-    closely as units allow). Already-pruned channels stay pruned. Returns each layer's realized
-    sparsity."""
+    closely as units allow). Already-pruned channels stay pruned. ``scope=auto`` plans each group's
+    fraction from its measured sensitivity on the validation ``batches``. Returns each layer's
+    realized sparsity."""
     from qpexp.core.prune import make_criterion
 
     if example is None:
@@ -483,6 +486,9 @@ def channel_prune_step(
 
     # the shared pool fills the remaining parameter budget, in the scope's order
     pool = [g for g in grps if g.name not in own]
+    planned = None
+    if cfg.scope == "auto" and pool:
+        planned = _auto_plan(model, pool, scores, state, masks, try_remove, total, goal, batches)
     order = []
     for gi, g in enumerate(pool):
         ranked = _ranked_units(g, scores[g.name], state[g.name])
@@ -491,8 +497,10 @@ def channel_prune_step(
             keys = [s / mean if mean > 0 else s for s, _ in ranked]
         else:  # layer: the group's removed fraction once this unit goes (its middle, round to nearest)
             p, keys = len(state[g.name]), []
+            p0 = p / g.n
             for _, u in ranked:
-                keys.append((p + len(u) / 2) / g.n)
+                position = (p + len(u) / 2) / g.n
+                keys.append(position if planned is None else order_key(position, p0, planned[g.name]))
                 p += len(u)
         order += [(k, gi, j, g, u) for j, (k, (_, u)) in enumerate(zip(keys, ranked))]
     order.sort(key=lambda t: t[:3])
@@ -502,6 +510,54 @@ def channel_prune_step(
                 break
     masks.write()
     return {name: (layer_n[name] - masks.alive[name]) / layer_n[name] for name, _ in masks.layers}
+
+
+def _auto_plan(model, pool, scores, state, masks: _Masks, try_remove, total: int, goal: int, batches):
+    """``scope=auto``: each pool group's planned fraction (:func:`qpexp.core.prune.auto.greedy_plan`).
+    A trial removes a group's weakest remaining units up to a fraction; the loss is measured with the
+    working masks applied to the parameters. Parameters, masks and removal state are restored."""
+    batches = need_batches(batches)
+    params = {k: getattr(*masks.owner[k]) for k in masks.coupled}
+    saved = {k: p.detach().clone() for k, p in params.items()}
+    groups_by_name = {g.name: g for g in pool}
+
+    def snapshot():
+        return (
+            {k: t.clone() for k, t in masks.t.items()},
+            dict(masks.alive),
+            {n: set(v) for n, v in state.items()},
+        )
+
+    def restore(snap) -> None:
+        for key, t in snap[0].items():  # in place: masks.layers shares these tensors
+            masks.t[key].copy_(t)
+        masks.alive.clear()
+        masks.alive.update(snap[1])
+        state.clear()
+        state.update(snap[2])
+
+    def trial(name: str, f: float):
+        g, snap = groups_by_name[name], snapshot()
+        before = total - masks.kept()
+        for _, u in _ranked_units(g, scores[name], state[name]):
+            if len(state[name]) + len(u) > round(f * g.n):
+                break
+            try_remove(g, u, None)
+        return total - masks.kept() - before, lambda: restore(snap)
+
+    def loss() -> float:
+        for k, p in params.items():
+            p.copy_(saved[k] * masks.t[k].to(p.dtype))
+        return val_loss(model, batches)
+
+    start = snapshot()
+    current = {g.name: len(state[g.name]) / g.n for g in pool}
+    try:
+        return greedy_plan(list(groups_by_name), current, trial, loss, goal - (total - masks.kept()))
+    finally:
+        restore(start)
+        for k, p in params.items():
+            p.copy_(saved[k])
 
 
 # -- physical pruning ------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ CRITERIA = {
     "fpgm": "qpexp.core.prune.criteria.fpgm.FPGM",
     "std": "qpexp.core.prune.criteria.std.Std",  # Han et al. 2015: |w| / std of the layer
 }
-SCOPES = ("global", "layer")
+SCOPES = ("global", "layer", "auto")
 STRUCTURES = ("unstructured", "channel")
 SCHEDULES = ("oneshot", "geometric", "linear", "agp")
 
@@ -39,6 +39,7 @@ class PruneConfig:
     taylor_batches: int = 8
     taylor_mode: str = "squared"
     seed: int = 0
+    auto_batches: int = 8
 
     def validate(self) -> None:
         number = isinstance(self.ratio, (int, float)) and not isinstance(self.ratio, bool)
@@ -65,5 +66,7 @@ class PruneConfig:
             raise ValueError(f"prune.min_keep_channels={self.min_keep_channels!r} must be >= 1")
         if self.taylor_mode not in ("squared", "abs"):
             raise ValueError(f"prune.taylor_mode={self.taylor_mode!r} must be 'squared' or 'abs'")
+        if not isinstance(self.auto_batches, int) or self.auto_batches < 1:
+            raise ValueError(f"prune.auto_batches={self.auto_batches!r} must be an integer >= 1")
         if self.taylor_batches < 1:
             raise ValueError(f"prune.taylor_batches={self.taylor_batches!r} must be >= 1")
