@@ -177,3 +177,26 @@ def test_keys_added_later_leave_older_keys_unchanged(tmp_path, monkeypatch):
     assert quant_hashed("quant.narrow_range=false")["narrow_range"] is False
     assert quant_hashed("quant.epochs=0", "quant.rounding=adaround")["rounding"] == "adaround"
     assert quant_hashed("quant.bits_w=auto", "quant.target_ratio=12")["target_ratio"] == 12
+
+
+def test_prune_key_hashes_auto_batches_only_where_it_acts(tmp_path, monkeypatch):
+    """``prune.auto_batches`` (added later) is left out of the prune key for the global and layer
+    scopes, which never read it, and for ``scope=auto`` at its default; another value is hashed."""
+    import qpexp.pipeline as pl
+
+    payloads = []
+    real = pl.cache_key
+    monkeypatch.setattr(pl, "cache_key", lambda p: payloads.append(p) or real(p))
+
+    def prune_hashed(*overrides):
+        payloads.clear()
+        assert pl.Pipeline(compose([*TINY, f"cache_dir={tmp_path}", *overrides]), tmp_path / "r").keys[
+            "prune"
+        ]
+        (p,) = [p["prune"] for p in payloads if "prune" in p]
+        return p
+
+    assert "auto_batches" not in prune_hashed() and prune_hashed()["scope"] == "global"
+    assert "auto_batches" not in prune_hashed("prune.auto_batches=3")
+    assert "auto_batches" not in prune_hashed("prune.scope=auto")
+    assert prune_hashed("prune.scope=auto", "prune.auto_batches=3")["auto_batches"] == 3

@@ -3,7 +3,7 @@ same exact budget as the other scopes.
 
 At each step a plan gives every layer of the pool (every channel group, for channel pruning) a
 fraction. It starts from what is already pruned and grows greedily: each round tries one more tenth
-(:data:`FRACTIONS`) of each layer, on top of the plan so far, pruned by the run's criterion; it
+(:data:`FRACTIONS`; the next one that removes anything, for a layer of few channels) of each layer, on top of the plan so far, pruned by the run's criterion; it
 measures the validation loss of the whole model without training, and takes the layer whose tenth
 costs the least loss per weight removed (NetAdapt-style joint measurement: the layers' effects are
 not assumed to add up, unlike a per-layer knapsack). It stops once the plan removes the step's goal.
@@ -64,14 +64,14 @@ def greedy_plan(names: list[str], current: dict[str, float], trial, loss, goal: 
     while done < goal:
         best = None
         for name in names:
-            f = next((x for x in FRACTIONS if x > planned[name] + 1e-9), None)
-            if f is None:
-                continue
-            gone, undo = trial(name, f)
-            cost = loss() - base if gone > 0 else math.inf
-            undo()
-            if gone > 0 and (best is None or cost / gone < best[0]):
-                best = (cost / gone, name, f, cost)
+            for f in (x for x in FRACTIONS if x > planned[name] + 1e-9):
+                gone, undo = trial(name, f)  # the layer's next tenth that removes something
+                cost = loss() - base if gone > 0 else 0.0
+                undo()
+                if gone > 0:
+                    if best is None or cost / gone < best[0]:
+                        best = (cost / gone, name, f, cost)
+                    break
         if best is None:
             break  # nothing more can go (every layer at its last tenth or its minimum)
         _, name, f, cost = best
