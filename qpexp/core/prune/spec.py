@@ -24,7 +24,9 @@ class PruneConfig:
     None: it is part of the ordinary pool); the pool then removes what brings the total to ``ratio``
     (for channels: the first layer's channels, and the channels feeding the last layer). No layer
     keeps fewer than ``min_keep_frac`` of its weights (at least one) or fewer than
-    ``min_keep_channels`` channels."""
+    ``min_keep_channels`` channels. ``scope``: ``global`` (one ranking across layers), ``layer`` (the
+    same fraction each) or ``auto`` (fractions planned from each layer's measured validation loss on
+    ``auto_batches`` batches, :mod:`qpexp.core.prune.auto`); every scope removes the same total."""
 
     ratio: float = 0.5
     scope: str = "global"
