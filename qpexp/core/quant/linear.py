@@ -216,8 +216,9 @@ class LinearQuantizer(nn.Module):
         # Python mirrors of a per-tensor activation quantizer's range and qparams: a training step
         # then costs one min/max reduction and two scalar reads unless the range grows (see forward)
         self._scalar = not is_weight and not self.per_channel and self.range != "lsq"
-        # (min, max, scale, zero, 1/scale, 1/scale and scale as 0-d float32 tensors: an in-place
-        # product by a 0-d tensor dispatches faster than by a Python number, same float32 product)
+        # (min, max, scale, zero, 1/scale, 1/scale and scale as 0-d float32 tensors (an in-place
+        # product by a 0-d tensor dispatches faster than by a Python number, same float32 product),
+        # whether the codes of min and max are unclamped)
         self._mirror: tuple | None = None
         self._zero_float: torch.Tensor | None = None  # LSQ: the zero point as the fused kernel takes it
         self.register_load_state_dict_post_hook(_invalidate_hook)
@@ -307,10 +308,10 @@ class LinearQuantizer(nn.Module):
         self.zero_point.copy_(zero)
         self._mark_initialized()
 
-    def _observe_scalar(self, lo: float, hi: float) -> None:
+    def _observe_scalar(self, lo: float, hi: float) -> tuple:
         """The per-tensor activation update in Python numbers (float32 arithmetic, the same numbers
         as the tensor path): two scalar reads a step; when the range moves, a write to each buffer
-        whose value changed (after a ReLU the minimum and zero point stay 0)."""
+        whose value changed (after a ReLU the minimum and zero point stay 0). Returns the mirror."""
         f32 = np.float32
         if not self.is_initialized():
             new_lo, new_hi = lo, hi
