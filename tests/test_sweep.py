@@ -264,7 +264,8 @@ def test_default_sweep_definition():
     assert cfg.data.name == "mnist1d" and cfg.model._target_.endswith("cnn1d")
     # the measured recipe (README: the default sweep's ablation)
     assert cfg.prune.structure == "channel" and cfg.prune.lr == 0.01
-    assert cfg.quant.narrow_range is False and cfg.quant.first_bits == 8 and cfg.quant.lr == 0.01
+    assert cfg.quant.narrow_range is False and cfg.quant.first_bits == 8
+    assert cfg.quant.epochs == 64 and cfg.quant.lr == 0.02 and cfg.quant.label_smoothing == 0.0
     assert cfg.threads is None  # derived per worker from hydra.launcher.n_jobs
     assert cfg.logger.group  # the sweep's W&B group
     points = sweep_points(cfg)
