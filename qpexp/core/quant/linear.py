@@ -23,8 +23,8 @@ trains) a scalar read costs about a microsecond, far less than the dozen tiny te
 Loading a state dict or moving the module refreshes the copies.
 
 ``python -m qpexp.bench qat`` (idle machine, MNIST-1D CNN, both sides with the stages' AdamW): a QAT
-step costs 1.26-1.29x an fp32 step with this module's fast paths, 1.41-1.45x before them; torch.ao
-1.54x.
+step costs about 1.25x an fp32 step with this module's fast paths (median of four runs; single runs
+1.20-1.35), 1.41-1.45x before them; torch.ao 1.51x.
 """
 
 from __future__ import annotations
