@@ -7,6 +7,7 @@ import inspect
 import torch
 from torch import nn
 
+from qpexp.core.prune import auto
 from qpexp.core.prune.criteria import Target
 from qpexp.core.prune.masks import (
     MaskKeeper,
@@ -85,8 +86,6 @@ def prune_step(
     goal = round(target * sum(size.values())) - sum(int((masks[n] == 0).sum()) for n in fixed)
     n_pool = sum(size[n] for n in pool)
     if pool and cfg.scope == "auto":
-        from qpexp.core.prune import auto
-
         weights = {n: getattr(m, pname) for n, m, pname in layers if n in pool}
         pooled = {n: scores[n] for n in pool}
         already = sum(int(torch.isneginf(s).sum()) for s in pooled.values())

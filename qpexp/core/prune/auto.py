@@ -3,9 +3,10 @@ same exact budget as the other scopes.
 
 At each step a plan gives every layer of the pool (every channel group, for channel pruning) a
 fraction. It starts from what is already pruned and grows greedily: each round tries one more tenth
-(:data:`FRACTIONS`; the next one that removes anything, for a layer of few channels) of each layer, on top of the plan so far, pruned by the run's criterion; it
-measures the validation loss of the whole model without training, and takes the layer whose tenth
-costs the least loss per weight removed (NetAdapt-style joint measurement: the layers' effects are
+(:data:`FRACTIONS`; the next one that removes anything, for a layer of few channels) of each layer,
+on top of the plan so far, pruned by the run's criterion; it measures the validation loss of the
+whole model without training, and takes the layer whose tenth costs the least loss per weight
+removed (NetAdapt-style joint measurement: the layers' effects are
 not assumed to add up, unlike a per-layer knapsack). It stops once the plan removes the step's goal.
 
 The step then removes weights (channels) in the order of their position within their layer relative
@@ -20,7 +21,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 FRACTIONS = tuple(round(0.1 * i, 1) for i in range(10))  # 0.0, 0.1, ..., 0.9 of a layer
@@ -37,19 +37,11 @@ def need_batches(batches) -> list:
     return batches
 
 
-@torch.no_grad()
 def val_loss(model: nn.Module, batches) -> float:
     """Mean cross-entropy of ``model`` in eval mode over ``batches`` of (x, y)."""
-    was = model.training
-    model.eval()
-    total, n = 0.0, 0
-    try:
-        for x, y in batches:
-            total += float(F.cross_entropy(model(x), y, reduction="sum"))
-            n += len(y)
-    finally:
-        model.train(was)
-    return total / max(n, 1)
+    from qpexp.core.sensitivity import evaluate  # imports this package: resolved at call time
+
+    return evaluate(model, batches)[1]
 
 
 def greedy_plan(names: list[str], current: dict[str, float], trial, loss, goal: int) -> dict[str, float]:
