@@ -338,3 +338,32 @@ def test_dashboard_data_cannot_leave_its_script_element():
     assert json.loads(data["frontier-view"]) == view
     assert json.loads(data["frontier-csv"]) == {"columns": ["run_dir", "x"], "rows": [[evil, "1"]]}
     assert "<" not in data["frontier-view"] and "<" not in data["frontier-csv"]  # no tag, no <!--
+
+
+def _yaml_bomb(sentinel) -> str:
+    return f"a: !!python/object/apply:os.system ['touch {sentinel}']\n"
+
+
+def test_point_config_yaml_with_a_python_tag_is_refused(tmp_path):
+    import yaml
+
+    from qpexp.frontier import _load_point
+
+    sentinel, point = tmp_path / "ran", tmp_path / "sweep" / "p0"
+    (point / ".hydra").mkdir(parents=True)
+    (point / ".hydra" / "config.yaml").write_text(_yaml_bomb(sentinel))
+    with pytest.raises(yaml.constructor.ConstructorError, match="python/object/apply"):
+        _load_point(point, tmp_path / "sweep")
+    assert not sentinel.exists()
+
+
+def test_reproduction_table_with_a_python_tag_is_refused(tmp_path):
+    import yaml
+
+    from qpexp.report import build
+
+    sentinel = tmp_path / "ran"
+    (tmp_path / "table.yaml").write_text(_yaml_bomb(sentinel))
+    with pytest.raises(yaml.constructor.ConstructorError, match="python/object/apply"):
+        build([], tmp_path / "out.md", table=tmp_path / "table.yaml")
+    assert not sentinel.exists()
