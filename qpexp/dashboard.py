@@ -391,9 +391,13 @@ def build_view(out_dir, summary: dict | None = None, reference=None, title: str 
 
 # -- the page --------------------------------------------------------------------------------------
 def _script_json(obj) -> str:
-    """JSON safe inside a <script> element (no ``</``, no line separators)."""
+    """JSON safe inside a <script> element: no ``<`` at all (no ``</script>``, no ``<!--``, which
+    would change how the HTML parser ends the element), no ``>``/``&``, no line separators; every
+    escape is a JSON string escape, so ``JSON.parse`` gives the same values."""
     text = json.dumps(obj, allow_nan=False, separators=(",", ":"))
-    return text.replace("</", "<\\/").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
+        text = text.replace(ch, esc)
+    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
 
 def render(view: dict, header: list[str], raw: list[list[str]]) -> str:

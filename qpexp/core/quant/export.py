@@ -371,6 +371,11 @@ def _encode_weight(ir: dict, blob: _Blob) -> dict:
     return out
 
 
+SEGMENT_DTYPES = frozenset(
+    "bool int8 int16 int32 int64 uint8 uint16 uint32 uint64 float16 float32 float64".split()
+)
+
+
 def _decode_segment(blob: np.ndarray, seg: dict | None) -> np.ndarray | None:
     if seg is None:
         return None
@@ -381,6 +386,8 @@ def _decode_segment(blob: np.ndarray, seg: dict | None) -> np.ndarray | None:
         return np.unpackbits(raw, count=seg["count"], bitorder="little").astype(bool)
     if seg["dtype"] == "int8":
         return raw.view(np.int8)[: seg["count"]].astype(np.int64)
+    if seg["dtype"] not in SEGMENT_DTYPES:  # numeric arrays only: never object or structured dtypes
+        raise ValueError(f"the file stores an array of dtype {seg['dtype']!r}, which is not allowed")
     return raw.view(np.dtype(seg["dtype"])).reshape(seg["shape"]).copy()
 
 
@@ -693,7 +700,7 @@ def build(ops: list[dict], arithmetic: str = "integer") -> IntegerModel:
             m = nn.Flatten(op["start_dim"], op["end_dim"])
         elif kind == "Reshape":
             m = _Reshape(op["shape"])
-        elif kind.startswith("MaxPool"):
+        elif kind in ("MaxPool1d", "MaxPool2d", "MaxPool3d"):
             m = getattr(nn, kind)(
                 op["kernel_size"], op["stride"], op["padding"], op["dilation"], ceil_mode=op["ceil_mode"]
             )

@@ -20,10 +20,11 @@ one JSON entry:
 * ``call`` / ``method``: a torch function or tensor method, by name, with its arguments (node
   references and JSON literals: numbers, strings, slices, dtypes, tuples, lists).
 
-Loading resolves functions only from an allow-list of namespaces (``torch``,
-``torch.nn.functional``, ``torch._C._nn``, ``operator``, ``math``, the attention mask helper) with
-file, process and serialization functions refused, tensor methods only by public name, ``getattr``
-only for shape/dtype/device; nothing in a file can run other code. :func:`load_graph` rebuilds an
+What a file may call is one exact table, :mod:`qpexp.core.quant.allowlist`, used by the writer
+and the reader: ``(namespace, name)`` function pairs, tensor method names (arithmetic dunders
+only from an explicit set, on tensor nodes only), ``getattr`` only for ``GETATTR_OK``, literals
+from closed sets. Every node is checked when the file is read, before anything is built or
+called; the error names the node. Nothing in a file can run other code (``docs/security.md``). :func:`load_graph` rebuilds an
 ``fx.GraphModule``: ``arithmetic="float"`` dequantizes with the fake-quantize kernel's arithmetic
 and reproduces the prepared model's logits bit for bit; ``arithmetic="integer"`` computes every
 ``F.linear``/``F.conv*``/``matmul`` whose operands are linear-quantized as an exact integer
@@ -42,19 +43,17 @@ AVX2 CPUs without VNNI and gives wrong results, u8u8 is exact and still fuses.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import operator
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
+from qpexp.core.quant import allowlist as A
 from qpexp.core.quant import export as E
 from qpexp.core.quant.graph import is_quantizer, prepare_info, root_site
 from qpexp.core.quant.linear import LinearQuantizer, fake_quant_scalar
@@ -63,77 +62,27 @@ from qpexp.core.quant.log import _bcast
 FORMAT = "qpexp.intgraph/1"
 EXACT_INT = 2**53
 
-# -- what a file may call -------------------------------------------------------------------------
-NAMESPACES = {
-    "torch": torch,
-    "torch.nn.functional": F,
-    "torch._C._nn": torch._C._nn,
-    "operator": operator,
-    "math": math,
-}
-ONLY = {  # namespaces of which only these names are allowed
-    "builtins": {"getattr"},
-    "torch.fx._symbolic_trace": {"_assert_is_none"},
-    "qpexp.core.quant.traceable": {"mask_scores"},
-}
-REFUSED = {
-    "load", "save", "from_file", "from_numpy", "compile", "hub", "jit", "set_default_device",
-    "set_default_dtype", "set_default_tensor_type", "set_printoptions", "manual_seed", "seed",
-    "set_num_threads", "set_num_interop_threads", "set_grad_enabled", "use_deterministic_algorithms",
-    "set_rng_state", "attrgetter", "methodcaller", "itemgetter", "call", "setitem", "delitem",
-    "set_warn_always", "autograd", "library", "ops", "classes",
-}  # fmt: skip
-REFUSED_METHODS = {
-    "numpy", "tolist", "storage", "untyped_storage", "data_ptr", "register_hook", "backward",
-    "share_memory_", "pin_memory", "cuda", "set_", "resize_", "record_stream", "apply_", "map_",
-    "map2_", "new_tensor", "item",
-}  # fmt: skip
-GETATTR_OK = {"shape", "T", "mT", "ndim", "dtype", "device", "data"}
+# -- what a file may call: the table of :mod:`qpexp.core.quant.allowlist` (writer and reader) -----
+GETATTR_OK = A.GETATTR_OK
 
 
 def _fn_name(fn) -> str:
-    mod = getattr(fn, "__module__", None) or ""
-    mod = {"_operator": "operator"}.get(mod, mod)
-    name = getattr(fn, "__name__", "")
-    if mod in ("torch", "") and getattr(torch, name, None) is fn:
-        mod = "torch"
-    if _resolve(f"{mod}.{name}", strict=False) is not fn:
-        for ns_name, ns in NAMESPACES.items():
-            if getattr(ns, name, None) is fn:
-                mod = ns_name
-                break
-        else:
-            raise NotImplementedError(
-                f"convert: function {mod}.{name} is not in the allow-list of the file format"
-            )
-    return f"{mod}.{name}"
+    name = A.name_of(fn)
+    if name is None:
+        mod, fname = getattr(fn, "__module__", None), getattr(fn, "__name__", repr(fn))
+        raise NotImplementedError(
+            f"convert: function {mod}.{fname} is not in the allow-list of the file format "
+            "(qpexp.core.quant.allowlist.ALLOWED_FUNCTIONS)"
+        )
+    return name
 
 
-def _resolve(qualified: str, strict: bool = True):
-    mod, _, name = qualified.rpartition(".")
-    ok = (
-        (mod in NAMESPACES or name in ONLY.get(mod, ()))
-        and name not in REFUSED
-        and not (name.startswith("_") and mod not in ONLY)
-    )
-    if not ok:
-        if strict:
-            raise ValueError(f"the file calls {qualified!r}, which is not allowed")
-        return None
-    ns = NAMESPACES.get(mod) or importlib.import_module(mod)
-    fn = getattr(ns, name, None)
-    if fn is None or isinstance(fn, type(math)) or not callable(fn):
-        if strict:
-            raise ValueError(f"the file calls {qualified!r}, which is not a function")
-        return None
-    return fn
+def _resolve(qualified: str):
+    return A.function(qualified)
 
 
 def _check_method(name: str) -> str:
-    dunder = name.startswith("__") and name.endswith("__") and hasattr(operator, name)
-    if name in REFUSED_METHODS or (name.startswith("_") and not dunder) or not hasattr(torch.Tensor, name):
-        raise ValueError(f"the file calls tensor method {name!r}, which is not allowed")
-    return name
+    return A.method(name)
 
 
 # -- arguments <-> JSON ---------------------------------------------------------------------------
@@ -154,46 +103,17 @@ def _enc(a, index: dict, where: str):
         return {"$s": [_enc(x, index, where) for x in (a.start, a.stop, a.step)]}
     if a is Ellipsis:
         return {"$e": 1}
-    if isinstance(a, torch.dtype):
+    if isinstance(a, torch.dtype) and str(a).removeprefix("torch.") in A.DTYPES:
         return {"$dt": str(a).removeprefix("torch.")}
-    if isinstance(a, torch.device):
+    if isinstance(a, torch.device) and A.DEVICE.fullmatch(str(a)):
         return {"$dev": str(a)}
-    if isinstance(a, torch.memory_format):
+    if isinstance(a, torch.memory_format) and str(a).removeprefix("torch.") in A.MEMORY_FORMATS:
         return {"$mf": str(a).removeprefix("torch.")}
     raise NotImplementedError(f"convert: {where}: argument of type {type(a).__name__} cannot be stored")
 
 
 def _dec(a, nodes: list):
-    if isinstance(a, list):
-        return [_dec(x, nodes) for x in a]
-    if not isinstance(a, dict):
-        return a
-    (k, v), *_ = a.items()
-    if k == "$n":
-        return nodes[v]
-    if k == "$f":
-        return float(v)
-    if k == "$t":
-        return tuple(_dec(x, nodes) for x in v)
-    if k == "$d":
-        return {kk: _dec(vv, nodes) for kk, vv in v}
-    if k == "$s":
-        return slice(*(_dec(x, nodes) for x in v))
-    if k == "$e":
-        return Ellipsis
-    if k == "$dt":
-        dt = getattr(torch, v, None)
-        if not isinstance(dt, torch.dtype):
-            raise ValueError(f"unknown dtype {v!r} in the file")
-        return dt
-    if k == "$dev":
-        return torch.device(v)
-    if k == "$mf":
-        mf = getattr(torch, v, None)
-        if not isinstance(mf, torch.memory_format):
-            raise ValueError(f"unknown memory format {v!r} in the file")
-        return mf
-    raise ValueError(f"unknown argument encoding {k!r} in the file")
+    return A.decode_arg(a, nodes)
 
 
 # -- the prepared model as a node list ------------------------------------------------------------
@@ -287,7 +207,11 @@ def graph_ir(model: nn.Module, quantized: bool = True) -> list[dict]:
                     "kwargs": _enc(dict(n.kwargs), index, where),
                 }
             elif n.op == "call_method":
-                _check_method(n.target)
+                if n.target not in A.ALLOWED_METHODS:
+                    raise NotImplementedError(
+                        f"convert: {where}: tensor method {n.target!r} is not in the allow-list of the "
+                        "file format (qpexp.core.quant.allowlist.ALLOWED_METHODS)"
+                    )
                 entry = {
                     "op": "method",
                     "fn": n.target,
@@ -302,6 +226,10 @@ def graph_ir(model: nn.Module, quantized: bool = True) -> list[dict]:
             out.append(entry)
     finally:
         model.train(was)
+    try:
+        A.check_nodes(out)  # what the reader will check: a file the writer makes always loads
+    except ValueError as e:
+        raise NotImplementedError(f"convert: {e}") from e
     return out
 
 
@@ -330,6 +258,7 @@ def decode_graph(header: str, blob: np.ndarray) -> list[dict]:
     meta = json.loads(header)
     if meta.get("format") != FORMAT:
         raise ValueError(f"not a {FORMAT} file (format={meta.get('format')!r})")
+    A.check_nodes(meta.get("nodes"))  # every node, before any segment is decoded or anything built
     nodes = []
     for o in meta["nodes"]:
         node = {}
@@ -555,6 +484,7 @@ def load_graph_model(nodes: list[dict], arithmetic: str = "float") -> fx.GraphMo
     """The runnable model of a decoded node list (an ``fx.GraphModule`` over allow-listed calls)."""
     if arithmetic not in ("float", "integer"):
         raise ValueError(f"arithmetic={arithmetic!r}: use 'integer' or 'float'")
+    A.check_nodes(nodes)
     root = nn.Module()
     graph = fx.Graph()
     env: list = []
