@@ -505,17 +505,35 @@ class Pipeline:
         # bits_w=auto: the final honest size against the budget the widths were chosen for
         if "quant/budget_bits" in record:
             record["quant/budget_met"] = record["final/size_bits"] <= record["quant/budget_bits"]
-        if self.quant_on and c.export.enabled:
-            from qpexp.deploy import deploy, deploy_status
-
-            record.update(deploy(model, dm, self.run_dir / "deploy", c.export, record))
-            status, why = deploy_status(record, record["final/test_acc"], c.export.max_acc_diff)
-            if status != "ok":  # the point keeps its accuracy; the status and the reason say what broke
-                record["status_reason"] = why
-                log.warning("%s: %s", status, why)
+        status = self.deploy(model, dm, record)
         record["seconds/total"] = time.perf_counter() - t0
-        record["status"] = status if self.quant_on and c.export.enabled else "ok"
+        record["status"] = status
         return record
+
+    def deploy(self, model, dm, record: dict) -> str:
+        """The deployment check of the final model (integer file, ONNX) and the point's status:
+        ``ok`` only when a check ran and passed, ``not_deployed`` when none ran (export disabled, no
+        quantization), ``deploy_mismatch``/``deploy_error`` (see :func:`qpexp.deploy.deploy_status`).
+        The point's accuracy stands in every case; ``status_reason`` says why it is not ``ok``."""
+        from qpexp.deploy import deploy, deploy_checks, deploy_status
+
+        c = self.cfg
+        if self.quant_on and c.export.enabled:
+            record.update(deploy(model, dm, self.run_dir / "deploy", c.export, record))
+        record["deploy/checks"] = deploy_checks(record)
+        status, why = deploy_status(record, record["final/test_acc"], c.export.max_acc_diff)
+        if status == "not_deployed":
+            why = (
+                "export.enabled=false"
+                if self.quant_on
+                else "no quantized model (quantization off or analysis.stop)"
+            )
+            why = f"not deployed: {why}"
+        if status != "ok":  # the point keeps its accuracy; the status and the reason say what broke
+            record["status_reason"] = why
+            if status != "not_deployed":
+                log.warning("%s: %s", status, why)
+        return status
 
     def macs(self, model, example, views=None) -> dict:
         """``model_macs``, counted again only when the structure changed: the module tree (names and

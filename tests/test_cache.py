@@ -114,7 +114,7 @@ def test_damaged_entry_moved_aside_and_retrained(tmp_path, damage):
         (entry / "meta.json").write_text(json.dumps(meta))
     with pytest.warns(DamagedEntryWarning, match=entry.name):
         rec = Pipeline(compose(args), tmp_path / "r2").run()
-    assert rec["status"] == "ok" and not rec["cache/baseline_hit"]  # trained again
+    assert rec["status"] == "not_deployed" and not rec["cache/baseline_hit"]  # trained again
     aside = Path(rec["cache/baseline_moved_aside"])
     assert aside.parent == entry.parent / "damaged" and aside.name.startswith(entry.name)
     assert (aside / "model.pt").read_bytes() == data  # moved, not deleted
