@@ -519,7 +519,9 @@ class Pipeline:
 
         c = self.cfg
         if self.quant_on and c.export.enabled:
+            start = time.perf_counter()
             record.update(deploy(model, dm, self.run_dir / "deploy", c.export, record))
+            record["seconds/deploy"] = time.perf_counter() - start
         record["deploy/checks"] = deploy_checks(record)
         status, why = deploy_status(record, record["final/test_acc"], c.export.max_acc_diff)
         if status == "not_deployed":

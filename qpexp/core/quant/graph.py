@@ -67,6 +67,7 @@ from torch import nn
 
 from qpexp.core.quant.spec import SCHEMES, QuantConfig, QuantSpec
 from qpexp.core.resolve import resolve
+from qpexp.errors import QpexpWarning
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -1026,6 +1027,7 @@ def _dispatch(self, arguments: dict):
         object.__setattr__(self, "_qpexp_warned", True)
         warnings.warn(
             f"{base.__name__}: called with arguments it was not quantized for; running its float forward",
+            QpexpWarning,
             stacklevel=3,
         )
     sig = inspect.signature(base.forward)
@@ -1178,5 +1180,6 @@ def warn_untraced(err: Exception) -> None:
     warnings.warn(
         f"quantize_: {err}; falling back to per-layer quantization (BatchNorm folded only inside "
         "nn.Sequential, adds/concatenations/matmuls left in float)",
+        QpexpWarning,
         stacklevel=3,
     )
