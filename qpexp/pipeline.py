@@ -26,11 +26,11 @@ from qpexp.codeprint import code_fingerprints, git_state
 from qpexp.config_defaults import without_added_defaults
 from qpexp.core.accounting import (
     count_params,
+    deployable_size_bits,
     layer_views,
     model_macs,
     prunable_params,
     pruned_fraction,
-    size_bits,
     zero_fraction,
 )
 from qpexp.core.modules import clone_state
@@ -366,7 +366,8 @@ class Pipeline:
         L.seed_everything(c.seed, workers=False, verbose=False)
         model = make_model(c, dm)
         example = self.example = dm.splits["val"][0][:1]
-        self.dense_bits = size_bits(model)
+        # the deployable fp32 model: BatchNorm folded, as the compressed model counts it
+        self.dense_bits = deployable_size_bits(model, example)
         # dense prunable weights per layer: sparsity counts physically removed channels as pruned
         self.dense_weights = {v.name: v.weight.numel() for v in layer_views(model)}
         self.dense_prunable = prunable_params(model)
@@ -554,7 +555,7 @@ class Pipeline:
 
     @torch.no_grad()
     def measure(self, model, example, dense_bits: int) -> dict:
-        total, rows, other = size_bits(model, detail=True)
+        total, rows, other = deployable_size_bits(model, example, detail=True)
         params, nonzero = count_params(model)
         views = layer_views(model)
         macs = self.macs(model, example, views)

@@ -685,6 +685,27 @@ def fold_batchnorm_graph_(model: nn.Module, graph: fx.Graph) -> list[tuple[str, 
     return pairs
 
 
+def folded_copy(model: nn.Module, example=None) -> nn.Module:
+    """An eval-mode copy of ``model`` with its BatchNorms folded as ``quantize_`` folds them
+    (``fold_bn=true``): the deployable float model, whose size the accounting compares the
+    compressed one to. A model fx cannot trace folds by the per-Sequential rule, as ``quantize_``
+    falls back to. ``model`` itself is left as it is."""
+    import copy
+
+    from qpexp.core.quant.layers import fold_batchnorm_
+    from qpexp.core.quant.traceable import make_traceable_
+
+    m = copy.deepcopy(model).eval()
+    try:
+        make_traceable_(m)
+        ranks = record_ranks(m, example)[0] if example is not None else None
+        graph, _ = trace(m, "inline", training=False, ranks=ranks)
+        fold_batchnorm_graph_(m, graph)
+    except TraceFailure:
+        fold_batchnorm_(m)
+    return m
+
+
 # -- raw weights ----------------------------------------------------------------------------------
 @dataclass
 class RawWeight:
