@@ -28,12 +28,13 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from qpexp.errors import QpexpWarning
 from qpexp.io import DamagedFileError, atomic_write_bytes, atomic_write_json, read_json, safe_torch_load
 
 CHECKSUMS = "sha256"  # meta.json key: {file name: sha256 hex digest} of the entry's files
 
 
-class DamagedEntryWarning(UserWarning):
+class DamagedEntryWarning(QpexpWarning):
     """A damaged cache entry was moved aside and its stage is trained again."""
 
 

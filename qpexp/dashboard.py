@@ -41,6 +41,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from qpexp import frontier as fr
+from qpexp.errors import QpexpWarning
 
 LATENCY = "deploy/onnx_latency_ms"
 FP32_LATENCY = "deploy/fp32_onnx_latency_ms"
@@ -436,7 +437,7 @@ def write_html(out_dir, summary: dict, reference=None, title: str | None = None)
     except Exception as e:
         import warnings
 
-        warnings.warn(f"frontier.html not written: {type(e).__name__}: {e}", stacklevel=2)
+        warnings.warn(f"frontier.html not written: {type(e).__name__}: {e}", QpexpWarning, stacklevel=2)
         return None
     summary.setdefault("files", {})["html"] = str(Path(out_dir) / "frontier.html")
     return view

@@ -415,18 +415,37 @@ def deploy(model: torch.nn.Module, dm, out_dir: str | Path, cfg, record: dict) -
     return out
 
 
+def deploy_checks(out: dict) -> str:
+    """What deployment check ran: ``int+onnx`` (the integer file's round trip and onnxruntime),
+    ``int`` (the file's round trip only: no ONNX form, or ``export.onnx=false``), ``none``."""
+    ran_int = "deploy/int_test_acc" in out
+    ran_onnx = "deploy/onnx_test_acc" in out
+    return "int+onnx" if ran_int and ran_onnx else "int" if ran_int else "onnx" if ran_onnx else "none"
+
+
 def deploy_status(out: dict, final_acc: float | None, max_acc_diff: float = 0.002) -> tuple[str, str | None]:
-    """The point's status after deployment and why: ``deploy_error`` when the export or the runtime
-    failed (``deploy/error``), ``deploy_mismatch`` when onnxruntime's test accuracy differs from the
-    fake-quantized model's by more than ``max_acc_diff`` (0.2 points), else ``ok``."""
+    """The point's status after deployment and why.
+
+    ``deploy_error``: the export or the runtime failed (``deploy/error``). ``not_deployed``: no check
+    ran (``deploy/checks`` is ``none``). ``deploy_mismatch``: the file read back does not give the
+    fake-quantized model's codes (``deploy/roundtrip_codes_equal`` false), or the integer file's
+    test accuracy (``deploy/int_test_acc``) or onnxruntime's (``deploy/onnx_test_acc``) differs
+    from ``final_acc`` by more than ``max_acc_diff`` (0.2 points). Else ``ok``: every check that ran
+    passed (``deploy/checks`` and ``deploy/simulated_only`` say which ran and in what containers).
+    """
     if "deploy/error" in out:
         return "deploy_error", out["deploy/error"]
-    acc = out.get("deploy/onnx_test_acc")
-    if acc is not None and final_acc is not None and abs(acc - final_acc) > max_acc_diff + 1e-12:
-        return "deploy_mismatch", (
-            f"onnxruntime test accuracy {acc:.4f} differs from the fake-quantized model's "
-            f"{final_acc:.4f} by more than {max_acc_diff:g}"
-        )
+    if deploy_checks(out) == "none":
+        return "not_deployed", "no deployment check ran"
+    if out.get("deploy/roundtrip_codes_equal") is False:
+        return "deploy_mismatch", "the integer file's codes differ from the fake-quantized model's"
+    for key, what in (("deploy/int_test_acc", "integer file"), ("deploy/onnx_test_acc", "onnxruntime")):
+        acc = out.get(key)
+        if acc is not None and final_acc is not None and abs(acc - final_acc) > max_acc_diff + 1e-12:
+            return "deploy_mismatch", (
+                f"{what} test accuracy {acc:.4f} differs from the fake-quantized model's "
+                f"{final_acc:.4f} by more than {max_acc_diff:g}"
+            )
     return "ok", None
 
 

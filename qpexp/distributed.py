@@ -45,6 +45,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from qpexp.errors import QpexpWarning
+
 log = logging.getLogger("qpexp")
 
 _SHARD_DATA = True  # ranks get their share of the data (trainer.use_distributed_sampler)
@@ -413,7 +415,9 @@ def sync_masks(model) -> int:
             param.mul_(buf)
     if differ:
         warnings.warn(
-            f"DDP: rank {rank()} had {differ} mask entries unlike rank 0's (now rank 0's)", stacklevel=2
+            f"DDP: rank {rank()} had {differ} mask entries unlike rank 0's (now rank 0's)",
+            QpexpWarning,
+            stacklevel=2,
         )
     return differ
 
@@ -564,7 +568,9 @@ def finish_stage(stage: str, model) -> dict:
     dist.all_gather_object(digests, state_digest(model))
     same = len(set(digests)) == 1
     if not same:
-        warnings.warn(f"DDP: ranks differ after the {stage} stage; using rank 0's model", stacklevel=2)
+        warnings.warn(
+            f"DDP: ranks differ after the {stage} stage; using rank 0's model", QpexpWarning, stacklevel=2
+        )
         for t in [*model.parameters(), *model.buffers()]:
             t.copy_(broadcast(t))
     dump = os.environ.get(DUMP_ENV)

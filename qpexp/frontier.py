@@ -65,7 +65,7 @@ log = logging.getLogger("qpexp")
 
 # statuses of a finished run whose accuracy stands (deploy_*: the fake-quantized model is fine, its
 # deployment is not; the point stays on the front, is listed with its status, and a re-run reuses it)
-ACCURACY_STANDS = ("ok", "deploy_mismatch", "deploy_error")
+ACCURACY_STANDS = ("ok", "not_deployed", "deploy_mismatch", "deploy_error")
 ACC, RATIO, BOPS = "final/test_acc", "final/compression_ratio", "final/bops"
 AXES = ("quant.bits_w", "prune.ratio", "prune.scope", "seed")
 # config keys that never change what a point computes: not axes, not part of a config's identity

@@ -10,7 +10,6 @@ import logging
 import math
 import os
 import platform
-import subprocess
 import time
 import warnings
 from contextlib import contextmanager
@@ -23,14 +22,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from qpexp import __version__
 from qpexp.cache import StageCache, cache_key
+from qpexp.codeprint import code_fingerprints, git_state
 from qpexp.config_defaults import without_added_defaults
 from qpexp.core.accounting import (
     count_params,
+    deployable_size_bits,
     layer_views,
     model_macs,
     prunable_params,
     pruned_fraction,
-    size_bits,
     zero_fraction,
 )
 from qpexp.core.modules import clone_state
@@ -86,13 +86,7 @@ def evaluate(model: torch.nn.Module, loader) -> float:
 
 
 def git_sha() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        )
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    return git_state()[0]
 
 
 def versions() -> dict[str, str]:
@@ -186,6 +180,10 @@ def make_model(cfg: DictConfig, dm):
     return build(cfg.model, dm)
 
 
+def _code(code: dict[str, str] | None, stage: str) -> dict:
+    return {"code": code[stage]} if code else {}
+
+
 # -- the pipeline ---------------------------------------------------------------------------------
 class Pipeline:
     def __init__(self, cfg: DictConfig, run_dir: str | Path, logger=None, typed: DictConfig | None = None):
@@ -215,9 +213,12 @@ class Pipeline:
     def keys(self) -> dict[str, str]:
         """Each stage's cache key: the config that determines it, the torch thread count it trains
         with (1 and 2 threads give different trajectories) and the data's content fingerprint beside
-        its config (a file changed under the same ``data.path`` trains again). Prepares the data."""
+        its config (a file changed under the same ``data.path`` trains again) and, unless
+        ``cache_code_fingerprint=false``, the fingerprint of the code behind the stage
+        (:mod:`qpexp.codeprint`). Prepares the data."""
         if self._keys is None:
             c = self.cfg
+            code = self.code_fingerprint
             base = {
                 "v": CACHE_VERSION,
                 "data": OmegaConf.to_container(c.data),
@@ -227,13 +228,20 @@ class Pipeline:
                 "trainer": self.trainer_cfg,
                 "seed": c.seed,
                 "threads": self.threads,
+                **({"code": code["baseline"]} if code else {}),
             }
             keys = {"baseline": cache_key(base)}
             # distillation changes the training stages; alpha=0 leaves their keys as they were
             distill = {"distill": OmegaConf.to_container(c.distill)} if self.distill_on else {}
             prune = prune_key(OmegaConf.to_container(c.prune))
             keys["prune"] = cache_key(
-                {"base": keys["baseline"], "prune": prune, "threads": self.threads, **distill}
+                {
+                    "base": keys["baseline"],
+                    "prune": prune,
+                    "threads": self.threads,
+                    **distill,
+                    **_code(code, "prune"),
+                }
             )
             after = keys["prune"] if self.prune_on else keys["baseline"]
             # keys as before the settings added later existed, while they hold the old behaviour
@@ -241,9 +249,16 @@ class Pipeline:
             if c.quant.rounding == "nearest":  # adaround's settings do nothing then
                 for k in ("rounding_batches", "rounding_iters"):
                     quant.pop(k, None)
-            keys["qat"] = cache_key({"base": after, "quant": quant, "threads": self.threads, **distill})
+            keys["qat"] = cache_key(
+                {"base": after, "quant": quant, "threads": self.threads, **distill, **_code(code, "qat")}
+            )
             self._keys = keys
         return self._keys
+
+    @property
+    def code_fingerprint(self) -> dict[str, str] | None:
+        """Each stage's code fingerprint, or None with ``cache_code_fingerprint=false`` (keys as before)."""
+        return code_fingerprints() if self.cfg.cache_code_fingerprint else None
 
     @property
     def prune_on(self) -> bool:
@@ -303,6 +318,7 @@ class Pipeline:
                     "best_epoch": module.best_epoch if epochs > 0 else -1,
                     "train_seconds": train_s,
                     "epochs": epochs,
+                    "code_fingerprint": code_fingerprints()[name],
                     **getattr(module, "stage_meta", lambda: {})(),
                 }
                 state = {"model": clone_state(model)}
@@ -314,6 +330,8 @@ class Pipeline:
         record[f"{name}/test_acc"] = meta["test_acc"]
         record[f"{name}/best_epoch"] = meta["best_epoch"]
         record[f"cache/{name}_hit"] = hit
+        # the code that made the entry (None: cached before fingerprints existed)
+        record[f"code/fingerprint/{name}"] = meta.get("code_fingerprint")
         if entry.moved_aside is not None:
             record[f"cache/{name}_moved_aside"] = str(entry.moved_aside)
         record[f"train_seconds/{name}"] = meta["train_seconds"]
@@ -348,7 +366,8 @@ class Pipeline:
         L.seed_everything(c.seed, workers=False, verbose=False)
         model = make_model(c, dm)
         example = self.example = dm.splits["val"][0][:1]
-        self.dense_bits = size_bits(model)
+        # the deployable fp32 model: BatchNorm folded, as the compressed model counts it
+        self.dense_bits = deployable_size_bits(model, example)
         # dense prunable weights per layer: sparsity counts physically removed channels as pruned
         self.dense_weights = {v.name: v.weight.numel() for v in layer_views(model)}
         self.dense_prunable = prunable_params(model)
@@ -487,17 +506,37 @@ class Pipeline:
         # bits_w=auto: the final honest size against the budget the widths were chosen for
         if "quant/budget_bits" in record:
             record["quant/budget_met"] = record["final/size_bits"] <= record["quant/budget_bits"]
-        if self.quant_on and c.export.enabled:
-            from qpexp.deploy import deploy, deploy_status
-
-            record.update(deploy(model, dm, self.run_dir / "deploy", c.export, record))
-            status, why = deploy_status(record, record["final/test_acc"], c.export.max_acc_diff)
-            if status != "ok":  # the point keeps its accuracy; the status and the reason say what broke
-                record["status_reason"] = why
-                log.warning("%s: %s", status, why)
+        status = self.deploy(model, dm, record)
         record["seconds/total"] = time.perf_counter() - t0
-        record["status"] = status if self.quant_on and c.export.enabled else "ok"
+        record["status"] = status
         return record
+
+    def deploy(self, model, dm, record: dict) -> str:
+        """The deployment check of the final model (integer file, ONNX) and the point's status:
+        ``ok`` only when a check ran and passed, ``not_deployed`` when none ran (export disabled, no
+        quantization), ``deploy_mismatch``/``deploy_error`` (see :func:`qpexp.deploy.deploy_status`).
+        The point's accuracy stands in every case; ``status_reason`` says why it is not ``ok``."""
+        from qpexp.deploy import deploy, deploy_checks, deploy_status
+
+        c = self.cfg
+        if self.quant_on and c.export.enabled:
+            start = time.perf_counter()
+            record.update(deploy(model, dm, self.run_dir / "deploy", c.export, record))
+            record["seconds/deploy"] = time.perf_counter() - start
+        record["deploy/checks"] = deploy_checks(record)
+        status, why = deploy_status(record, record["final/test_acc"], c.export.max_acc_diff)
+        if status == "not_deployed":
+            why = (
+                "export.enabled=false"
+                if self.quant_on
+                else "no quantized model (quantization off or analysis.stop)"
+            )
+            why = f"not deployed: {why}"
+        if status != "ok":  # the point keeps its accuracy; the status and the reason say what broke
+            record["status_reason"] = why
+            if status != "not_deployed":
+                log.warning("%s: %s", status, why)
+        return status
 
     def macs(self, model, example, views=None) -> dict:
         """``model_macs``, counted again only when the structure changed: the module tree (names and
@@ -516,7 +555,7 @@ class Pipeline:
 
     @torch.no_grad()
     def measure(self, model, example, dense_bits: int) -> dict:
-        total, rows, other = size_bits(model, detail=True)
+        total, rows, other = deployable_size_bits(model, example, detail=True)
         params, nonzero = count_params(model)
         views = layer_views(model)
         macs = self.macs(model, example, views)
@@ -576,10 +615,16 @@ def write_record(run_dir: Path, record: dict) -> None:
 
 
 def base_record(cfg: DictConfig) -> dict:
+    """The record's provenance: config, git state (``code/git_dirty``: tracked files differ from
+    ``code/git_sha``; both None outside a git checkout) and library versions."""
+    sha, dirty = git_state()
     return {
         "config": plain_config(cfg),
         "config_hash": config_hash(cfg),
-        "git_sha": git_sha(),
+        "git_sha": sha,
+        "code/git_sha": sha,
+        "code/git_dirty": dirty,
+        "code/cache_fingerprint": bool(cfg.get("cache_code_fingerprint", True)),
         "versions": versions(),
         "hostname": platform.node(),
     }

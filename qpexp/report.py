@@ -65,10 +65,27 @@ def load_records(dirs) -> dict[str, list[dict]]:
             exp, cmd = _hydra_info(point)
             if exp is None:
                 continue
-            rec["_command"] = "qpexp " + " ".join(cmd) if cmd else f"qpexp experiment={exp}"
+            rec["_command"] = reproduce_command(rec, cmd or [f"experiment={exp}"])
             rec["_flat"] = _flatten(rec.get("config") or {})
             out[exp].append(rec)
     return out
+
+
+# the settings outside the experiment that decide which cached stages a run reuses, or trains
+CACHE_SETTINGS = ("cache", "cache_dir", "cache_code_fingerprint")
+
+
+def reproduce_command(rec: dict, overrides: list[str]) -> str:
+    """``qpexp OVERRIDES`` plus the record's cache settings the overrides leave out (the cache folder
+    it read and filled: a rerun against another folder trains its stages anew)."""
+    config = rec.get("config") or {}
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    extra = []
+    for k in CACHE_SETTINGS:  # true is the default of cache and cache_code_fingerprint
+        v = config.get(k)
+        if k not in given and v is not None and v is not True:
+            extra.append(f"{k}={str(v).lower() if isinstance(v, bool) else v}")
+    return "qpexp " + " ".join([*overrides, *extra])
 
 
 # -- one value per record ----------------------------------------------------------------------------

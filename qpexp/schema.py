@@ -118,6 +118,7 @@ class RootSchema:
     threads: int | None = None
     cache: bool = True
     cache_dir: str = "outputs/cache"
+    cache_code_fingerprint: bool = True  # the code behind a stage in its cache key (qpexp.codeprint)
     name: str = "qpexp"
     data: Any = None
     model: Any = None

@@ -11,6 +11,8 @@ import os
 import warnings
 from pathlib import Path
 
+from qpexp.errors import QpexpWarning
+
 log = logging.getLogger("qpexp")
 
 
@@ -84,7 +86,7 @@ class Tracker:
             try:
                 self.run.finish(exit_code=0 if ok else 1)
             except Exception as e:  # never lose the local record over a tracking error
-                warnings.warn(f"W&B finish failed: {e}", stacklevel=2)
+                warnings.warn(f"W&B finish failed: {e}", QpexpWarning, stacklevel=2)
 
 
 def _scalar(v) -> bool:
@@ -126,7 +128,9 @@ def wandb_init(
     except Exception as e:
         if mode == "offline":
             raise
-        warnings.warn(f"W&B init in mode {mode!r} failed ({e}); logging offline instead", stacklevel=2)
+        warnings.warn(
+            f"W&B init in mode {mode!r} failed ({e}); logging offline instead", QpexpWarning, stacklevel=2
+        )
         return wandb.init(mode="offline", settings=wandb.Settings(silent=True), **kwargs)
 
 

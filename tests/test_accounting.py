@@ -241,3 +241,27 @@ def test_taylor_gradient_pass_keeps_batchnorm_statistics():
         F.cross_entropy(reference(x), y).backward()
         for name in ("conv1", "fc"):
             assert torch.allclose(grads[name][i], getattr(reference, name).weight.grad, atol=1e-6)
+
+
+def test_dense_bn_model_counts_as_its_folded_fp32_model():
+    """Issue 20: the dense reference is the deployable fp32 model, BatchNorm folded into the conv
+    before it (as quantization folds it). Conv1d(1->4, k3, no bias) + BN(4) + Linear(152->10), by
+    hand: folded, 12 conv weights + 4 folded biases + 1520 + 10 linear = 1546 floats; unfolded the
+    BN's gamma, beta, mean and var (16 floats) would stand in place of the 4 biases: 1558."""
+    from qpexp.core.accounting import deployable_size_bits
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Unflatten(1, (1, 40)), nn.Conv1d(1, 4, 3, bias=False), nn.BatchNorm1d(4), nn.ReLU(),
+        nn.Flatten(), nn.Linear(4 * 38, 10),
+    )  # fmt: skip
+    model[2].running_mean.uniform_(-1, 1)
+    model[2].running_var.uniform_(0.5, 2)
+    x = torch.randn(8, 40)
+    assert size_bits(model) == 1558 * 32  # the model as it is
+    assert deployable_size_bits(model, x[:1]) == 1546 * 32
+    assert isinstance(model[2], nn.BatchNorm1d) and model[1].bias is None  # the model itself untouched
+    quantized = quantize_(
+        copy.deepcopy(model), QuantConfig(QuantSpec(bits=32), QuantSpec(bits=32)), example=x[:1]
+    )
+    assert size_bits(quantized) == deployable_size_bits(quantized, x[:1]) == 1546 * 32  # folded alike

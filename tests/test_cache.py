@@ -114,7 +114,7 @@ def test_damaged_entry_moved_aside_and_retrained(tmp_path, damage):
         (entry / "meta.json").write_text(json.dumps(meta))
     with pytest.warns(DamagedEntryWarning, match=entry.name):
         rec = Pipeline(compose(args), tmp_path / "r2").run()
-    assert rec["status"] == "ok" and not rec["cache/baseline_hit"]  # trained again
+    assert rec["status"] == "not_deployed" and not rec["cache/baseline_hit"]  # trained again
     aside = Path(rec["cache/baseline_moved_aside"])
     assert aside.parent == entry.parent / "damaged" and aside.name.startswith(entry.name)
     assert (aside / "model.pt").read_bytes() == data  # moved, not deleted
@@ -200,3 +200,61 @@ def test_prune_key_hashes_auto_batches_only_where_it_acts(tmp_path, monkeypatch)
     assert "auto_batches" not in prune_hashed("prune.auto_batches=3")
     assert "auto_batches" not in prune_hashed("prune.scope=auto")
     assert prune_hashed("prune.scope=auto", "prune.auto_batches=3")["auto_batches"] == 3
+
+
+# -- the code behind a stage (issue 20) ----------------------------------------------------------------
+def test_sources_digest_is_sha256_of_paths_and_contents(tmp_path):
+    from qpexp.codeprint import sources_digest
+
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.py").write_text("y = 2\n")
+    import hashlib
+
+    want = hashlib.sha256(b"a.py\0x = 1\n\0sub/b.py\0y = 2\n\0").hexdigest()
+    assert sources_digest([tmp_path / "a.py", tmp_path / "sub" / "b.py"], tmp_path) == want
+
+
+def test_stage_sources_cover_what_each_stage_runs():
+    from qpexp.codeprint import PACKAGE, source_files
+
+    rel = {
+        s: {f.relative_to(PACKAGE).as_posix() for f in source_files(s)} for s in ("baseline", "prune", "qat")
+    }
+    assert {"pipeline.py", "stages.py", "data.py", "models.py", "archs/resnet.py"} <= rel["baseline"]
+    assert "core/prune/channel.py" in rel["prune"] and "core/prune/channel.py" not in rel["baseline"]
+    assert "core/quant/linear.py" in rel["qat"] and "core/quant/linear.py" not in rel["prune"]
+    assert rel["baseline"] < rel["prune"] and rel["baseline"] < rel["qat"]
+
+
+def test_changed_code_retrains_its_stage_unless_fingerprints_are_off(tmp_path, monkeypatch):
+    """A copy of the package stands in for the source tree: editing its channel-pruning module changes
+    the prune key (the stage trains again) and leaves the baseline's; without fingerprints both reuse."""
+    import shutil
+
+    import qpexp.codeprint as cp
+
+    src = tmp_path / "src"
+    shutil.copytree(cp.PACKAGE, src, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(cp, "PACKAGE", src)
+    cp.stage_fingerprint.cache_clear()
+    args = [*TINY, "quant=none", "export.enabled=false", "prune.steps=1", f"cache_dir={tmp_path / 'cache'}"]
+    first = Pipeline(compose(args), tmp_path / "r1").run()
+    meta = json.loads((Path(first["artifacts/prune"]) / "meta.json").read_text())
+    assert meta["code_fingerprint"] == first["code/fingerprint/prune"] == cp.stage_fingerprint("prune")
+    with (src / "core" / "prune" / "channel.py").open("a") as f:
+        f.write("\n# a changed scoring rule\n")
+    cp.stage_fingerprint.cache_clear()
+    assert cp.stage_fingerprint("prune") != meta["code_fingerprint"]
+    again = Pipeline(compose(args), tmp_path / "r2").run()
+    assert again["cache/baseline_hit"] and not again["cache/prune_hit"]  # only the changed stage
+    assert again["artifacts/prune"] != first["artifacts/prune"]
+    old = Pipeline(compose([*args, "cache_code_fingerprint=false"]), tmp_path / "r3")
+    assert old.keys["prune"] != again["artifacts/prune"].rsplit("-", 1)[1]
+    rec = old.run()  # no entry without the fingerprint yet: trained once, then reused by old code too
+    with (src / "core" / "prune" / "channel.py").open("a") as f:
+        f.write("\n# changed once more\n")
+    cp.stage_fingerprint.cache_clear()
+    kept = Pipeline(compose([*args, "cache_code_fingerprint=false"]), tmp_path / "r4").run()
+    assert kept["cache/prune_hit"] and kept["artifacts/prune"] == rec["artifacts/prune"]
+    assert kept["code/fingerprint/prune"] == rec["code/fingerprint/prune"] != cp.stage_fingerprint("prune")

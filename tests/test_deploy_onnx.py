@@ -149,3 +149,44 @@ def test_deploy_problems_set_the_status_and_keep_the_accuracy(tmp_path, monkeypa
         table = [r for r in csv.DictReader(f) if r["point"] == "run"]
     assert sorted(r["status"] for r in table) == ["deploy_error", "deploy_mismatch", "ok"]
     assert all(float(r["final/test_acc"]) == good["final/test_acc"] for r in table)  # accuracy kept
+
+
+def test_deploy_status_looks_at_every_check_that_ran():
+    """Issue 20: ``ok`` only when a check ran and passed; the integer file's accuracy and its codes
+    count as much as onnxruntime's; nothing deployed is ``not_deployed``, not ``ok``."""
+    from qpexp.deploy import deploy_checks, deploy_status
+
+    passed_int = {"deploy/int_test_acc": 0.900, "deploy/roundtrip_codes_equal": True}
+    passed_both = {**passed_int, "deploy/onnx_test_acc": 0.901}
+    assert deploy_checks({}) == "none" and deploy_status({}, 0.9) == (
+        "not_deployed",
+        "no deployment check ran",
+    )
+    assert deploy_checks(passed_int) == "int" and deploy_status(passed_int, 0.9) == ("ok", None)
+    assert deploy_checks(passed_both) == "int+onnx" and deploy_status(passed_both, 0.9) == ("ok", None)
+    # the integer file 0.3 points off (ONNX fine): a mismatch, named as the file's
+    status, why = deploy_status({**passed_both, "deploy/int_test_acc": 0.897}, 0.9)
+    assert status == "deploy_mismatch" and why.startswith("integer file test accuracy 0.8970")
+    status, why = deploy_status({**passed_both, "deploy/onnx_test_acc": 0.897}, 0.9)
+    assert status == "deploy_mismatch" and why.startswith("onnxruntime test accuracy 0.8970")
+    status, why = deploy_status({**passed_both, "deploy/roundtrip_codes_equal": False}, 0.9)
+    assert status == "deploy_mismatch" and "codes" in why
+    assert deploy_status({**passed_both, "deploy/error": "ONNX: boom"}, 0.9) == ("deploy_error", "ONNX: boom")
+
+
+@pytest.mark.parametrize(
+    "overrides,checks,status",
+    [
+        (["export.enabled=false"], "none", "not_deployed"),
+        (["quant.bits_w=32"], "none", "not_deployed"),
+        (["export.onnx=false"], "int", "ok"),
+    ],
+)
+def test_record_says_which_deployment_check_ran(tmp_path, overrides, checks, status):
+    rec = _pipeline(tmp_path, ["quant.epochs=0", *overrides])
+    assert rec["deploy/checks"] == checks and rec["status"] == status, rec.get("status_reason")
+    if status == "not_deployed":
+        assert "deploy/int_test_acc" not in rec and rec["status_reason"].startswith("not deployed: ")
+    else:
+        assert rec["deploy/simulated_only"] is True and "deploy/onnx_test_acc" not in rec
+        assert abs(rec["deploy/int_test_acc"] - rec["final/test_acc"]) <= 0.002

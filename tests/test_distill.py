@@ -160,7 +160,7 @@ def test_pipeline_records_distillation(tmp_path):
     assert rec["distill/alpha"] == 0.5 and rec["distill/temperature"] == 4.0
     assert rec["distill/teacher_test_acc"] == rec["baseline/test_acc"]  # the teacher is the baseline
     assert rec["distill/precomputed"] is True  # MNIST-1D: the teacher's logits computed once
-    assert rec["status"] == "ok" and "qat/test_acc" in rec
+    assert rec["status"] == "not_deployed" and "qat/test_acc" in rec
 
 
 def test_ddp_two_cpu_ranks_distill_and_adaround_identical(tmp_path):
@@ -178,7 +178,9 @@ def test_ddp_two_cpu_ranks_distill_and_adaround_identical(tmp_path):
         cwd=tmp_path, env={"QPEXP_DDP_DUMP": str(dump)},
     )  # fmt: skip
     rec = read_record(tmp_path / "ddp")
-    assert rec["status"] == "ok" and rec["ddp/world_size"] == 2 and rec["quant/rounding"] == "adaround"
+    assert (
+        rec["status"] == "not_deployed" and rec["ddp/world_size"] == 2 and rec["quant/rounding"] == "adaround"
+    )
     assert rec["distill/teacher_test_acc"] == rec["baseline/test_acc"]
     for stage in ("prune", "qat"):
         a = torch.load(dump / f"{stage}-rank0.pt", weights_only=True)

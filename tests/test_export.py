@@ -480,3 +480,23 @@ def test_ptq_changes_no_weight_qat_does(e2e):
             assert sorted(changed) == sorted(names)
     assert e2e["ptq"]["qat/best_epoch"] == -1
     assert e2e["qat"]["qat/best_epoch"] == 0
+
+
+def test_payload_bytes_against_a_hand_count_of_the_file(tmp_path):
+    """Issue 20: ``deploy/payload_bytes`` recounted independently. An MLP 40-16-3 with 4-bit
+    symmetric per-channel weights and 8-bit asymmetric per-tensor activations stores, per layer,
+    its codes bit-packed (4 bits each, byte-aligned), one float32 scale per output channel (no zero
+    point: symmetric), a float32 bias per output, and its input quantizer's float32 scale and int32
+    zero point: 320 + 64 + 64 + 8 for the first layer, 24 + 12 + 12 + 8 for the second."""
+    model = prepared(nn.Sequential(nn.Linear(40, 16), nn.ReLU(), nn.Linear(16, 3)), bits_w=4)
+    convert(model, tmp_path / "m.npz")
+    first = math.ceil(40 * 16 * 4 / 8) + 16 * 4 + 16 * 4 + 4 + 4
+    second = math.ceil(16 * 3 * 4 / 8) + 3 * 4 + 3 * 4 + 4 + 4
+    assert (first, second) == (456, 56)
+    layouts = [la.w_spec["layout"] for la in load(tmp_path / "m.npz").integer_layers()]
+    assert layouts == ["dense", "dense"]  # random weights: few zero codes, the dense layout is cheapest
+    with np.load(tmp_path / "m.npz", allow_pickle=False) as z:  # the file itself: its byte blob
+        assert sorted(z.files) == ["blob", "header"] and z["blob"].dtype == np.uint8
+        stored = z["blob"].nbytes
+    assert stored == first + second
+    assert package_stats(tmp_path / "m.npz")["payload_bytes"] == first + second

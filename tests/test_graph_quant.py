@@ -571,7 +571,9 @@ def test_every_model_quantizes_and_exports_end_to_end(tmp_path_factory, cifar, a
     # near-tie logits of a one-epoch model can move the accuracy by more than 0.2 points: the status
     # then says so (deploy_mismatch), with the accuracy kept
     gap = abs(rec["deploy/onnx_test_acc"] - rec["final/test_acc"])
-    assert rec["status"] == ("ok" if gap <= 0.002 + 1e-12 else "deploy_mismatch")
+    gap_int = abs(rec["deploy/int_test_acc"] - rec["final/test_acc"])  # the integer file counts too
+    assert rec["deploy/checks"] == "int+onnx"
+    assert rec["status"] == ("ok" if max(gap, gap_int) <= 0.002 + 1e-12 else "deploy_mismatch")
     assert rec["deploy/format"] == "graph"
     assert rec["deploy/roundtrip_max_abs_diff"] == 0.0 and rec["deploy/roundtrip_codes_equal"] is True
     assert rec["deploy/simulated_only"] is False

@@ -271,7 +271,7 @@ def test_pipeline_auto_bits_within_budget(tmp_path):
 
     over = ["data.source.num_samples=1000", "quant.bits_w=auto", "quant.target_ratio=6", "quant.epochs=0"]
     rec, _ = run_pipeline(tmp_path, over)
-    assert rec["status"] == "ok"
+    assert rec["status"] == "not_deployed"
     layers = [k.split("/")[1] for k in rec if k.startswith("layers/") and k.endswith("/bits_w")]
     assignment = dict(p.split(":") for p in rec["quant/assignment"].split(","))
     assert sorted(layers) == sorted(assignment)
@@ -288,7 +288,7 @@ def test_pipeline_sensitivity_analysis(tmp_path):
     from test_pipeline import run_pipeline
 
     rec, pipe = run_pipeline(tmp_path, ["data.source.num_samples=1000", "analysis=sensitivity"])
-    assert rec["status"] == "ok" and "qat/test_acc" not in rec  # analysis.stop: no QAT
+    assert rec["status"] == "not_deployed" and "qat/test_acc" not in rec  # analysis.stop: no QAT
     names = [v.name for v in layer_views(cnn1d((40,), 10))]
     for n in names:
         for s in ("w2", "w3", "w4", "w8", "p0.5", "p0.75", "p0.9"):
@@ -317,7 +317,7 @@ def test_cli_wandb_gets_the_sensitivity_heatmap_and_the_widths(tmp_path):
     ]
     run_cli(args, cwd=tmp_path)
     rec = read_record(run_dir)
-    assert rec["status"] == "ok" and "qat/test_acc" in rec and "sensitivity/fc/w2/val_acc" in rec
+    assert rec["status"] == "not_deployed" and "qat/test_acc" in rec and "sensitivity/fc/w2/val_acc" in rec
     (run,) = wandb_offline_runs(run_dir)
     for k in (
         "sensitivity/table",

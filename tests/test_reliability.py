@@ -52,7 +52,9 @@ def test_sigkill_mid_stage_then_resume_gives_same_record(tmp_path):
     assert safe_torch_load(ckpt)["epoch"] < 2 * 10 - 1  # killed mid-stage: the resume has epochs left
     run_cli([*args, f"hydra.run.dir={run_dir}"], cwd=tmp_path)  # same command again: resumes
     ref, rec = read_record(ref_dir), read_record(run_dir)
-    assert rec["status"] == "ok" and rec["cache/baseline_hit"]  # baseline reused from the run folder
+    assert (
+        rec["status"] == "not_deployed" and rec["cache/baseline_hit"]
+    )  # baseline reused from the run folder
     assert numbers(rec) == numbers(ref)
 
 
@@ -120,7 +122,7 @@ def test_multirun_rerun_only_incomplete_points(tmp_path):
     run_cli(args, cwd=tmp_path)
     assert recs[0].stat().st_mtime_ns == stamp  # complete point untouched
     assert json.loads(recs[0].read_text()) == done
-    assert json.loads(recs[1].read_text())["status"] == "ok"  # incomplete point re-ran
+    assert json.loads(recs[1].read_text())["status"] == "not_deployed"  # incomplete point re-ran
 
 
 # -- divergence ------------------------------------------------------------------------------------
@@ -137,7 +139,7 @@ def test_divergence_fails_point_and_sweep_goes_on(tmp_path):
     }
     bad, good = recs[1e30], recs[0.001]
     assert bad["status"] == "failed" and "loss became" in bad["error"] and "DivergenceError" in bad["error"]
-    assert good["status"] == "ok"
+    assert good["status"] == "not_deployed"
 
 
 # -- concurrent writers ----------------------------------------------------------------------------
@@ -156,7 +158,7 @@ def test_eight_concurrent_workers_share_cache_and_sweep_dir(tmp_path):
     with mp.get_context("spawn").Pool(8) as pool:
         assert sorted(pool.map(_worker, jobs)) == list(range(8))
     recs = [read_record(tmp_path / "sweep" / f"point{i}") for i in range(8)]
-    assert all(r["status"] == "ok" for r in recs)
+    assert all(r["status"] == "not_deployed" for r in recs)
     assert sum(not r["cache/baseline_hit"] for r in recs) == 1  # one trained, seven waited and reused
     assert sum(not r["cache/prune_hit"] for r in recs) == 1
     assert len({r["artifacts/baseline"] for r in recs}) == 1
@@ -301,6 +303,6 @@ def test_wandb_online_without_network_falls_back(tmp_path):
          f"cache_dir={tmp_path / 'c'}"],
         cwd=tmp_path, env=env, timeout=240,
     )  # fmt: skip
-    assert read_record(run_dir)["status"] == "ok"
+    assert read_record(run_dir)["status"] == "not_deployed"
     assert "logging offline instead" in proc.stderr + proc.stdout
     assert list(run_dir.glob("wandb/offline-run-*"))

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from qpexp.bench import emit
+from qpexp.frontier import ACCURACY_STANDS
 
 QUICK = ["baseline.epochs=30", "prune.finetune_epochs=5", "quant.epochs=5"]
 STAGES = ("baseline", "prune", "qat")
@@ -52,8 +53,8 @@ def run_sweep(workdir: Path, name: str, extra: list[str], timeout: int) -> dict:
         raise SystemExit(f"{' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     paths = list(sweep_dir.glob("*/record.json"))
     records = [json.loads(p.read_text()) for p in paths]
-    ok = [r for r in records if r.get("status") == "ok"]
-    fresh = [r for r, p in zip(records, paths) if r.get("status") == "ok" and p.stat().st_mtime >= start]
+    ok = [r for r in records if r.get("status") in ACCURACY_STANDS]  # finished (deployed or not)
+    fresh = [r for r, p in zip(records, paths) if r in ok and p.stat().st_mtime >= start]
     n_jobs = int(next((a.split("=", 1)[1] for a in extra if a.startswith("hydra.launcher.n_jobs=")), 2))
     trained = sum(
         r.get(f"train_seconds/{s}", 0.0) for r in fresh for s in STAGES if r.get(f"cache/{s}_hit") is False

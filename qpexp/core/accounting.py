@@ -202,6 +202,17 @@ def size_bits(model: nn.Module, detail: bool = False):
     return total
 
 
+def deployable_size_bits(model: nn.Module, example=None, detail: bool = False):
+    """:func:`size_bits` of the model as deployed: BatchNorms that feed from a conv (or a linear)
+    folded into it (a bias per channel instead of four BatchNorm tensors), as quantization folds
+    them; so a float model and its quantized version count BatchNorm the same way."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return size_bits(model, detail=detail)
+    from qpexp.core.quant.graph import folded_copy
+
+    return size_bits(folded_copy(model, example), detail=detail)
+
+
 def _unique_modules(model: nn.Module):
     return list({id(m): m for m in model.modules()}.values())
 

@@ -67,6 +67,7 @@ from torch import nn
 
 from qpexp.core.quant.spec import SCHEMES, QuantConfig, QuantSpec
 from qpexp.core.resolve import resolve
+from qpexp.errors import QpexpWarning
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -684,6 +685,27 @@ def fold_batchnorm_graph_(model: nn.Module, graph: fx.Graph) -> list[tuple[str, 
     return pairs
 
 
+def folded_copy(model: nn.Module, example=None) -> nn.Module:
+    """An eval-mode copy of ``model`` with its BatchNorms folded as ``quantize_`` folds them
+    (``fold_bn=true``): the deployable float model, whose size the accounting compares the
+    compressed one to. A model fx cannot trace folds by the per-Sequential rule, as ``quantize_``
+    falls back to. ``model`` itself is left as it is."""
+    import copy
+
+    from qpexp.core.quant.layers import fold_batchnorm_
+    from qpexp.core.quant.traceable import make_traceable_
+
+    m = copy.deepcopy(model).eval()
+    try:
+        make_traceable_(m)
+        ranks = record_ranks(m, example)[0] if example is not None else None
+        graph, _ = trace(m, "inline", training=False, ranks=ranks)
+        fold_batchnorm_graph_(m, graph)
+    except TraceFailure:
+        fold_batchnorm_(m)
+    return m
+
+
 # -- raw weights ----------------------------------------------------------------------------------
 @dataclass
 class RawWeight:
@@ -1026,6 +1048,7 @@ def _dispatch(self, arguments: dict):
         object.__setattr__(self, "_qpexp_warned", True)
         warnings.warn(
             f"{base.__name__}: called with arguments it was not quantized for; running its float forward",
+            QpexpWarning,
             stacklevel=3,
         )
     sig = inspect.signature(base.forward)
@@ -1178,5 +1201,6 @@ def warn_untraced(err: Exception) -> None:
     warnings.warn(
         f"quantize_: {err}; falling back to per-layer quantization (BatchNorm folded only inside "
         "nn.Sequential, adds/concatenations/matmuls left in float)",
+        QpexpWarning,
         stacklevel=3,
     )

@@ -12,6 +12,7 @@ from torch import nn
 from qpexp.core.modules import CONV, CONV_LINEAR
 from qpexp.core.quant.spec import SCHEMES, QuantConfig, QuantSpec
 from qpexp.core.resolve import resolve
+from qpexp.errors import QpexpWarning
 
 
 class QuantLayer(nn.Module):
@@ -181,6 +182,7 @@ def warn_symmetric_nonnegative(model: nn.Module) -> list[str]:
         warnings.warn(
             f"quant.act.symmetric=true on inputs that are never negative ({names}): half of the integer "
             "range is wasted; quant.act.symmetric=false uses it all",
+            QpexpWarning,
             stacklevel=2,
         )
     return names
