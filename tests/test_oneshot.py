@@ -300,3 +300,62 @@ def test_calibrate_sequential_sees_compressed_predecessors():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     calibrate_(model, [x], zero_first, sequential=False, hessian=False)
     assert seen["1"] > 0.0
+
+
+# -- through the pipeline ----------------------------------------------------------------------------
+def _run(tmp_path, overrides):
+    from conftest import TINY, compose
+
+    from qpexp.pipeline import Pipeline
+
+    cfg = compose([*TINY, f"cache_dir={tmp_path / 'c'}", *overrides])
+    return Pipeline(cfg, tmp_path / "run").run()
+
+
+ONESHOT = ["prune.finetune_epochs=0", "prune.schedule=oneshot", "quant.epochs=0", "prune.calib_batches=2"]
+
+
+@pytest.mark.parametrize(
+    "prune",
+    [
+        ["prune.method=sparsegpt", "prune.structure=nm", "prune.scope=layer"],
+        ["prune.criterion=wanda", "prune.scope=layer"],
+    ],
+)
+def test_oneshot_pipeline_end_to_end(tmp_path, prune):
+    """No training after the baseline: pruned from calibration data, GPTQ-rounded, exported to the
+    integer file and ONNX, whose accuracies the deploy step checks against the fake-quantized model."""
+    rec = _run(tmp_path, [*ONESHOT, *prune, "quant.rounding=gptq", "quant.bits_w=4"])
+    assert rec["final/quant_mode"] == "ptq" and rec["prune/mode"] == "oneshot"
+    assert rec["prune/method"] == ("sparsegpt" if "prune.method=sparsegpt" in prune else "mask")
+    assert rec["prune/realized_ratio"] == pytest.approx(0.5, abs=0.03)
+    assert rec["quant/rounding"] == "gptq" and 0 < rec["quant/rounding_changed"] < 1
+    assert rec["quant/oneshot_forward_seconds"] > 0 and rec["quant/oneshot_calib_seconds"] > 0
+    assert rec["status"] == "ok", rec.get("status_reason")
+    if "prune.structure=nm" in prune:
+        assert rec["final/size_bits_nm"] < rec["final/size_bits"]
+        assert rec["prune/oneshot_compress_seconds"] > 0
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["prune.structure=nm", "prune.n=4", "prune.m=4", "prune.schedule=oneshot"], "prune.n"),
+        (["prune.structure=nm", "prune.n=1", "prune.schedule=oneshot"], "prune.ratio"),
+        (["prune.structure=nm"], "prune.schedule"),
+        (["prune.method=obs"], "prune.method"),
+        (["prune.method=sparsegpt", "prune.structure=channel"], "prune.method"),
+        (["prune.finetune_epochs=0", "prune.scope=auto"], "prune.scope"),
+        (["quant.rounding=gptq", "quant.epochs=3"], "quant.rounding"),
+        (["quant.gptq_block=0"], "quant.gptq_block"),
+    ],
+)
+def test_bad_oneshot_config_refused(tmp_path, overrides, key):
+    from conftest import TINY, compose
+
+    from qpexp.pipeline import Pipeline
+    from qpexp.schema import ConfigError
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        Pipeline(compose([*TINY, f"cache_dir={tmp_path}", *overrides]), tmp_path / "run")
+    assert not any(tmp_path.iterdir())

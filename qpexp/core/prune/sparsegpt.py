@@ -122,3 +122,30 @@ def sparsegpt_prune_(model: nn.Module, batches: list[torch.Tensor], ratios: dict
         set_mask(m, mask, pname)
     out["magnitude"] = [n for n, _, _ in rest]
     return out
+
+
+def sparsegpt_step(model: nn.Module, cfg, target: float, criterion=None, grads=None, example=None,
+                   batches=None, calib=None) -> dict[str, float]:  # fmt: skip
+    """:func:`~qpexp.core.prune.prune_step`'s signature for ``prune.method=sparsegpt``: every layer
+    pruned to ``target`` (its own ``first_ratio``/``last_ratio`` where set; ``structure=nm``: n of
+    every m) by SparseGPT on the unlabeled ``calib`` batches. ``criterion`` is not used (SparseGPT
+    selects by its own OBS saliency). Returns each layer's realized sparsity; the calibration record
+    is kept on the function's ``last`` attribute."""
+    from qpexp.core.prune import layer_ratios
+    from qpexp.core.prune.masks import prunable_weights
+
+    if not calib:
+        raise ValueError("prune.method=sparsegpt needs calibration batches (prune.calib_batches)")
+    layers = prunable_weights(model)
+    own = layer_ratios([n for n, _, _ in layers], cfg, target)
+    ratios = {n: (target if r is None else r) for n, r in own.items()}
+    ratios = {n: r for n, r in ratios.items() if r > 0}
+    nm = (cfg.n, cfg.m) if cfg.structure == "nm" else None
+    sparsegpt_step.last = sparsegpt_prune_(
+        model, calib, ratios, nm, cfg.block, cfg.damp, cfg.calib_sequential
+    )
+    return {name: float((getattr(m, pname) == 0).float().mean()) for name, m, pname in layers}
+
+
+sparsegpt_step.needs_calib = True
+sparsegpt_step.last = {}
