@@ -18,6 +18,18 @@ ADDED_LATER = {
     "distill.alpha": 0.0,
     "distill.temperature": 4.0,
     "prune.auto_batches": 8,  # prune.scope=auto
+    # one-shot compression (issue 24)
+    "quant.gptq_damp": 0.01,
+    "quant.gptq_block": 128,
+    "quant.gptq_act_order": False,
+    "quant.calib_sequential": True,
+    "prune.method": "mask",
+    "prune.n": 2,
+    "prune.m": 4,
+    "prune.calib_batches": 8,
+    "prune.calib_sequential": True,
+    "prune.damp": 0.01,
+    "prune.block": 128,
 }
 
 

@@ -414,6 +414,8 @@ class Pipeline:
             pruner = None
             if pc.structure == "channel":
                 from qpexp.core.prune.channel import channel_prune_step as pruner
+            if pc.method == "sparsegpt":
+                from qpexp.core.prune.sparsegpt import sparsegpt_step as pruner
             steps = 1 if pc.schedule == "oneshot" else pc.steps
             epochs = steps * c.prune.finetune_epochs
 
@@ -440,6 +442,10 @@ class Pipeline:
                 if k in pr["meta"]:
                     record[f"prune/{k}"] = pr["meta"][k]
             record["prune/target_ratio"] = c.prune.ratio
+            record["prune/method"] = c.prune.method
+            record["prune/criterion"] = c.prune.criterion
+            record["prune/mode"] = "oneshot" if c.prune.finetune_epochs == 0 else "finetune"
+            record.update(oneshot_keys("prune", pr["meta"]))
             for point in pr["meta"].get("curve", []):  # every step's candidate: the sparsity curve
                 for k in ("sparsity", "val_acc", "test_acc"):
                     record[f"prune/curve/{point['step']}/{k}"] = point[k]
@@ -488,6 +494,12 @@ class Pipeline:
                     rounding=c.quant.rounding,
                     rounding_batches=c.quant.rounding_batches,
                     rounding_iters=c.quant.rounding_iters,
+                    gptq={
+                        "damp": c.quant.gptq_damp,
+                        "block": c.quant.gptq_block,
+                        "act_order": c.quant.gptq_act_order,
+                        "sequential": c.quant.calib_sequential,
+                    },
                 ),
                 c.quant.epochs,
                 dm,
@@ -498,11 +510,15 @@ class Pipeline:
             for k in ("rounding_seconds", "rounding_changed"):
                 if k in qat["meta"]:
                     record[f"quant/{k}"] = qat["meta"][k]
+            record.update(oneshot_keys("quant", qat["meta"]))
             record["final/quant_mode"] = "qat" if c.quant.epochs > 0 else "ptq"
         last = "qat" if self.quant_on else "prune" if self.prune_on else "baseline"
         record["final/val_acc"] = record[f"{last}/val_acc"]
         record["final/test_acc"] = record[f"{last}/test_acc"]
         record.update(self.last_measure)
+        if self.prune_on and c.prune.structure == "nm":  # the N:M layout's size, beside the stored one
+            record["final/size_bits_nm"] = size_bits(model, nm=(c.prune.n, c.prune.m))
+            record["final/compression_ratio_nm"] = self.dense_bits / record["final/size_bits_nm"]
         # bits_w=auto: the final honest size against the budget the widths were chosen for
         if "quant/budget_bits" in record:
             record["quant/budget_met"] = record["final/size_bits"] <= record["quant/budget_bits"]
@@ -590,6 +606,18 @@ class Pipeline:
             out[f"size/{name}/qparam_bits"] = r["qparam_bits"]
             out[f"size/{name}/bias_bits"] = r["bias_bits"]
         return out
+
+
+def oneshot_keys(section: str, meta: dict) -> dict:
+    """One-shot methods' timing in the record: the calibration passes, the compression, a plain
+    forward pass over the same batches, and per layer its seconds and statistics' bytes."""
+    out = {f"{section}/{k}": meta[k] for k in meta if k.startswith("oneshot_") and k != "oneshot_layers"}
+    for name, d in meta.get("oneshot_layers", {}).items():
+        for k, v in d.items():
+            out[f"{section}/oneshot/{name}/{k}"] = v
+    if meta.get("nearest_only"):
+        out[f"{section}/nearest_only"] = ",".join(meta["nearest_only"])
+    return out
 
 
 def config_hash(cfg: DictConfig) -> str:

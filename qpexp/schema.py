@@ -52,6 +52,13 @@ class PruneSchema:
     max_acc_drop: float | None = None
     rewind: str | None = None
     agp_dt: int = 35
+    method: str = "mask"
+    n: int = 2
+    m: int = 4
+    calib_batches: int = 8
+    calib_sequential: bool = True
+    damp: float = 0.01
+    block: int = 128
 
 
 @dataclass
@@ -88,6 +95,10 @@ class QuantSchema:
     rounding: str = "nearest"
     rounding_batches: int = 8
     rounding_iters: int = 500
+    gptq_damp: float = 0.01
+    gptq_block: int = 128
+    gptq_act_order: bool = False
+    calib_sequential: bool = True
 
 
 @dataclass
@@ -197,7 +208,11 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise ConfigError(str(e)) from None
     _positive("baseline.epochs", t.baseline.epochs)
     _positive("baseline.lr", t.baseline.lr)
-    _positive("prune.finetune_epochs", t.prune.finetune_epochs)
+    _positive("prune.finetune_epochs", t.prune.finetune_epochs, allow_zero=True)  # 0: one-shot
+    if t.prune.finetune_epochs == 0 and t.prune.scope == "auto":
+        raise ConfigError(
+            "prune.scope=auto measures validation loss between steps: it needs prune.finetune_epochs > 0"
+        )
     _positive("prune.lr", t.prune.lr)
     _positive("quant.epochs", t.quant.epochs, allow_zero=True)
     _positive("quant.lr", t.quant.lr)
@@ -277,18 +292,21 @@ def check_analysis(a: DictConfig | None) -> None:
 
 
 def check_rounding(q) -> None:
-    if q.rounding not in ("nearest", "adaround"):
-        raise ConfigError(f"quant.rounding={q.rounding!r} is unknown: use 'nearest' or 'adaround'")
+    if q.rounding not in ("nearest", "adaround", "gptq"):
+        raise ConfigError(f"quant.rounding={q.rounding!r} is unknown: use 'nearest', 'adaround' or 'gptq'")
     _positive("quant.rounding_batches", q.rounding_batches)
     _positive("quant.rounding_iters", q.rounding_iters)
+    _positive("quant.gptq_damp", q.gptq_damp, allow_zero=True)
+    if not isinstance(q.gptq_block, int) or q.gptq_block < 1:
+        raise ConfigError(f"quant.gptq_block={q.gptq_block!r} must be an integer >= 1")
     if q.rounding == "nearest" or q.bits_w == 32:
         return
     if q.epochs > 0:
         raise ConfigError(
-            f"quant.rounding=adaround is post-training rounding: it needs quant.epochs=0 (got {q.epochs})"
+            f"quant.rounding={q.rounding} is post-training rounding: it needs quant.epochs=0 (got {q.epochs})"
         )
     if q.scheme != "linear":
-        raise ConfigError(f"quant.rounding=adaround supports quant.scheme=linear only (got {q.scheme!r})")
+        raise ConfigError(f"quant.rounding={q.rounding} supports quant.scheme=linear only (got {q.scheme!r})")
 
 
 def check_data_path(data: DictConfig) -> None:

@@ -240,12 +240,40 @@ class PruneStage(Stage):
         loader = self.trainer.datamodule.loader("val", shuffle=False)
         return [b[:2] for b, _ in zip(loader, range(self.cfg.auto_batches))]
 
-    def prune_to(self, step: int) -> None:
-        target, grads = self.targets[step], self._grads()
+    def _calib(self, loader, extra: dict) -> None:
+        """One-shot methods: ``prune.calib_batches`` unlabeled training batches (the same first ones
+        on every DDP rank) for a criterion that reads input norms (wanda) or a pruner that needs them
+        (sparsegpt); their calibration record is kept for the stage's meta."""
+        wants = getattr(self.criterion, "needs_inputs", False) or getattr(self.pruner, "needs_calib", False)
+        if not wants:
+            return
+        batches = [x for _, (x, _) in zip(range(self.cfg.calib_batches), loader)]
+        if getattr(self.criterion, "needs_inputs", False):
+            self.oneshot_info = self.criterion.calibrate(self.model, batches)
+        if getattr(self.pruner, "needs_calib", False):
+            extra["calib"] = batches
+
+    def prune_to(self, step: int, loader=None, example=None) -> None:
+        oneshot = loader is not None  # prune.finetune_epochs=0: no trainer
+        target = self.targets[step]
+        grads = None
+        if getattr(self.criterion, "needs_grads", False):
+            grads = (
+                reduce_weight_grads(self.model, loader, self.cfg.taylor_batches) if oneshot else self._grads()
+            )
         extra = {"batches": self._val_batches()} if self.cfg.scope == "auto" else {}
+        self._calib(loader if oneshot else self.trainer.datamodule.loader("train", shuffle=False), extra)
         self.layer_sparsity = self.pruner(
-            self.model, self.cfg, target, self.criterion, grads, example=self._example(), **extra
+            self.model,
+            self.cfg,
+            target,
+            self.criterion,
+            grads,
+            example=self._example() if example is None else example,
+            **extra,
         )
+        if getattr(self.pruner, "needs_calib", False):
+            self.oneshot_info = getattr(self.pruner, "last", {})
         sync_masks(self.model)  # DDP: rank 0's masks everywhere (the same, from reduced scores)
         self.done_step = step
         if self.rewind_state is not None:
@@ -254,6 +282,30 @@ class PruneStage(Stage):
             self.model.load_state_dict({**weights, **masks}, strict=False)
         self.keeper.refresh(self.model)
         self.keeper()
+
+    @torch.no_grad()
+    def calibrate(self, loader) -> None:
+        """``prune.finetune_epochs=0``: every step's pruning applied at once, without training (one-shot)."""
+        example = next(iter(loader))[0][:1]
+        for step in range(len(self.targets)):
+            self.prune_to(step, loader, example)
+        self.selected_step = len(self.targets) - 1
+        self.keeper.refresh(self.model)
+        self.keeper()
+        self.realized_ratio = sparsity(self.model)
+        self.layer_sparsity = layer_sparsity(self.model)
+
+    def oneshot_meta(self) -> dict:
+        info = getattr(self, "oneshot_info", None) or {}
+        if not info:
+            return {}
+        keys = ("calib_seconds", "compress_seconds", "forward_seconds")
+        out = {f"oneshot_{k}": info[k] for k in keys if k in info}
+        out["oneshot_layers"] = {
+            n: {k: v for k, v in d.items() if k in ("calib_seconds", "compress_seconds", "stats_bytes")}
+            for n, d in info.get("layers", {}).items()
+        }
+        return out
 
     def on_train_start(self):
         if self.cfg.schedule != "agp":
@@ -387,6 +439,7 @@ class PruneStage(Stage):
             "selected_target": self.targets[step] if step >= 0 else 0.0,
             "realized_ratio": self.realized_ratio,
             "curve": getattr(self, "curve", []),
+            **self.oneshot_meta(),
         }
 
     def extra_state(self) -> dict:
@@ -421,10 +474,12 @@ class QATStage(Stage):
         rounding: str = "nearest",
         rounding_batches: int = 8,
         rounding_iters: int = 500,
+        gptq: dict | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.calib_batches = calib_batches
+        self.gptq_options = gptq or {}
         self.rounding, self.rounding_batches, self.rounding_iters = rounding, rounding_batches, rounding_iters
         self.rounding_info: dict = {}
 
@@ -444,6 +499,19 @@ class QATStage(Stage):
         warn_symmetric_nonnegative(self.model)  # symmetric activation quantizer on never-negative input
         if self.rounding == "adaround":
             self.adaround(loader)
+        if self.rounding == "gptq":
+            self.gptq(loader)
+
+    def gptq(self, loader) -> None:
+        """GPTQ rounding of every weight (PTQ) from ``quant.calib_batches`` unlabeled training batches
+        (the same first ones on every DDP rank: deterministic)."""
+        from qpexp.core.quant.gptq import gptq_
+
+        batches = [x for _, (x, _) in zip(range(self.calib_batches), loader)]
+        info = gptq_(self.model, batches, **self.gptq_options)
+        layers = {n: d for n, d in info["layers"].items() if "changed" in d}
+        self.rounding_info = {**layers, "seconds": info["calib_seconds"] + info["compress_seconds"]}
+        self.oneshot_info = info
 
     def adaround(self, loader) -> None:
         """Learned rounding of every weight (PTQ). The same first batches on every DDP rank: the
@@ -457,10 +525,19 @@ class QATStage(Stage):
         if not self.rounding_info:
             return {}
         layers = [v for k, v in self.rounding_info.items() if k != "seconds"]
-        return {
+        out = {
             "rounding_seconds": self.rounding_info["seconds"],
             "rounding_changed": sum(v["changed"] for v in layers) / max(len(layers), 1),
         }
+        info = getattr(self, "oneshot_info", None)
+        if info:  # gptq: the calibration passes against a plain forward, per-layer time and memory
+            out.update(
+                {f"oneshot_{k}": info[k] for k in ("calib_seconds", "compress_seconds", "forward_seconds")}
+            )
+            out["oneshot_layers"] = {n: {k: d[k] for k in ("calib_seconds", "compress_seconds", "stats_bytes")}
+                                     for n, d in info["layers"].items()}  # fmt: skip
+            out["nearest_only"] = info.get("nearest_only", [])
+        return out
 
     def on_fit_start(self):
         if self.current_epoch == 0 and not self.trainer.ckpt_path:

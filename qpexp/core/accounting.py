@@ -149,11 +149,21 @@ def layout_bits(n: int, nnz: int, n_entries: int, bits: int) -> dict[str, int]:
     return {"dense": n * bits, "bitmask": nnz * bits + n, "relative": n_entries * (bits + INDEX_BITS)}
 
 
-def tensor_bits(w: torch.Tensor, bits: int) -> dict:
-    """Storage of one compressed weight tensor: the cheapest format, plus the format flag."""
+def tensor_bits(w: torch.Tensor, bits: int, nm: tuple[int, int] | None = None) -> dict:
+    """Storage of one compressed weight tensor: the cheapest format, plus the format flag.
+
+    ``nm=(n, m)`` adds the N:M layout (:func:`qpexp.core.prune.nm.nm_bits`: ``n`` values at ``bits``
+    plus ``ceil(log2 C(m, n))`` index bits per group of ``m``) where every group holds at most ``n``
+    nonzeros."""
     n = w.numel()
     nnz = int(torch.count_nonzero(w))
     options = layout_bits(n, nnz, nnz + relative_index_padding(w), bits)
+    if nm is not None and w.dim() >= 2:
+        from qpexp.core.prune.nm import nm_bits
+
+        b = nm_bits(w, nm[0], nm[1], bits)
+        if b is not None:
+            options["nm"] = b
     fmt = min(options, key=options.get)
     return {"bits": options[fmt] + FLAG_BITS, "format": fmt, "n": n, "nnz": nnz}
 
@@ -165,15 +175,18 @@ def _quantizer_bits(q: nn.Module | None) -> int:
     return (scales + zeros) * FLOAT_BITS
 
 
-def size_bits(model: nn.Module, detail: bool = False):
-    """Total storage in bits of everything needed to run ``model`` (see the module docstring)."""
+def size_bits(model: nn.Module, detail: bool = False, nm: tuple[int, int] | None = None):
+    """Total storage in bits of everything needed to run ``model`` (see the module docstring).
+
+    ``nm=(n, m)``: pruned weights may also take the N:M layout (:func:`tensor_bits`); the integer
+    file does not write that layout yet, so the record keeps it apart (``final/size_bits_nm``)."""
     total, rows, counted, counted_q = 0, {}, set(), set()
     for v in layer_views(model):
         compressed = v.wq is not None or get_mask(v.layer, v.param) is not None
         if id(v.weight) in counted:  # a tied weight: stored once, with the first layer using it
             t = {"bits": 0, "format": "shared", "n": 0, "nnz": 0}
         elif compressed:
-            t = tensor_bits(v.effective_weight(), v.bits_w)
+            t = tensor_bits(v.effective_weight(), v.bits_w, nm)
         else:
             w = v.weight.detach()
             t = {

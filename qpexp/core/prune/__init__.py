@@ -79,6 +79,15 @@ def prune_step(
             s = torch.where(mask == 0, torch.full_like(s, -torch.inf), s)
         scores[name] = s
     # layers with their own ratio first; the pool then removes what makes the total ``target``
+    if cfg.structure == "nm":  # n of every m in every layer (a layer with its own ratio 0 stays dense)
+        from qpexp.core.prune.nm import nm_mask
+
+        for name, m, pname in layers:
+            if own[name] != 0:
+                keep = nm_mask(scores[name], cfg.n, cfg.m)
+                old = get_mask(m, pname)
+                set_mask(m, keep if old is None else keep * old, pname)
+        return {name: float((getattr(m, pname) == 0).float().mean()) for name, m, pname in layers}
     fixed = [n for n in names if own[n] is not None]
     masks = layer_masks({n: scores[n] for n in fixed}, {n: own[n] for n in fixed}, cfg.min_keep_frac)
     pool = [n for n in names if own[n] is None]

@@ -11,9 +11,11 @@ CRITERIA = {
     "random": "qpexp.core.prune.criteria.random.Random",
     "fpgm": "qpexp.core.prune.criteria.fpgm.FPGM",
     "std": "qpexp.core.prune.criteria.std.Std",  # Han et al. 2015: |w| / std of the layer
+    "wanda": "qpexp.core.prune.criteria.wanda.Wanda",  # Sun et al. 2024: |w| x input norm
 }
 SCOPES = ("global", "layer", "auto")
-STRUCTURES = ("unstructured", "channel")
+STRUCTURES = ("unstructured", "channel", "nm")
+METHODS = ("mask", "sparsegpt")  # mask: zero the lowest scores; sparsegpt: OBS mask and weight update
 SCHEDULES = ("oneshot", "geometric", "linear", "agp")
 
 
@@ -42,6 +44,13 @@ class PruneConfig:
     taylor_mode: str = "squared"
     seed: int = 0
     auto_batches: int = 8
+    method: str = "mask"
+    n: int = 2  # structure=nm: keep n of every m
+    m: int = 4
+    calib_batches: int = 8  # one-shot methods (wanda, sparsegpt): unlabeled training batches
+    calib_sequential: bool = True  # each layer's inputs on the already-pruned earlier layers
+    damp: float = 0.01  # sparsegpt: Hessian damping, a fraction of mean(diag H)
+    block: int = 128  # sparsegpt: columns per mask-selection block
 
     def validate(self) -> None:
         number = isinstance(self.ratio, (int, float)) and not isinstance(self.ratio, bool)
@@ -70,5 +79,37 @@ class PruneConfig:
             raise ValueError(f"prune.taylor_mode={self.taylor_mode!r} must be 'squared' or 'abs'")
         if not isinstance(self.auto_batches, int) or self.auto_batches < 1:
             raise ValueError(f"prune.auto_batches={self.auto_batches!r} must be an integer >= 1")
+        self.validate_oneshot()
         if self.taylor_batches < 1:
             raise ValueError(f"prune.taylor_batches={self.taylor_batches!r} must be >= 1")
+
+    def validate_oneshot(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"prune.method={self.method!r} is unknown: use one of {METHODS}")
+        if self.structure == "nm":
+            from qpexp.core.prune.nm import check_nm
+
+            check_nm(self.n, self.m)
+            if abs(self.ratio - (1 - self.n / self.m)) > 1e-9:
+                raise ValueError(
+                    f"prune.ratio={self.ratio!r}: prune.structure=nm with {self.n}:{self.m} prunes "
+                    f"{1 - self.n / self.m:g} of every layer; set prune.ratio={1 - self.n / self.m:g}"
+                )
+            if self.schedule != "oneshot" and self.steps != 1:
+                raise ValueError("prune.structure=nm reaches n:m in one step: use prune.schedule=oneshot")
+        if self.method == "sparsegpt" and self.structure == "channel":
+            raise ValueError(
+                "prune.method=sparsegpt prunes single weights: use prune.structure=unstructured or nm"
+            )
+        if self.method == "sparsegpt" and self.scope == "auto":
+            raise ValueError("prune.method=sparsegpt prunes every layer to its ratio: use prune.scope=layer")
+        if self.criterion == "wanda" and self.structure == "channel":
+            raise ValueError(
+                "prune.criterion=wanda scores single weights: use prune.structure=unstructured or nm"
+            )
+        if not isinstance(self.calib_batches, int) or self.calib_batches < 1:
+            raise ValueError(f"prune.calib_batches={self.calib_batches!r} must be an integer >= 1")
+        if not self.damp >= 0:
+            raise ValueError(f"prune.damp={self.damp!r} must be >= 0")
+        if not isinstance(self.block, int) or self.block < 1:
+            raise ValueError(f"prune.block={self.block!r} must be an integer >= 1")

@@ -1,0 +1,206 @@
+"""GPTQ (Frantar et al. 2023): one-shot weight quantization with error feedback through the inverse Hessian.
+
+For a weight ``W`` (``rows x d``) and its inputs' proxy Hessian ``H = X^T X / n``
+(:mod:`qpexp.core.calibrate`), the columns are quantized one after the other; the error of column
+``j``, ``e = (w_j - q_j) / [H^-1]_jj``, is fed into the columns not yet quantized,
+``W[:, j:] -= e [H^-1]_{j, j:}``, which is the least-squares optimal update of the remaining weights
+(the OBS step). As in the paper's Algorithm 1: ``H`` is damped by ``damp * mean(diag H)`` on its
+diagonal, ``H^-1`` is taken in its upper Cholesky form (``chol(H^-1)^T``, whose rows are the rows of
+``H^-1`` restricted to the remaining columns, rescaled), updates inside a block of ``block`` columns
+are applied at once, and the rest of the matrix is updated once per block (lazy batch updates);
+``act_order`` quantizes the columns in order of decreasing ``diag H``. Input columns that are always
+zero on the calibration data (``diag H = 0``) get ``H_jj = 1``: they are rounded to nearest, with
+no feedback.
+
+The codes are qpexp's own weight quantizer's (:class:`~qpexp.core.quant.linear.LinearQuantizer`,
+per tensor or per output channel, symmetric or not, min/max or LSQ ranges): the scale and zero point
+come from the layer's quantizer on the float weight, every column is rounded onto that grid, and the
+result is written back as ``S (q - Z)`` such that the layer's own quantizer gives exactly those
+codes (checked), so ``size_bits``, the integer file and ONNX see them. With a min/max range the
+elements that set the range keep their nearest code (and their value), so the quantizer recomputes
+the same scale; pruned weights (``weight_mask``) keep the code of zero. A layer whose GPTQ output
+error on the calibration inputs (``tr(dW H dW^T)``) exceeds nearest rounding's keeps nearest
+rounding.
+
+Imports only torch.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from qpexp.core.calibrate import LayerStats, Site, calibrate_
+from qpexp.core.quant.linear import LinearQuantizer
+
+
+def inverse_hessian_upper(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1`` (dead columns: ``H_jj = 1``), float64."""
+    h = h.double().clone()
+    diag = torch.diagonal(h)
+    dead = diag == 0
+    diag[dead] = 1.0
+    diag.add_(damp * float(diag.mean()))
+    inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(inv, upper=True)
+
+
+def gptq_columns(w: torch.Tensor, h: torch.Tensor, quant, block: int = 128, damp: float = 0.01,
+                 act_order: bool = False) -> torch.Tensor:  # fmt: skip
+    """GPTQ's Algorithm 1 on ``w`` (``rows x d``) with Hessian ``h`` (``d x d``): returns the quantized
+    weight (float64, same column order as ``w``). ``quant(j, col)`` quantizes column ``j`` (its index
+    in ``w``) given its current, error-updated values and returns the quantized values."""
+    w = w.double().clone()
+    d = w.shape[1]
+    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(d)
+    w, h = w[:, perm], h[perm][:, perm]
+    u = inverse_hessian_upper(h, damp)
+    q = torch.zeros_like(w)
+    for i1 in range(0, d, block):
+        i2 = min(i1 + block, d)
+        w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            qc = quant(int(perm[i1 + i]), col).double()
+            q[:, i1 + i] = qc
+            e = (col - qc) / u1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    out = torch.empty_like(q)
+    out[:, perm] = q
+    return out
+
+
+def output_error(dw: torch.Tensor, h: torch.Tensor) -> float:
+    """Mean squared output error ``tr(dW H dW^T)`` of a weight change ``dW`` on inputs with ``H``."""
+    dw = dw.double()
+    return float(((dw @ h.double()) * dw).sum())
+
+
+def _grid(wq: LinearQuantizer, w: torch.Tensor):
+    """Scale and zero point as ``(out, 1)`` or ``(1, 1)`` float64 columns, and the nearest codes."""
+    from qpexp.core.quant.adaround import _qparams
+
+    wq(w)  # an LSQ quantizer takes its initial step from the first weight it sees
+    scale, zero = _qparams(wq, w)
+    rows = w.shape[0] if wq.per_channel else 1
+    return scale.reshape(rows, 1).double(), zero.reshape(rows, 1).double(), wq.int_repr(w)
+
+
+def _write_back(wq: LinearQuantizer, weight: torch.Tensor, w: torch.Tensor, codes: torch.Tensor,
+                scale: torch.Tensor, zero: torch.Tensor, setters, mask) -> None:  # fmt: skip
+    """Store ``S (q - Z)`` (range setters: their own value, others inside the original range) and
+    check that the layer's quantizer gives exactly ``codes``."""
+    shape = w.shape
+    w2 = w.reshape(shape[0], -1)
+    new = ((codes.double() - zero) * scale).to(w.dtype)
+    if setters is not None:
+        s2 = setters.reshape(shape[0], -1)
+        dims = 1 if wq.per_channel else (0, 1)
+        lo = w2.amin(dims, keepdim=True).clamp(max=0)
+        hi = w2.amax(dims, keepdim=True).clamp(min=0)
+        if wq.symmetric:
+            hi = torch.maximum(lo.abs(), hi)
+            lo = -hi
+        new = torch.where(s2, w2, torch.minimum(torch.maximum(new, lo), hi))
+    if mask is not None:
+        new = new * mask.reshape(shape[0], -1)
+    weight.copy_(new.reshape(shape))
+    got = wq.int_repr(weight).reshape(shape[0], -1)
+    if not torch.equal(got, codes.to(torch.int32)):
+        raise RuntimeError(
+            f"gptq: the weight quantizer gives {int((got != codes).sum())} codes other than GPTQ's"
+        )
+
+
+@torch.no_grad()
+def gptq_layer_(site: Site, stats: LayerStats, block: int = 128, damp: float = 0.01,
+                act_order: bool = False) -> dict:  # fmt: skip
+    """Quantize ``site``'s weight with GPTQ onto its quantizer's grid, in place (see the module doc)."""
+    from qpexp.core.quant.adaround import _range_setters
+
+    wq = site.wq
+    if not isinstance(wq, LinearQuantizer):
+        raise ValueError(
+            f"quant.rounding=gptq supports the linear weight scheme only; got {type(wq).__name__}"
+        )
+    start = time.perf_counter()
+    weight = site.weight
+    w = weight.detach().clone()
+    scale, zero, nearest = _grid(wq, w)
+    rows = w.shape[0]
+    nearest = nearest.reshape(rows, -1)
+    mask = getattr(site.owner, f"{site.pname}_mask", None)
+    setters = _range_setters(wq, w)
+    pinned = torch.zeros_like(nearest, dtype=torch.bool)
+    fixed = nearest.clone()
+    if setters is not None:
+        pinned |= setters.reshape(rows, -1)
+    if mask is not None:
+        dead = mask.reshape(rows, -1) == 0
+        pinned |= dead
+        fixed = torch.where(dead, zero.expand_as(fixed).to(fixed.dtype), fixed)
+    codes = torch.empty_like(nearest)
+    h_all = stats.mean_hessian()
+    g = stats.hessian.shape[0]
+    per = rows // g
+    w2 = w.reshape(rows, -1)
+    for gi in range(g):
+        r = slice(gi * per, (gi + 1) * per)
+        s, z = (scale[r], zero[r]) if scale.shape[0] > 1 else (scale, zero)
+
+        def quant(j, col, r=r, s=s, z=z):
+            c = torch.clamp(torch.round(col / s[:, 0]) + z[:, 0], wq.qmin, wq.qmax)
+            c = torch.where(pinned[r, j], fixed[r, j].double(), c)
+            codes[r, j] = c.to(codes.dtype)
+            return (c - z[:, 0]) * s[:, 0]
+
+        gptq_columns(w2[r], h_all[gi], quant, block, damp, act_order)
+    errors = {}
+    for key, c in (("nearest", nearest), ("gptq", codes)):
+        deq = (c.double() - zero) * scale
+        errors[key] = sum(
+            output_error(deq[gi * per : (gi + 1) * per] - w2[gi * per : (gi + 1) * per], h_all[gi])
+            for gi in range(g)
+        )
+    kept_nearest = errors["gptq"] > errors["nearest"]
+    final = nearest if kept_nearest else codes
+    _write_back(wq, weight, w, final, scale, zero, setters, mask)
+    return {
+        "changed": float((final != nearest).float().mean()),
+        "mse_nearest": errors["nearest"] / rows,
+        "mse_gptq": min(errors.values()) / rows,
+        "kept_nearest": bool(kept_nearest),
+        "gptq_seconds": time.perf_counter() - start,
+    }
+
+
+def gptq_(model: nn.Module, batches: list[torch.Tensor], block: int = 128, damp: float = 0.01,
+          act_order: bool = False, sequential: bool = True) -> dict:  # fmt: skip
+    """GPTQ on every quantized conv/linear weight of the calibrated ``model``, in place, from its
+    inputs on ``batches`` (each layer's inputs after its input quantizer, measured on the model whose
+    earlier layers are already quantized when ``sequential``). Weights quantized in the graph (raw
+    parameters such as attention's ``in_proj_weight``) keep nearest rounding; they are listed under
+    ``"nearest_only"``. Returns :func:`~qpexp.core.calibrate.calibrate_`'s record."""
+    from qpexp.core.quant.graph import graph_quantizers
+
+    raw = [n for n, q in graph_quantizers(model) if getattr(q, "is_weight", False)]
+
+    def compress(site: Site, stats: LayerStats):
+        if site.wq is None:
+            return {"skipped": "not quantized"}
+        return gptq_layer_(site, stats, block, damp, act_order)
+
+    def quantized(s: Site) -> bool:
+        return s.wq is not None
+
+    from qpexp.core.calibrate import sites
+
+    names = {s.name for s in sites(model) if quantized(s)}
+    out = calibrate_(model, batches, compress, sequential=sequential, names=names)
+    out["nearest_only"] = raw
+    return out

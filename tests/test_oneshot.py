@@ -1,0 +1,361 @@
+"""Issue 24: one-shot compression from calibration data (GPTQ, SparseGPT, Wanda, N:M sparsity).
+
+Every reference is written out here: convolutions by torch's own conv, least squares by
+``torch.linalg.lstsq``, the best rounding by enumerating every code vector, the OBS update with
+explicit inverses of the Hessian's sub-matrices, Wanda's norms and N:M index bits by hand.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from qpexp.core.calibrate import calibrate_, input_rows
+from qpexp.core.prune.criteria import Target
+from qpexp.core.prune.criteria.wanda import Wanda, row_masks
+from qpexp.core.prune.nm import index_bits, nm_bits, nm_mask, satisfies_nm
+from qpexp.core.prune.sparsegpt import sparsegpt_columns, sparsegpt_prune_
+from qpexp.core.quant import QuantConfig, QuantSpec, quantize_
+from qpexp.core.quant.gptq import gptq_, gptq_columns
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def correlated(n: int, d: int, seed: int) -> torch.Tensor:
+    """Inputs with strongly correlated features (where error feedback matters)."""
+    g = gen(seed)
+    base = torch.randn(n, 2, generator=g)
+    mix = torch.randn(2, d, generator=g)
+    return base @ mix + 0.3 * torch.randn(n, d, generator=g)
+
+
+# -- calibration: unfolded conv inputs ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv1d(3, 6, 5, stride=2, padding=2),
+        nn.Conv1d(4, 4, 3, groups=2, dilation=2, padding="same"),
+        nn.Conv2d(3, 8, 3, stride=1, padding=1, padding_mode="reflect"),
+        nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6),  # depthwise
+    ],
+)
+def test_input_rows_reproduce_the_conv(conv):
+    torch.manual_seed(0)
+    x = torch.randn(2, conv.in_channels, *([9] if isinstance(conv, nn.Conv1d) else [7, 7]))
+    rows = input_rows(conv, x)  # (groups, n, d)
+    g = conv.groups
+    w = conv.weight.detach().reshape(g, conv.out_channels // g, -1)
+    out = torch.cat([rows[i] @ w[i].T for i in range(g)], dim=1) + conv.bias.detach()
+    ref = conv(x).detach()  # torch's own conv: (N, out, *spatial)
+    ref = ref.reshape(ref.shape[0], ref.shape[1], -1).transpose(1, 2).reshape(-1, conv.out_channels)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+# -- GPTQ --------------------------------------------------------------------------------------------
+def test_gptq_error_feedback_is_the_least_squares_update():
+    """Quantize only column 0: the other columns must become the least-squares best completion."""
+    x = correlated(200, 6, 1).double()
+    w = torch.randn(3, 6, generator=gen(2), dtype=torch.float64)
+    h = x.T @ x / len(x)
+    q0 = torch.round(w[:, 0] * 2) / 2
+
+    def quant(j, col):
+        return q0 if j == 0 else col
+
+    got = gptq_columns(w, h, quant, block=4, damp=0.0)
+    # min ||X (w' - w)^T|| with w'_0 = q0: w'_rest = w_rest - lstsq(X_rest, X_0 (q0 - w0))
+    delta = torch.linalg.lstsq(x[:, 1:], x[:, :1] @ (q0 - w[:, 0]).reshape(1, -1)).solution
+    ref = torch.cat([q0.reshape(-1, 1), w[:, 1:] - delta.T], dim=1)
+    torch.testing.assert_close(got, ref, atol=1e-8, rtol=1e-8)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_lazy_blocks_change_nothing(act_order):
+    x = correlated(300, 10, 3).double()
+    w = torch.randn(4, 10, generator=gen(4), dtype=torch.float64)
+    h = x.T @ x / len(x)
+
+    def quant(j, col):
+        return torch.round(col * 3) / 3
+
+    ref = gptq_columns(w, h, quant, block=1, damp=0.01, act_order=act_order)
+    for block in (3, 10, 128):
+        torch.testing.assert_close(gptq_columns(w, h, quant, block, 0.01, act_order), ref)
+
+
+def one_quant_linear(d_in: int, d_out: int, bits: int, granularity="channel", symmetric=True, rng="minmax"):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(d_in, d_out))
+    w = QuantSpec(bits=bits, granularity=granularity, symmetric=symmetric, range=rng)
+    quantize_(model, QuantConfig(weight=w, act=QuantSpec(bits=32)))
+    return model
+
+
+def test_gptq_on_a_tiny_layer_against_every_rounding():
+    """2-bit narrow symmetric codes {-1, 0, 1}, 5 inputs: all 3^5 code vectors per row enumerated."""
+    model = one_quant_linear(5, 3, bits=2)
+    q = model[0]
+    w = q.layer.weight.detach().clone()
+    x = correlated(400, 5, 5)
+    s = w.abs().amax(1, keepdim=True) / 1  # qmax = 1 at 2 bits, narrow
+    out = gptq_(model, [x[:200], x[200:]], damp=1e-6)
+    codes = q.wq.int_repr(q.layer.weight)
+    assert codes.min() >= -1 and codes.max() <= 1  # inside the grid
+    torch.testing.assert_close(q.layer.weight.detach(), codes * s)  # stored exactly on the grid
+
+    def err(c, row):
+        return float((x @ (c * s[row] - w[row]) ).pow(2).mean())  # fmt: skip
+
+    nearest = torch.clamp(torch.round(w / s), -1, 1)
+    best = 0.0
+    for row in range(3):
+        # the range setter (max |w|) keeps its code: enumerate the other four
+        grid = itertools.product((-1.0, 0.0, 1.0), repeat=5)
+        cands = [torch.tensor(c) for c in grid]
+        cands = [
+            c for c in cands if all(c[j] == nearest[row, j] for j in range(5) if w[row, j].abs() == s[row])
+        ]
+        best += min(err(c, row) for c in cands)
+    got = sum(err(codes[r].float(), r) for r in range(3))
+    near = sum(err(nearest[r], r) for r in range(3))
+    assert best <= got + 1e-6 <= near + 2e-6
+    assert got < 0.8 * near  # correlated inputs: error feedback pays
+    assert out["layers"]["0"]["mse_gptq"] <= out["layers"]["0"]["mse_nearest"]
+
+
+@pytest.mark.parametrize(
+    "granularity, symmetric, rng",
+    [
+        ("channel", True, "minmax"),
+        ("tensor", True, "minmax"),
+        ("channel", False, "minmax"),
+        ("tensor", True, "lsq"),
+    ],  # fmt: skip
+)
+def test_gptq_codes_are_the_quantizers_and_beat_nearest(granularity, symmetric, rng):
+    model = one_quant_linear(32, 8, bits=3, granularity=granularity, symmetric=symmetric, rng=rng)
+    q = model[0]
+    w = q.layer.weight.detach().clone()
+    q.wq(w)  # LSQ: its step from the float weight (GPTQ does the same)
+    nearest = q.wq.int_repr(w)
+    x = correlated(512, 32, 6)
+    gptq_(model, [x[:256], x[256:]])
+    codes = q.wq.int_repr(q.layer.weight)
+    assert q.wq.qmin <= int(codes.min()) and int(codes.max()) <= q.wq.qmax
+    ref = x @ w.T
+
+    def out_err(weight):
+        return float((x @ weight.T - ref).pow(2).mean())
+
+    fq = q.wq(q.layer.weight).detach()  # the weight the model computes with
+    assert out_err(fq) < 0.7 * out_err(q.wq(w).detach())
+    assert not torch.equal(codes, nearest)
+
+
+def test_gptq_keeps_pruned_weights_zero():
+    from qpexp.core.prune import set_mask
+
+    model = one_quant_linear(16, 4, bits=4)
+    lin = model[0].layer
+    mask = (torch.rand(lin.weight.shape, generator=gen(7)) > 0.5).float()
+    set_mask(lin, mask)
+    gptq_(model, [correlated(256, 16, 8)])
+    assert torch.all(lin.weight[mask == 0] == 0)
+    assert torch.all(model[0].wq.int_repr(lin.weight)[mask == 0] == 0)
+
+
+# -- SparseGPT -------------------------------------------------------------------------------------
+def obs_reference(w: torch.Tensor, h: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """Row by row, columns in order: pruning column j of the remaining set F = {j..d-1} moves the
+    remaining weights by -(w_j / [H_F^-1]_jj) [H_F^-1]_{:, j} (Hassibi & Stork's OBS step)."""
+    w = w.clone()
+    d = w.shape[1]
+    for r in range(w.shape[0]):
+        for j in range(d):
+            if pruned[r, j]:
+                hinv = torch.linalg.inv(h[j:, j:])
+                w[r, j:] -= w[r, j] / hinv[0, 0] * hinv[:, 0]
+                w[r, j] = 0.0
+    return w
+
+
+def test_sparsegpt_mask_and_update_on_a_4x8_layer():
+    x = correlated(100, 8, 9).double()
+    h = x.T @ x / len(x)
+    w = torch.randn(4, 8, generator=gen(10), dtype=torch.float64)
+    got, keep = sparsegpt_columns(w, h, 0.5, block=8, damp=0.0)
+    # saliency of each weight before any update: w^2 / [H_F^-1]_jj, F = {j..7}
+    sal = torch.stack([w[:, j] ** 2 / torch.linalg.inv(h[j:, j:])[0, 0] for j in range(8)], dim=1)
+    pruned = torch.zeros(32, dtype=torch.bool)
+    pruned[torch.argsort(sal.reshape(-1))[:16]] = True
+    pruned = pruned.reshape(4, 8)
+    assert torch.equal(~keep, pruned)
+    torch.testing.assert_close(got, obs_reference(w, h, pruned), atol=1e-9, rtol=1e-9)
+    # and it reconstructs the output better than zeroing the same weights without the update
+    masked = w * ~pruned
+
+    def err(v):
+        return float(((v - w) @ h * (v - w)).sum())
+
+    assert err(got) < err(masked)
+
+
+def test_sparsegpt_nm_keeps_n_of_every_m_with_the_obs_update():
+    x = correlated(100, 8, 11).double()
+    h = x.T @ x / len(x)
+    w = torch.randn(4, 8, generator=gen(12), dtype=torch.float64)
+    got, keep = sparsegpt_columns(w, h, nm=(2, 4), block=8, damp=0.0)
+    assert torch.all(keep.reshape(4, 2, 4).sum(2) == 2)
+    torch.testing.assert_close(got, obs_reference(w, h, ~keep), atol=1e-9, rtol=1e-9)
+    # the first group's choice is by hand: the 2 lowest w^2 / [H_F^-1]_jj of columns 0..3
+    sal = torch.stack([w[:, j] ** 2 / torch.linalg.inv(h[j:, j:])[0, 0] for j in range(4)], dim=1)
+    low = torch.argsort(sal, dim=1)[:, :2]
+    assert torch.equal(
+        torch.sort(low, 1).values, torch.sort(torch.nonzero(~keep[:, :4])[:, 1].reshape(4, 2), 1).values
+    )
+
+
+def test_sparsegpt_on_a_model_sets_masks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 8, 4), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 13, 5))
+    x = torch.randn(64, 2, 16)
+    ratios = {"0": 0.5, "3": 0.5}
+    sparsegpt_prune_(model, [x], ratios)
+    for m in (model[0], model[3]):
+        assert float((m.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
+        assert torch.equal(m.weight == 0, m.weight_mask == 0)
+    sparsegpt_prune_(model, [x], {"0": 0.5, "3": 0.5}, nm=(2, 4))
+    assert satisfies_nm(model[3].weight, 2, 4)
+
+
+# -- Wanda -------------------------------------------------------------------------------------------
+def test_wanda_scores_by_hand():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 4, 2))
+    x = torch.randn(5, 2, 6)
+    crit = Wanda()
+    crit.calibrate(model, [x[:2], x[2:]])
+    conv, lin = model[0], model[2]
+    # conv column (c, t) multiplies x[n, c, l + t] for l = 0..3
+    norm = torch.tensor([[sum(float(x[n, c, l + t]) ** 2 for n in range(5) for l in range(4)) ** 0.5
+                          for t in range(3)] for c in range(2)])  # fmt: skip
+    ref = conv.weight.detach().abs() * norm.reshape(1, 2, 3)
+    torch.testing.assert_close(crit(Target("0", conv.weight)), ref, rtol=1e-5, atol=1e-6)
+    h = conv(x).flatten(1).detach()
+    ref = lin.weight.detach().abs() * h.pow(2).sum(0).sqrt()
+    torch.testing.assert_close(crit(Target("2", lin.weight)), ref, rtol=1e-5, atol=1e-6)
+    mask = row_masks(ref, 0.5)
+    assert torch.all(mask.sum(1) == 6)
+    for r in range(2):  # each row keeps its own 6 largest
+        assert set(torch.nonzero(mask[r]).flatten().tolist()) == set(torch.topk(ref[r], 6).indices.tolist())
+
+
+# -- N:M ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8), (1, 4)])
+def test_nm_mask_keeps_exactly_n_per_group(n, m):
+    s = torch.randn(6, 3, 8, generator=gen(13))  # 24 columns per row: whole groups
+    mask = nm_mask(s, n, m)
+    groups = mask.reshape(6, -1, m)
+    assert torch.all(groups.sum(2) == n)
+    flat = s.reshape(6, -1, m)
+    for r, g in itertools.product(range(6), range(24 // m)):
+        assert set(torch.nonzero(groups[r, g]).flatten().tolist()) == set(
+            torch.topk(flat[r, g], n).indices.tolist()
+        )
+    assert satisfies_nm(s * mask, n, m)
+
+
+def test_nm_size_by_hand():
+    assert (index_bits(2, 4), index_bits(4, 8), index_bits(1, 4)) == (3, 7, 2)  # C = 6, 70, 4
+    w = torch.randn(3, 10, generator=gen(14))
+    w = w * nm_mask(w.abs(), 2, 4)
+    # per row: two groups of 4 at 2 x 4 bits + 3 index bits, a short group of 2 keeping both (0 bits)
+    assert nm_bits(w, 2, 4, bits=4) == 3 * (2 * (2 * 4 + 3) + 2 * 4 + 0)
+    assert nm_bits(torch.ones(3, 8), 2, 4, bits=4) is None  # 4 nonzeros in a group of 4: no 2:4 layout
+    assert math.comb(4, 2) == 6
+
+
+def test_calibrate_sequential_sees_compressed_predecessors():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    x = torch.randn(8, 4)
+    seen = {}
+
+    def zero_first(site, stats):
+        seen[site.name] = stats.sq_norms.sum().item()
+        if site.name == "0":
+            with torch.no_grad():
+                model[0].weight.zero_()
+                model[0].bias.zero_()
+
+    calibrate_(model, [x], zero_first, sequential=True, hessian=False)
+    assert seen["1"] == 0.0
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    calibrate_(model, [x], zero_first, sequential=False, hessian=False)
+    assert seen["1"] > 0.0
+
+
+# -- through the pipeline ----------------------------------------------------------------------------
+def _run(tmp_path, overrides):
+    from conftest import TINY, compose
+
+    from qpexp.pipeline import Pipeline
+
+    cfg = compose([*TINY, f"cache_dir={tmp_path / 'c'}", *overrides])
+    return Pipeline(cfg, tmp_path / "run").run()
+
+
+ONESHOT = ["prune.finetune_epochs=0", "prune.schedule=oneshot", "quant.epochs=0", "prune.calib_batches=2"]
+
+
+@pytest.mark.parametrize(
+    "prune",
+    [
+        ["prune.method=sparsegpt", "prune.structure=nm", "prune.scope=layer"],
+        ["prune.criterion=wanda", "prune.scope=layer"],
+    ],
+)
+def test_oneshot_pipeline_end_to_end(tmp_path, prune):
+    """No training after the baseline: pruned from calibration data, GPTQ-rounded, exported to the
+    integer file and ONNX, whose accuracies the deploy step checks against the fake-quantized model."""
+    rec = _run(tmp_path, [*ONESHOT, *prune, "quant.rounding=gptq", "quant.bits_w=4"])
+    assert rec["final/quant_mode"] == "ptq" and rec["prune/mode"] == "oneshot"
+    assert rec["prune/method"] == ("sparsegpt" if "prune.method=sparsegpt" in prune else "mask")
+    assert rec["prune/realized_ratio"] == pytest.approx(0.5, abs=0.03)
+    assert rec["quant/rounding"] == "gptq" and 0 < rec["quant/rounding_changed"] < 1
+    assert rec["quant/oneshot_forward_seconds"] > 0 and rec["quant/oneshot_calib_seconds"] > 0
+    assert rec["status"] == "ok", rec.get("status_reason")
+    if "prune.structure=nm" in prune:
+        assert rec["final/size_bits_nm"] < rec["final/size_bits"]
+        assert rec["prune/oneshot_compress_seconds"] > 0
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["prune.structure=nm", "prune.n=4", "prune.m=4", "prune.schedule=oneshot"], "prune.n"),
+        (["prune.structure=nm", "prune.n=1", "prune.schedule=oneshot"], "prune.ratio"),
+        (["prune.structure=nm"], "prune.schedule"),
+        (["prune.method=obs"], "prune.method"),
+        (["prune.method=sparsegpt", "prune.structure=channel"], "prune.method"),
+        (["prune.finetune_epochs=0", "prune.scope=auto"], "prune.scope"),
+        (["quant.rounding=gptq", "quant.epochs=3"], "quant.rounding"),
+        (["quant.gptq_block=0"], "quant.gptq_block"),
+    ],
+)
+def test_bad_oneshot_config_refused(tmp_path, overrides, key):
+    from conftest import TINY, compose
+
+    from qpexp.pipeline import Pipeline
+    from qpexp.schema import ConfigError
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        Pipeline(compose([*TINY, f"cache_dir={tmp_path}", *overrides]), tmp_path / "run")
+    assert not any(tmp_path.iterdir())
