@@ -18,6 +18,7 @@ ADDED_LATER = {
     "distill.alpha": 0.0,
     "distill.temperature": 4.0,
     "prune.auto_batches": 8,  # prune.scope=auto
+    "prune.quality": None,  # per-layer qualities
 }
 
 
