@@ -30,6 +30,7 @@ ADDED_LATER = {
     "prune.calib_sequential": True,
     "prune.damp": 0.01,
     "prune.block": 128,
+    "prune.quality": None,  # per-layer qualities
 }
 
 

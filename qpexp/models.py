@@ -97,6 +97,33 @@ def lenet5(input_shape, num_classes: int, batchnorm: bool = False) -> nn.Sequent
     return nn.Sequential(OrderedDict(layers))
 
 
+def lenet5_caffe(input_shape, num_classes: int) -> nn.Sequential:
+    """The LeNet-5 of the compression papers (Caffe's MNIST example; Han et al. 2015, 2016):
+    conv(20, 5x5)-pool-conv(50, 5x5)-pool-fc(500)-relu-fc(C), no padding and no activation between
+    the convolutions, 431,080 parameters on 28x28 MNIST. :func:`lenet5` is the smaller classic one."""
+    shape = tuple(input_shape)
+    if len(shape) == 2:
+        shape = (1, *shape)
+    if len(shape) != 3 or min(shape[1:]) < 12:
+        raise ValueError(
+            f"model=lenet5_caffe needs images of at least 12x12; the data has samples of shape {input_shape}"
+        )
+    c, h, w = shape
+    h, w = ((h - 4) // 2 - 4) // 2, ((w - 4) // 2 - 4) // 2
+    layers = [
+        ("reshape", Reshape(c, *shape[1:])),
+        ("conv1", nn.Conv2d(c, 20, 5)),
+        ("pool1", nn.MaxPool2d(2)),
+        ("conv2", nn.Conv2d(20, 50, 5)),
+        ("pool2", nn.MaxPool2d(2)),
+        ("flatten", nn.Flatten()),
+        ("fc1", nn.Linear(50 * h * w, 500)),
+        ("relu1", nn.ReLU()),
+        ("fc2", nn.Linear(500, num_classes)),
+    ]
+    return nn.Sequential(OrderedDict(layers))
+
+
 ARCHS = ("gru", "resnet20", "resnet32", "resnet56", "vgg11", "vgg16", "mobilenetv2", "transformer")
 
 

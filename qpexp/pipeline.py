@@ -373,6 +373,14 @@ class Pipeline:
         self.dense_prunable = prunable_params(model)
         record: dict = {"status": "running", "seed": c.seed, "threads": threads}
         record["data/fingerprint"] = getattr(dm, "fingerprint", None)
+        if self.prune_on and c.prune.get("quality"):  # layer names checked before training
+            from qpexp.core.prune import check_quality
+            from qpexp.errors import ConfigError
+
+            try:
+                check_quality(model, prune_config(c.prune))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if self.prune_on and c.prune.structure == "channel":  # refuse what it cannot prune, before training
             from qpexp.build import check_channel_pruning
 

@@ -45,6 +45,7 @@ class PruneSchema:
     taylor_batches: int = 8
     taylor_mode: str = "squared"
     auto_batches: int = 8
+    quality: Any = None  # {layer: q}: per-layer qualities (Han et al. 2015), scope=global
     finetune_epochs: int = 30
     lr: float = 1e-3
     weight_decay: float = 0.0

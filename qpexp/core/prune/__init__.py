@@ -74,6 +74,8 @@ def prune_step(
     scores = {}
     for name, m, pname in layers:
         s = criterion(Target(name, getattr(m, pname), (grads or {}).get(name, []))).float()
+        if cfg.quality:
+            s = s / float(cfg.quality.get(name, 1.0))
         mask = get_mask(m, pname)
         if mask is not None:
             s = torch.where(mask == 0, torch.full_like(s, -torch.inf), s)
@@ -113,6 +115,18 @@ def prune_step(
     return {name: float((getattr(m, pname) == 0).float().mean()) for name, m, pname in layers}
 
 
+def check_quality(model: nn.Module, cfg: PruneConfig) -> None:
+    """``prune.quality`` names only prunable layers of ``model`` (checked before any training)."""
+    if not cfg.quality:
+        return
+    names = [n for n, _, _ in prunable_weights(model)]
+    unknown = sorted(set(cfg.quality) - set(names))
+    if unknown:
+        raise ValueError(
+            f"prune.quality: {unknown} are not prunable layers of the model; use some of {names}"
+        )
+
+
 __all__ = [
     "PruneConfig",
     "Target",
@@ -126,5 +140,6 @@ __all__ = [
     "prunable_weights",
     "prune_step",
     "make_criterion",
+    "check_quality",
     "schedule",
 ]

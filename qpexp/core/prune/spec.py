@@ -28,7 +28,11 @@ class PruneConfig:
     keeps fewer than ``min_keep_frac`` of its weights (at least one) or fewer than
     ``min_keep_channels`` channels. ``scope``: ``global`` (one ranking across layers), ``layer`` (the
     same fraction each) or ``auto`` (fractions planned from each layer's measured validation loss on
-    ``auto_batches`` batches, :mod:`qpexp.core.prune.auto`); every scope removes the same total."""
+    ``auto_batches`` batches, :mod:`qpexp.core.prune.auto`); every scope removes the same total.
+    ``quality``: per-layer qualities (layer name -> q > 0, unnamed layers 1) for ``scope=global``:
+    each layer's scores are divided by its q, so one global threshold t is Han et al.'s rule
+    ``|w| < t q_l std_l`` with ``criterion=std``: relative qualities per layer, their common scale t
+    set by ``ratio``."""
 
     ratio: float = 0.5
     scope: str = "global"
@@ -51,6 +55,7 @@ class PruneConfig:
     calib_sequential: bool = True  # each layer's inputs on the already-pruned earlier layers
     damp: float = 0.01  # sparsegpt: Hessian damping, a fraction of mean(diag H)
     block: int = 128  # sparsegpt: columns per mask-selection block
+    quality: dict[str, float] | None = None
 
     def validate(self) -> None:
         number = isinstance(self.ratio, (int, float)) and not isinstance(self.ratio, bool)
@@ -80,8 +85,19 @@ class PruneConfig:
         if not isinstance(self.auto_batches, int) or self.auto_batches < 1:
             raise ValueError(f"prune.auto_batches={self.auto_batches!r} must be an integer >= 1")
         self.validate_oneshot()
+        self.validate_quality()
         if self.taylor_batches < 1:
             raise ValueError(f"prune.taylor_batches={self.taylor_batches!r} must be >= 1")
+
+    def validate_quality(self) -> None:
+        if self.quality is not None:
+            if self.scope != "global" or self.structure != "unstructured":
+                raise ValueError(
+                    "prune.quality (per-layer qualities) needs prune.scope=global and structure=unstructured"
+                )
+            bad = {k: v for k, v in self.quality.items() if not isinstance(v, (int, float)) or v <= 0}
+            if bad:
+                raise ValueError(f"prune.quality: every quality must be a number > 0; got {bad}")
 
     def validate_oneshot(self) -> None:
         if self.method not in METHODS:
