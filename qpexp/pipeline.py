@@ -31,6 +31,7 @@ from qpexp.core.accounting import (
     model_macs,
     prunable_params,
     pruned_fraction,
+    size_bits,
     zero_fraction,
 )
 from qpexp.core.modules import clone_state
