@@ -80,3 +80,40 @@ def test_model_sizes_and_record_by_hand():
 def test_unquantized_layers_count_as_size_bits():
     model = nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 2))
     assert size_bits_huffman(model) == size_bits(model) == (15 + 3 + 6 + 2) * 32
+
+
+def test_frontier_size_huffman_ranks_by_the_coded_ratio(tmp_path):
+    import json
+
+    import pytest
+
+    from qpexp.callbacks import FrontierCallback
+    from qpexp.frontier import write_frontier
+
+    def rec(ratio, seed, cr, cr_h):
+        cfg = {"seed": seed, "data": {"name": "mnist"}, "model": {"_target_": "m"}, "baseline": {"epochs": 1}}
+        cfg.update(prune={"ratio": ratio, "scope": "global"}, quant={"bits_w": 4}, logger={"kind": "none"})
+        return {
+            "status": "ok",
+            "seed": seed,
+            "config": cfg,
+            "baseline/test_acc": 0.95,
+            "final/test_acc": 0.9,
+            "final/compression_ratio": cr,
+            "final/compression_ratio_huffman": cr_h,
+            "final/size_bits": 1000 / cr,
+            "final/size_bits_huffman": 1000 / cr_h,
+            "dense/size_bits": 1000,
+        }
+
+    # equal accuracy: A is larger than B at fixed width (10x < 11x) but smaller once coded (12x > 11.5x)
+    for name, r in {"a": rec(0.8, 0, 10.0, 12.0), "b": rec(0.9, 0, 11.0, 11.5)}.items():
+        (tmp_path / "sweep" / name).mkdir(parents=True)
+        (tmp_path / "sweep" / name / "record.json").write_text(json.dumps(r))
+    honest = write_frontier([tmp_path / "sweep"], tmp_path / "h", wandb=False, quiet=True)
+    coded = write_frontier([tmp_path / "sweep"], tmp_path / "c", wandb=False, quiet=True, size="huffman")
+    assert [f["ratio"] for f in honest["front"] if f["ratio"] > 1] == [11.0]
+    assert [f["ratio"] for f in coded["front"] if f["ratio"] > 1] == [12.0]
+    assert coded["size"] == "huffman"
+    with pytest.raises(ValueError, match="frontier.size"):
+        FrontierCallback(size="entropy")
