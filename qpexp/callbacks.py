@@ -22,14 +22,20 @@ class FrontierCallback(Callback):
     Options (``+hydra.callbacks.frontier.reference=CSV``, ``+hydra.callbacks.frontier.wandb=true``):
     ``reference``, a CSV front drawn beside qpexp's (default ``$QPEXP_FRONTIER_REFERENCE``; a missing
     file is skipped with a warning); ``wandb``, None logs the frontier W&B run when the points logged
-    to W&B, True/False force it.
+    to W&B, True/False force it; ``size`` (``hydra.callbacks.frontier.size=huffman``), the ratio axis:
+    ``honest`` (``final/compression_ratio``) or ``huffman`` (``final/compression_ratio_huffman``).
     """
 
-    def __init__(self, reference: str | None = None, wandb: bool | None = None):
+    def __init__(self, reference: str | None = None, wandb: bool | None = None, size: str = "honest"):
         """``reference``: a CSV front drawn beside qpexp's (default: ``$QPEXP_FRONTIER_REFERENCE``);
         ``wandb``: None logs the frontier W&B run when the points logged to W&B."""
         self.reference = reference or os.environ.get("QPEXP_FRONTIER_REFERENCE") or None
         self.wandb = wandb
+        from qpexp.frontier import SIZES
+
+        if size not in SIZES:  # before any point trains
+            raise ValueError(f"hydra.callbacks.frontier.size={size!r} is unknown: use one of {sorted(SIZES)}")
+        self.size = size
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         """Validate every point (schema and data) before the first one trains; exit 2 on any problem:
@@ -59,7 +65,9 @@ class FrontierCallback(Callback):
         if reference and not Path(reference).is_file():
             log.warning("frontier reference %s not found; drawing qpexp's front alone", reference)
             reference = None
-        summary = write_frontier([sweep_dir], sweep_dir, reference=reference, wandb=self.wandb)
+        summary = write_frontier(
+            [sweep_dir], sweep_dir, reference=reference, wandb=self.wandb, size=self.size
+        )
         print(f"[sweep] frontier: {summary['files']['csv']}, {summary['files']['png']}", flush=True)
 
 

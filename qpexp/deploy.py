@@ -379,8 +379,12 @@ def _roundtrip(model, path: Path, x: torch.Tensor, y: torch.Tensor, batch: int) 
 # -- the stage ------------------------------------------------------------------------------------
 def deploy(model: torch.nn.Module, dm, out_dir: str | Path, cfg, record: dict) -> dict:
     """Convert, check the round trip, and run the ONNX QDQ model in onnxruntime (see module doc)."""
+    from qpexp.core.quant.codebook import no_integer_form
     from qpexp.core.quant.export import uses_graph_format
 
+    reason = no_integer_form(model)
+    if reason is not None:  # reported plainly: no file, no runtime, not an error of the point
+        return {"deploy/simulated_only": True, "deploy/simulated_reason": reason}
     if uses_graph_format(model) or not _op_list_ok(model):  # any model but a plain Sequential
         from qpexp.deploy_graph import deploy_graph
 

@@ -67,6 +67,8 @@ log = logging.getLogger("qpexp")
 # deployment is not; the point stays on the front, is listed with its status, and a re-run reuses it)
 ACCURACY_STANDS = ("ok", "not_deployed", "deploy_mismatch", "deploy_error")
 ACC, RATIO, BOPS = "final/test_acc", "final/compression_ratio", "final/bops"
+# frontier.size: which size the ratio axis uses (honest fixed-width count, or Huffman-coded weights)
+SIZES = {"honest": "", "huffman": "_huffman"}  # suffix of final/compression_ratio and final/size_bits
 AXES = ("quant.bits_w", "prune.ratio", "prune.scope", "seed")
 # config keys that never change what a point computes: not axes, not part of a config's identity
 NEUTRAL = ("cache", "cache_dir", "checkpoint_every_s", "threads", "name", "logger.", "export.")
@@ -218,7 +220,9 @@ def _dense_rows(points, flat_cfgs, axes) -> list[dict]:
                 "baseline/val_acc": rec.get("baseline/val_acc"),
                 "baseline/test_acc": rec.get("baseline/test_acc"),
                 "final/compression_ratio": 1.0,
+                "final/compression_ratio_huffman": 1.0,  # no compressed tensor: nothing to code
                 "final/size_bits": rec.get("dense/size_bits"),
+                "final/size_bits_huffman": rec.get("dense/size_bits"),
                 "dense/size_bits": rec.get("dense/size_bits"),
                 "final/bits_w": 32,
                 "final/bits_a": 32,
@@ -276,8 +280,9 @@ def group_key(row: dict, axes: list[str]) -> tuple:
     return tuple(json.dumps(row.get(a), default=str) for a in axes if a != "seed") + (row.get("point"),)
 
 
-def groups(rows: list[dict], axes: list[str]) -> list[dict]:
-    """Seed means of each config over its ok rows: acc mean/std, ratio and bops means, seed count."""
+def groups(rows: list[dict], axes: list[str], suffix: str = "") -> list[dict]:
+    """Seed means of each config over its ok rows: acc mean/std, ratio and bops means, seed count.
+    ``suffix``: ``_huffman`` takes the ratio and size of the Huffman-coded weights (frontier.size)."""
     buckets: dict[tuple, list[dict]] = OrderedDict()
     for r in rows:
         if _ok(r):
@@ -285,7 +290,7 @@ def groups(rows: list[dict], axes: list[str]) -> list[dict]:
     out = []
     for key, rs in buckets.items():
         accs = [_num(r[ACC]) for r in rs]
-        ratios = [_num(r.get(RATIO)) for r in rs]
+        ratios = [_num(r.get(RATIO + suffix)) for r in rs]
         bops = [_num(r.get(BOPS)) for r in rs]
         mean = sum(accs) / len(accs)
         std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
@@ -300,7 +305,7 @@ def groups(rows: list[dict], axes: list[str]) -> list[dict]:
             ratio=_mean(ratios),
             bops=_mean(bops),
             sparsity=_mean([_num(r.get("final/sparsity")) for r in rs]),
-            size_bits=_mean([_num(r.get("final/size_bits")) for r in rs]),
+            size_bits=_mean([_num(r.get("final/size_bits" + suffix)) for r in rs]),
         )
         out.append(g)
     flags = pareto_flags([(g["acc"], g["ratio"]) for g in out])
@@ -660,27 +665,35 @@ def write_frontier(
     hv_window: float = HV_WINDOW,
     quiet: bool = False,
     hv_reference_acc: float | None = None,
+    size: str = "honest",
 ) -> dict:
     """Aggregate the points under ``dirs`` into ``out_dir`` (see the module docstring); returns the summary.
+
+    ``size`` (``frontier.size``): ``honest`` ranks by ``final/compression_ratio``, ``huffman`` by
+    ``final/compression_ratio_huffman`` (the weights Huffman-coded; points without it have no ratio).
 
     ``wandb``: None follows the points' logger (a W&B run when they used ``logger=wandb``), True/False
     forces it. ``reference``: a CSV front drawn beside (its summary numbers land under ``reference/``).
     ``hv_reference_acc``: the accuracy of the shared point of the absolute hypervolume (default: the
     lowest dense accuracy among the fronts minus ``hv_window``).
     """
+    if size not in SIZES:
+        raise ValueError(f"frontier.size={size!r} is unknown: use one of {sorted(SIZES)}")
+    suffix = SIZES[size]
     dirs = [Path(d) for d in dirs]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows, axes = collect(dirs)
-    for flag, x, higher in (("pareto", RATIO, True), ("pareto_bops", BOPS, False)):
+    for flag, x, higher in (("pareto", RATIO + suffix, True), ("pareto_bops", BOPS, False)):
         vals = [(_num(r.get(ACC)), _num(r.get(x))) if _ok(r) else (None, None) for r in rows]
         for r, f in zip(rows, pareto_flags(vals, higher)):
             r[flag] = f
-    gs = groups(rows, axes)
+    gs = groups(rows, axes, suffix)
     on_front = {g["key"] for g in gs if g["pareto"]}
     for r in rows:
         r["pareto_config"] = _ok(r) and group_key(r, axes) in on_front
     summary = summarize(rows, gs, hv_window)
+    summary["size"] = size
     ref = None
     if reference:
         ref = read_reference(reference)
@@ -803,6 +816,12 @@ def cli(argv=None) -> int:
         help="accuracy (fraction) of the absolute hypervolume's shared reference point "
         "(default: the lowest dense accuracy among the fronts minus the window)",
     )
+    p.add_argument(
+        "--size",
+        choices=sorted(SIZES),
+        default="honest",
+        help="the ratio axis: honest (final/compression_ratio) or huffman (final/compression_ratio_huffman)",
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--wandb", dest="wandb", action="store_true", default=None, help="always log a W&B run")
     g.add_argument("--no-wandb", dest="wandb", action="store_false", help="never log a W&B run")
@@ -821,6 +840,7 @@ def cli(argv=None) -> int:
         wandb=a.wandb,
         hv_window=a.hv_window,
         hv_reference_acc=a.hv_reference_acc,
+        size=a.size,
     )
     return 0
 

@@ -606,6 +606,10 @@ class Pipeline:
             "final/bops": macs["bops"],
             "size/other_bits": other,
         }
+        # entropy-coded size and the paper's-way ratios beside the honest fixed-width count
+        from qpexp.core.huffman import huffman_record
+
+        out.update(huffman_record(model, dense_bits, getattr(self, "dense_prunable", None)))
         for name in weights:  # zero or physically removed, of the dense layer's weights
             out[f"layers/{name}/sparsity"] = 1 - nnz[name] / dense.get(name, weights[name])
         for name, r in rows.items():

@@ -34,6 +34,8 @@ TINY = [
 def _data_overrides(exp: str, root: Path) -> list[str]:
     """Fixture data in the real on-disk formats for the GPU rows; 1,000 MNIST-1D samples otherwise."""
     text = (CONF / "experiment" / f"{exp}.yaml").read_text()
+    if "override /data: mnist" in text:  # data=mnist reads torchvision's layout under data.path
+        return [f"data.path={mnist_fixture(root, n=200)}"]
     if "override /data: vision" not in text:
         return [] if "override /data: digits" in text else ["data.source.num_samples=1000"]
     if "cifar10" in text:

@@ -10,6 +10,7 @@ SCHEMES = {
     "linear": "qpexp.core.quant.linear.LinearQuantizer",
     "log": "qpexp.core.quant.log.Pow2Quantizer",
     "companding": "qpexp.core.quant.log.CompandingQuantizer",
+    "codebook": "qpexp.core.quant.codebook.CodebookQuantizer",
 }
 GRANULARITIES = ("tensor", "channel")
 RANGES = ("minmax", "ema", "lsq")
@@ -51,6 +52,12 @@ class QuantSpec:
             raise ValueError(f"{key}.range={self.range!r} is unknown: use one of {RANGES}")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"{key}.ema_decay={self.ema_decay} must lie in (0, 1)")
+        if self.scheme == "codebook" and (self.granularity != "tensor" or self.range != "minmax"):
+            raise ValueError(
+                f"{key}.scheme=codebook shares one k-means codebook per layer: it needs "
+                f"{key}.granularity=tensor and {key}.range=minmax (the quant=codebook preset sets both); "
+                f"got granularity={self.granularity!r}, range={self.range!r}"
+            )
         if not isinstance(self.narrow_range, bool):
             raise ValueError(f"{key}.narrow_range must be true or false, got {self.narrow_range!r}")
         if not self.narrow_range and (self.scheme != "linear" or not self.symmetric):
@@ -88,6 +95,8 @@ class QuantConfig:
     def validate(self) -> None:
         self.weight.validate("quant", "quant.bits_w")
         self.act.validate("quant.act", "quant.bits_a")
+        if self.act.scheme == "codebook":
+            raise ValueError("quant.act.scheme=codebook: codebooks share weights; activations stay linear")
         if self.act.granularity == "channel":
             raise ValueError("quant.act.granularity='channel' is not supported: activations are per-tensor")
         for name, b in (("quant.first_bits", self.first_bits), ("quant.last_bits", self.last_bits)):
