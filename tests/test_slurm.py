@@ -19,6 +19,7 @@ import csv
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -308,7 +309,7 @@ def _ddp(tmp: Path, name: str, launch: list[str], ranks_by: str) -> dict:
     ]  # fmt: skip
     cmd = [*launch, "-m", "qpexp.cli", *args] if launch else [sys.executable, "-m", "qpexp.cli", *args]
     env = {**os.environ, "QPEXP_THREADS": "1", "QPEXP_DDP_DUMP": str(dump)}
-    p = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, f"{ranks_by}: {p.stdout[-3000:]}\n{p.stderr[-5000:]}"
     return {"rec": read_record(run_dir), "dump": dump, "cache": cache, "out": p.stdout + p.stderr}
 
@@ -346,7 +347,13 @@ def test_ddp_ranks_started_by_slurm_tasks(slurm_cluster, ddp_reference, tmp_path
 
 
 def test_ddp_ranks_started_by_torchrun(ddp_reference, tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=0"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torchrun = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+        "--master-addr=127.0.0.1", f"--master-port={port}",
+    ]  # fmt: skip
     run = _ddp(tmp_path, "torchrun", torchrun, "torchrun")
     assert "DDP: rank 0 of 2 (gloo)" in run["out"] and "DDP: rank 1 of 2 (gloo)" in run["out"]
     _same_as_qpexp_started(run, ddp_reference)
