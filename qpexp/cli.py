@@ -83,7 +83,7 @@ def summary_table(record: dict) -> str:
 
 def run_job(cfg: DictConfig) -> dict:
     from qpexp.errors import error_line, is_user_error, report
-    from qpexp.schema import check_data_path, validate
+    from qpexp.run.schema import check_data_path, validate
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -91,7 +91,7 @@ def run_job(cfg: DictConfig) -> dict:
     try:
         typed = validate(cfg)
         check_data_path(typed.data)  # schema, targets, data file: before Lightning is imported
-        from qpexp.pipeline import Pipeline, base_record, complete_record, write_record
+        from qpexp.run.pipeline import Pipeline, base_record, complete_record, write_record
 
         done = complete_record(run_dir, cfg)
         if done is not None:
@@ -104,7 +104,7 @@ def run_job(cfg: DictConfig) -> dict:
             raise
         if not multirun:
             report(e)  # one line, exit 2 (the traceback under HYDRA_FULL_ERROR=1)
-        from qpexp.pipeline import base_record, write_record
+        from qpexp.run.pipeline import base_record, write_record
 
         try:
             record = base_record(cfg)
@@ -113,14 +113,14 @@ def run_job(cfg: DictConfig) -> dict:
         record.update(status="failed", error=f"{type(e).__name__}: {error_line(e)}")
         write_record(run_dir, record)
         return record
-    from qpexp.distributed import ddp_session, env_rank
+    from qpexp.train.ddp import ddp_session, env_rank
 
     # a DDP rank that the cluster started (SLURM tasks, torchrun): trains along, writes nothing
     if env_rank() != 0:
         pipeline.cfg.export.enabled = False
         with ddp_session(pipeline):
             return pipeline.run()
-    from qpexp.tracking import make_tracker
+    from qpexp.track.loggers import make_tracker
 
     name = hc.job.override_dirname or None
     sweep = Path(hc.sweep.dir).name if multirun else None  # the W&B group unless logger.group is set

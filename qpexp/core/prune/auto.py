@@ -39,7 +39,7 @@ def need_batches(batches) -> list:
 
 def val_loss(model: nn.Module, batches) -> float:
     """Mean cross-entropy of ``model`` in eval mode over ``batches`` of (x, y)."""
-    from qpexp.core.sensitivity import evaluate  # imports this package: resolved at call time
+    from qpexp.core.analysis.sensitivity import evaluate  # imports this package: resolved at call time
 
     return evaluate(model, batches)[1]
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from qpexp.core.accounting import size_bits
 from qpexp.core.quant import QuantConfig
-from qpexp.core.sensitivity import prepare_float_weights, quant_sensitivity, set_weight_bits, weight_layers
+from qpexp.core.analysis.sensitivity import prepare_float_weights, quant_sensitivity, set_weight_bits, weight_layers
 
 WIDTHS = (2, 3, 4, 5, 6, 7, 8)
 

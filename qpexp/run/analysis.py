@@ -10,8 +10,8 @@ import time
 from itertools import islice
 from pathlib import Path
 
-from qpexp.core.mixed import assign_bits
-from qpexp.core.sensitivity import evaluate, prune_sensitivity, quant_sensitivity
+from qpexp.core.analysis.mixed import assign_bits
+from qpexp.core.analysis.sensitivity import evaluate, prune_sensitivity, quant_sensitivity
 
 log = logging.getLogger("qpexp")
 KEY = re.compile(r"sensitivity/(.+)/([wp][0-9.]+)/val_acc")

@@ -18,8 +18,8 @@ from qpexp.core.accounting import layer_sparsity, sparsity
 from qpexp.core.modules import clone_state
 from qpexp.core.prune import MaskKeeper, PruneConfig, ensure_masks, make_criterion, prune_step, schedule
 from qpexp.core.prune.masks import strip_masks
-from qpexp.distributed import rank_batches, reduce_weight_grads, sync_masks, sync_quant_state
-from qpexp.optim import adamw
+from qpexp.train.ddp import rank_batches, reduce_weight_grads, sync_masks, sync_quant_state
+from qpexp.train.optim import adamw
 
 
 class DivergenceError(RuntimeError):

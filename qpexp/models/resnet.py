@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 from torch import nn
 
-from qpexp.archs.common import Signal, signal
+from qpexp.models.common import Signal, signal
 
 
 class BasicBlock(nn.Module):

@@ -37,7 +37,7 @@ class FrontierCallback(Callback):
         import sys
 
         from qpexp.errors import full_error
-        from qpexp.sweepcheck import check_sweep
+        from qpexp.sweep.check import check_sweep
 
         n, problems = check_sweep(config, raise_first=full_error())
         if problems:
@@ -52,7 +52,7 @@ class FrontierCallback(Callback):
         log.info("sweep: %d points validated", n)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from qpexp.frontier import write_frontier
+        from qpexp.sweep.frontier import write_frontier
 
         sweep_dir = Path(config.hydra.sweep.dir)
         reference = self.reference
@@ -104,7 +104,7 @@ def progress_bar_enabled() -> bool:
         return forced.strip().lower() not in ("", "0", "false", "no", "off")
     if os.environ.get("CI") or os.environ.get("PYTEST_CURRENT_TEST"):
         return False
-    from qpexp.distributed import rank
+    from qpexp.train.ddp import rank
 
     if rank() != 0:
         return False
@@ -150,7 +150,7 @@ def sweep_counts(state: Path) -> dict | None:
                 started.add(num)
             elif status:
                 ended[num] = status
-    from qpexp.frontier import ACCURACY_STANDS
+    from qpexp.sweep.frontier import ACCURACY_STANDS
 
     outcomes = list(ended.values())
     return {
@@ -233,7 +233,7 @@ class SweepProgress(Callback):
         sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_") or "")
         try:
             if "BasicSweeper" in sweeper:
-                from qpexp.sweepcheck import sweep_points
+                from qpexp.sweep.check import sweep_points
 
                 total = len(sweep_points(config))
             elif OmegaConf.select(config, "hydra.sweeper.n_trials") is not None:
@@ -288,7 +288,7 @@ class SweepProgress(Callback):
         """Append ``<job num> <status>`` to this run's log (rank 0 of a DDP job only)."""
         from filelock import FileLock
 
-        from qpexp.distributed import env_rank
+        from qpexp.train.ddp import env_rank
 
         state = _state_dir(config)
         if not _multirun(config) or env_rank() != 0 or not (state / "progress.json").exists():
@@ -304,7 +304,7 @@ class SweepProgress(Callback):
     def _report(self, config: DictConfig, job_return) -> None:
         from hydra.core.utils import JobStatus
 
-        from qpexp.frontier import ACCURACY_STANDS
+        from qpexp.sweep.frontier import ACCURACY_STANDS
 
         state = _state_dir(config)
         if not (state / "progress.json").exists():

@@ -236,7 +236,7 @@ class ArrayDataModule(L.LightningDataModule):
         return TensorLoader(x, y, bs, shuffle=train if shuffle is None else shuffle, seed=self.seed)
 
     def train_dataloader(self):
-        from qpexp.distributed import shard_train_loader
+        from qpexp.train.ddp import shard_train_loader
 
         loader = self.loader("train")
         loader.extra = self.teacher_logits

@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from qpexp.schema import ConfigError
+from qpexp.run.schema import ConfigError
 
 DATA_ARGS = ("input_shape", "num_classes")
 

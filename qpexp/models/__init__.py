@@ -97,13 +97,11 @@ def lenet5(input_shape, num_classes: int, batchnorm: bool = False) -> nn.Sequent
     return nn.Sequential(OrderedDict(layers))
 
 
+# the architectures of qpexp/models/<family>.py (formerly qpexp.archs); below Reshape, which they use
+from qpexp.models.gru import GRU, gru  # noqa: E402
+from qpexp.models.mobilenet import MobileNetV2, mobilenetv2  # noqa: E402
+from qpexp.models.resnet import ResNet, resnet20, resnet32, resnet56  # noqa: E402
+from qpexp.models.transformer import Transformer, transformer  # noqa: E402
+from qpexp.models.vgg import VGG, vgg11, vgg16  # noqa: E402
+
 ARCHS = ("gru", "resnet20", "resnet32", "resnet56", "vgg11", "vgg16", "mobilenetv2", "transformer")
-
-
-def __getattr__(name: str):
-    """``from qpexp.models import resnet20`` etc.: the architectures of :mod:`qpexp.archs`, loaded lazily."""
-    if name in ARCHS:
-        import qpexp.archs
-
-        return getattr(qpexp.archs, name)
-    raise AttributeError(f"module 'qpexp.models' has no attribute {name!r}")

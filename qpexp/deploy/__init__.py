@@ -382,7 +382,7 @@ def deploy(model: torch.nn.Module, dm, out_dir: str | Path, cfg, record: dict) -
     from qpexp.core.quant.export import uses_graph_format
 
     if uses_graph_format(model) or not _op_list_ok(model):  # any model but a plain Sequential
-        from qpexp.deploy_graph import deploy_graph
+        from qpexp.deploy.graph import deploy_graph
 
         return deploy_graph(model, dm, out_dir, cfg, record)
     out_dir = Path(out_dir)

@@ -59,7 +59,7 @@ import warnings
 from collections import OrderedDict
 from pathlib import Path
 
-from qpexp.config_defaults import ADDED_LATER
+from qpexp.run.config_defaults import ADDED_LATER
 
 log = logging.getLogger("qpexp")
 
@@ -594,7 +594,7 @@ def log_wandb(rows, cols, summary, png: Path, out_dir: Path, wb: dict) -> str | 
     """The frontier W&B run: table, scatter, plot image and summary; returns the run's folder."""
     import wandb
 
-    from qpexp.tracking import wandb_init
+    from qpexp.track.loggers import wandb_init
 
     run = wandb_init(
         out_dir,
@@ -620,7 +620,7 @@ def log_wandb(rows, cols, summary, png: Path, out_dir: Path, wb: dict) -> str | 
             }
         )
         if wb.get("view"):  # per-front means coloured by bits / by front, one line per front
-            from qpexp.wandb_views import frontier_charts
+            from qpexp.track.wandb_views import frontier_charts
 
             run.log(frontier_charts(wb["view"]))
         run.summary.update(
@@ -713,7 +713,7 @@ def write_frontier(
         if r["point"] == "run" and r["status"] != "ok"
     ]
     summary["files"] = {"csv": str(out / "frontier.csv"), "png": str(png)}
-    from qpexp.dashboard import write_html
+    from qpexp.sweep.dashboard import write_html
 
     view = write_html(out, summary, reference, title)  # frontier.html (interactive, self-contained)
     wb = _wandb_settings(rows, out, wandb)

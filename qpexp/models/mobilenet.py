@@ -8,7 +8,7 @@ from collections import OrderedDict
 
 from torch import nn
 
-from qpexp.archs.common import Signal, make_divisible, signal
+from qpexp.models.common import Signal, make_divisible, signal
 
 # (expansion t, output channels c, blocks n, first stride s); ImageNet's stage-2 and stem strides are 1 here
 CFG = [

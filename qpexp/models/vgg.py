@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 from torch import nn
 
-from qpexp.archs.common import signal
+from qpexp.models.common import signal
 
 CFG = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],

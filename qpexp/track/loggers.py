@@ -57,7 +57,7 @@ class Tracker:
         """``sensitivity/table`` (layer, setting, val_acc, val_loss, acc_drop in points) and its
         heatmap (W&B's confusion-matrix preset: layer x setting, cell = acc_drop), as
         :func:`qpexp.wandb_views.build_workspace` expects; ``sensitivity.png`` as an image."""
-        from qpexp.analysis import sensitivity_rows
+        from qpexp.run.analysis import sensitivity_rows
 
         rows = sensitivity_rows(record)
         if self.run is None or not rows:
@@ -146,7 +146,7 @@ def make_tracker(
     if kind == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
-        from qpexp.wandb_views import point_axes
+        from qpexp.track.wandb_views import point_axes
 
         group = logger_cfg.get("group") or sweep
         run = wandb_init(

@@ -212,7 +212,7 @@ def _check_local_world(trainer_cfg: dict, world: int, backend: str) -> None:
 
 
 def _start_ranks(pipeline, world: int, env: dict) -> list[subprocess.Popen]:
-    from qpexp.schema import plain_config
+    from qpexp.run.schema import plain_config
 
     spec = json.dumps({"config": plain_config(pipeline.raw), "run_dir": str(pipeline.run_dir)})
     procs = []
@@ -248,7 +248,7 @@ def _rank_main() -> None:
     """A rank started by rank 0: the same pipeline on the same run folder; writes nothing."""
     from omegaconf import OmegaConf
 
-    from qpexp.pipeline import Pipeline
+    from qpexp.run.pipeline import Pipeline
 
     spec = json.loads(sys.stdin.read())
     cfg = OmegaConf.create(spec["config"])
@@ -534,7 +534,7 @@ def stage_entry(cache, stage: str, key: str):
         with cache.entry(stage, key) as entry:
             yield entry
         return
-    from qpexp.cache import Entry
+    from qpexp.run.cache import Entry
 
     if rank() == 0:
         with cache.entry(stage, key) as entry:
@@ -577,6 +577,6 @@ def finish_stage(stage: str, model) -> dict:
 
 
 if __name__ == "__main__":  # the module's own copy: run the imported one (one set of module globals)
-    from qpexp.distributed import _rank_main as rank_main
+    from qpexp.train.ddp import _rank_main as rank_main
 
     rank_main()

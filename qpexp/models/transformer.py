@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qpexp.archs.common import signal
+from qpexp.models.common import signal
 
 
 class Block(nn.Module):

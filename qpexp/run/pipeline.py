@@ -22,8 +22,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from qpexp import __version__
-from qpexp.cache import StageCache, cache_key
-from qpexp.config_defaults import without_added_defaults
+from qpexp.run.cache import StageCache, cache_key
+from qpexp.run.config_defaults import without_added_defaults
 from qpexp.core.accounting import (
     count_params,
     layer_views,
@@ -37,11 +37,11 @@ from qpexp.core.modules import clone_state
 from qpexp.core.prune import ensure_masks
 from qpexp.core.quant import quantize_
 from qpexp.core.quant.graph import float_ops
-from qpexp.distributed import finish_stage, stage_entry
-from qpexp.frontier import ACCURACY_STANDS
+from qpexp.train.ddp import finish_stage, stage_entry
+from qpexp.sweep.frontier import ACCURACY_STANDS
 from qpexp.io import atomic_write_json, read_json, safe_torch_load
-from qpexp.schema import plain_config, prune_config, quant_config, validate
-from qpexp.stages import BaselineStage, PruneStage, QATStage
+from qpexp.run.schema import plain_config, prune_config, quant_config, validate
+from qpexp.train.stages import BaselineStage, PruneStage, QATStage
 
 log = logging.getLogger("qpexp")
 CACHE_VERSION = 2  # bump when a stage's training code changes what it produces
@@ -156,7 +156,7 @@ def fit(
     """Train ``module`` for ``epochs`` (resuming from ``work_dir/last.ckpt``), keep its best epoch."""
     import lightning as L
 
-    from qpexp.callbacks import progress_bar_enabled
+    from qpexp.sweep.callbacks import progress_bar_enabled
 
     start = time.perf_counter()
     ckpt = epoch_checkpoint(work_dir, checkpoint_every_s)
@@ -181,7 +181,7 @@ def fit(
 
 def make_model(cfg: DictConfig, dm):
     """``cfg.model`` built for the data and checked on a batch of it (rules: :mod:`qpexp.build`)."""
-    from qpexp.build import make_model as build
+    from qpexp.run.build import make_model as build
 
     return build(cfg.model, dm)
 
@@ -355,7 +355,7 @@ class Pipeline:
         record: dict = {"status": "running", "seed": c.seed, "threads": threads}
         record["data/fingerprint"] = getattr(dm, "fingerprint", None)
         if self.prune_on and c.prune.structure == "channel":  # refuse what it cannot prune, before training
-            from qpexp.build import check_channel_pruning
+            from qpexp.run.build import check_channel_pruning
 
             record["prune/frozen"] = check_channel_pruning(model, example)
         record["dense/params"] = count_params(model)[0]
@@ -382,7 +382,7 @@ class Pipeline:
         record["distill/temperature"] = c.distill.temperature
         distiller = None
         if self.distill_on and (self.prune_on or self.quant_on):
-            from qpexp.distill import Distiller, make_teacher, precompute
+            from qpexp.train.distill import Distiller, make_teacher, precompute
 
             teacher = make_teacher(model)  # the baseline stage's model (trained or from the cache)
             record["distill/teacher_test_acc"] = evaluate(teacher, dm.loader("test"))
@@ -425,7 +425,7 @@ class Pipeline:
                 for k in ("sparsity", "val_acc", "test_acc"):
                     record[f"prune/curve/{point['step']}/{k}"] = point[k]
         if c.analysis is not None:  # on the model before QAT (baseline or pruned, from the cache)
-            from qpexp.analysis import plot_sensitivity, sensitivity
+            from qpexp.run.analysis import plot_sensitivity, sensitivity
 
             pc = prune_config(c.prune)
             pc.seed = c.seed
@@ -446,7 +446,7 @@ class Pipeline:
         if self.quant_on:
             qcfg = quant_config(c.quant)
             if c.quant.bits_w == "auto":  # per-layer widths within the size budget, then QAT
-                from qpexp.analysis import mixed_precision
+                from qpexp.run.analysis import mixed_precision
 
                 assignment, mp = mixed_precision(model, dm, qcfg, c.quant, self.dense_bits, example)
                 record.update(mp)

@@ -86,7 +86,7 @@ def check_sweep(config: DictConfig, raise_first: bool = False) -> tuple[int, lis
     """(number of points, problems): composition, schema and data errors, each as one line naming
     the point and the key. ``raise_first`` re-raises the first one instead (``HYDRA_FULL_ERROR=1``)."""
     from qpexp.errors import ConfigError, error_line
-    from qpexp.schema import check_data_path, plain_config, validate
+    from qpexp.run.schema import check_data_path, plain_config, validate
 
     points = sweep_points(config)
     problems: list[str] = []
@@ -126,7 +126,7 @@ def check_sweep(config: DictConfig, raise_first: bool = False) -> tuple[int, lis
         if mkey not in seen_model:
             seen_model[mkey] = None
             try:
-                from qpexp.build import check_channel_pruning, make_model
+                from qpexp.run.build import check_channel_pruning, make_model
 
                 dm = modules[key]
                 model = make_model(typed.model, dm)

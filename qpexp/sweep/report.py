@@ -22,7 +22,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from qpexp.frontier import ACCURACY_STANDS, _flatten, _point_dirs
+from qpexp.sweep.frontier import ACCURACY_STANDS, _flatten, _point_dirs
 
 TABLE = Path(__file__).with_name("reproduction.yaml")
 
