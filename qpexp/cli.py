@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from pathlib import Path
@@ -11,16 +12,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from qpexp.io import config_dir  # noqa: F401 (qpexp.cli.config_dir, as before)
+
 log = logging.getLogger("qpexp")
-
-
-def config_dir() -> str:
-    """``qpexp/conf`` in an installed wheel, the repository's top-level ``conf/`` in a checkout."""
-    here = Path(__file__).resolve().parent
-    for c in (here / "conf", here.parent / "conf"):
-        if (c / "config.yaml").is_file():
-            return str(c)
-    raise RuntimeError(f"qpexp: no conf/ folder found next to {here}")
+SWEEPER_PLUGIN = "hydra_plugins.qpexp_optuna_sweeper"
 
 
 def point_dirname(override_dirname: str) -> str:
@@ -39,13 +34,15 @@ if not OmegaConf.has_resolver("qpexp_point"):
 
 def register_plugins() -> None:
     """qpexp's Hydra sweeper (``hydra/sweeper=qpexp_optuna``, ``sweep=optuna``), registered here too:
-    Hydra's plugin scan does not see a namespace package that an editable install maps."""
+    Hydra's plugin scan does not see a namespace package that an editable install maps. Loaded by
+    name, as Hydra's scan loads plugins: the plugin sits above qpexp (it imports qpexp, never the
+    reverse; ``.importlinter``)."""
     from hydra.core.plugins import Plugins
 
-    import hydra_plugins.qpexp_optuna_sweeper.config  # noqa: F401 (the config group option)
-    from hydra_plugins.qpexp_optuna_sweeper.optuna_sweeper import QpexpOptunaSweeper
-
-    Plugins.instance().register(QpexpOptunaSweeper)
+    importlib.import_module(f"{SWEEPER_PLUGIN}.config")  # the config group option
+    Plugins.instance().register(
+        importlib.import_module(f"{SWEEPER_PLUGIN}.optuna_sweeper").QpexpOptunaSweeper
+    )
 
 
 register_plugins()
@@ -113,7 +110,8 @@ def run_job(cfg: DictConfig) -> dict:
         record.update(status="failed", error=f"{type(e).__name__}: {error_line(e)}")
         write_record(run_dir, record)
         return record
-    from qpexp.train.ddp import ddp_session, env_rank
+    from qpexp.run.ranks import ddp_session
+    from qpexp.train.ddp import env_rank
 
     # a DDP rank that the cluster started (SLURM tasks, torchrun): trains along, writes nothing
     if env_rank() != 0:

@@ -15,6 +15,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from qpexp.data.shard import shard_train_loader
 from qpexp.errors import DataError
 from qpexp.io import atomic_write_bytes
 
@@ -236,8 +237,6 @@ class ArrayDataModule(L.LightningDataModule):
         return TensorLoader(x, y, bs, shuffle=train if shuffle is None else shuffle, seed=self.seed)
 
     def train_dataloader(self):
-        from qpexp.train.ddp import shard_train_loader
-
         loader = self.loader("train")
         loader.extra = self.teacher_logits
         return shard_train_loader(loader, self.trainer)  # DDP: this rank's share

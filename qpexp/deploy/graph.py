@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from qpexp.core.quant import graph_export as GE
+from qpexp.deploy.common import integer_kernels, onnx_results, ort_session
 
 FILE_NAME = "model.qpx.npz"
 
@@ -89,8 +90,6 @@ def _roundtrip(model, path: Path, x: torch.Tensor, y: torch.Tensor, batch: int) 
 
 
 def _onnx_check(model, path: Path, x, y, dm, cfg, out_dir: Path, record: dict) -> dict:
-    from qpexp.deploy import integer_kernels, onnx_results, ort_session
-
     if not getattr(cfg, "onnx", True):
         return {
             "deploy/simulated_only": True,

@@ -8,20 +8,14 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
-import torch
 from torch import nn
 
-
-class Reshape(nn.Module):
-    def __init__(self, *shape: int):
-        super().__init__()
-        self.shape = shape
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(x.shape[0], *self.shape)
-
-    def extra_repr(self) -> str:
-        return f"shape={self.shape}"
+from qpexp.models.common import Reshape
+from qpexp.models.gru import GRU, gru  # noqa: F401 (re-exported; formerly qpexp.archs)
+from qpexp.models.mobilenet import MobileNetV2, mobilenetv2  # noqa: F401 (re-exported; formerly qpexp.archs)
+from qpexp.models.resnet import ResNet, resnet20, resnet32, resnet56  # noqa: F401 (re-exported; formerly qpexp.archs)
+from qpexp.models.transformer import Transformer, transformer  # noqa: F401 (re-exported; formerly qpexp.archs)
+from qpexp.models.vgg import VGG, vgg11, vgg16  # noqa: F401 (re-exported; formerly qpexp.archs)
 
 
 def _signal_shape(input_shape: tuple[int, ...], model: str) -> tuple[int, int]:
@@ -96,12 +90,5 @@ def lenet5(input_shape, num_classes: int, batchnorm: bool = False) -> nn.Sequent
     ]
     return nn.Sequential(OrderedDict(layers))
 
-
-# the architectures of qpexp/models/<family>.py (formerly qpexp.archs); below Reshape, which they use
-from qpexp.models.gru import GRU, gru  # noqa: E402
-from qpexp.models.mobilenet import MobileNetV2, mobilenetv2  # noqa: E402
-from qpexp.models.resnet import ResNet, resnet20, resnet32, resnet56  # noqa: E402
-from qpexp.models.transformer import Transformer, transformer  # noqa: E402
-from qpexp.models.vgg import VGG, vgg11, vgg16  # noqa: E402
 
 ARCHS = ("gru", "resnet20", "resnet32", "resnet56", "vgg11", "vgg16", "mobilenetv2", "transformer")

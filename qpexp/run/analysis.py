@@ -5,16 +5,15 @@ The measurements themselves are in :mod:`qpexp.core.sensitivity` and :mod:`qpexp
 from __future__ import annotations
 
 import logging
-import re
 import time
 from itertools import islice
 from pathlib import Path
 
 from qpexp.core.analysis.mixed import assign_bits
 from qpexp.core.analysis.sensitivity import evaluate, prune_sensitivity, quant_sensitivity
+from qpexp.track.loggers import KEY, sensitivity_rows  # noqa: F401 (qpexp.analysis's names, as before)
 
 log = logging.getLogger("qpexp")
-KEY = re.compile(r"sensitivity/(.+)/([wp][0-9.]+)/val_acc")
 
 
 def setting_name(kind: str, value) -> str:
@@ -43,20 +42,6 @@ def sensitivity(model, dm, qcfg, pcfg, widths, ratios, example, structure: str) 
                 out[f"sensitivity/{layer}/p{r:g}/val_loss"] = l
     out["seconds/sensitivity"] = time.perf_counter() - start
     return out
-
-
-def sensitivity_rows(record: dict) -> list[list]:
-    """``[layer, setting, val_acc, val_loss, acc_drop]`` per measurement (acc_drop in points against
-    ``sensitivity/reference/val_acc``): the W&B table ``sensitivity/table``."""
-    ref = record.get("sensitivity/reference/val_acc")
-    rows = []
-    for k, v in record.items():
-        m = KEY.fullmatch(k)
-        if m and m.group(1) != "reference":
-            layer, setting = m.groups()
-            loss = record.get(f"sensitivity/{layer}/{setting}/val_loss")
-            rows.append([layer, setting, v, loss, 100 * (ref - v) if ref is not None else None])
-    return rows
 
 
 def plot_sensitivity(record: dict, path: Path) -> Path | None:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from qpexp._aliases import key_spelling
 from qpexp.io import DamagedFileError, atomic_write_bytes, atomic_write_json, read_json, safe_torch_load
 
 CHECKSUMS = "sha256"  # meta.json key: {file name: sha256 hex digest} of the entry's files
@@ -38,7 +39,8 @@ class DamagedEntryWarning(UserWarning):
 
 
 def cache_key(payload) -> str:
-    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    """``_target_`` strings hash as spelt before the layout by role (:func:`qpexp._aliases.key_spelling`)."""
+    blob = json.dumps(key_spelling(payload), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
 
 

@@ -22,8 +22,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from qpexp import __version__
-from qpexp.run.cache import StageCache, cache_key
-from qpexp.run.config_defaults import without_added_defaults
 from qpexp.core.accounting import (
     count_params,
     layer_views,
@@ -37,10 +35,14 @@ from qpexp.core.modules import clone_state
 from qpexp.core.prune import ensure_masks
 from qpexp.core.quant import quantize_
 from qpexp.core.quant.graph import float_ops
-from qpexp.train.ddp import finish_stage, stage_entry
-from qpexp.sweep.frontier import ACCURACY_STANDS
 from qpexp.io import atomic_write_json, read_json, safe_torch_load
+from qpexp.run.cache import StageCache, cache_key
+from qpexp.run.config_defaults import without_added_defaults
+from qpexp.run.progress import progress_bar_enabled
+from qpexp.run.rank_cache import stage_entry
 from qpexp.run.schema import plain_config, prune_config, quant_config, validate
+from qpexp.run.status import ACCURACY_STANDS
+from qpexp.train.ddp import finish_stage
 from qpexp.train.stages import BaselineStage, PruneStage, QATStage
 
 log = logging.getLogger("qpexp")
@@ -155,8 +157,6 @@ def fit(
 ) -> float:
     """Train ``module`` for ``epochs`` (resuming from ``work_dir/last.ckpt``), keep its best epoch."""
     import lightning as L
-
-    from qpexp.sweep.callbacks import progress_bar_enabled
 
     start = time.perf_counter()
     ckpt = epoch_checkpoint(work_dir, checkpoint_every_s)

@@ -12,6 +12,8 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from qpexp.run.progress import progress_bar_enabled  # noqa: F401 (qpexp.callbacks' name, as before)
+
 log = logging.getLogger("qpexp")
 
 
@@ -92,31 +94,6 @@ def job_threads(config: DictConfig) -> int | None:
 
 def _multirun(config: DictConfig) -> bool:
     return "MULTIRUN" in str(OmegaConf.select(config, "hydra.mode"))
-
-
-def progress_bar_enabled() -> bool:
-    """Lightning's progress bar for a single run in a terminal; off in sweeps, CI, tests and on DDP
-    ranks other than 0. ``$QPEXP_PROGRESS`` (1/0) decides when set."""
-    import sys
-
-    forced = os.environ.get("QPEXP_PROGRESS")
-    if forced is not None:
-        return forced.strip().lower() not in ("", "0", "false", "no", "off")
-    if os.environ.get("CI") or os.environ.get("PYTEST_CURRENT_TEST"):
-        return False
-    from qpexp.train.ddp import rank
-
-    if rank() != 0:
-        return False
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-            return False
-    except Exception:  # not inside a Hydra app (a notebook): the terminal decides
-        pass
-    return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
 def _state_dir(config: DictConfig) -> Path:

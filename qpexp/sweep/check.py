@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
+from qpexp.sweep.space import check_points
+
 
 def sweep_points(config: DictConfig) -> list[list[str]]:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -20,8 +22,6 @@ def sweep_points(config: DictConfig) -> list[list[str]]:
     overrides = [f"{k}={v}" for k, v in params.items()]
     overrides += list(OmegaConf.select(config, "hydra.overrides.task") or [])
     if "qpexp_optuna_sweeper" in str(OmegaConf.select(config, "hydra.sweeper._target_") or ""):
-        from hydra_plugins.qpexp_optuna_sweeper.optuna_sweeper import check_points
-
         return check_points(overrides)  # every value of the search space in some point
     parsed = OverridesParser.create().parse_overrides(overrides)
     return [point for batch in BasicSweeper.split_arguments(parsed, None) for point in batch]

@@ -40,7 +40,7 @@ import sys
 from collections import OrderedDict
 from pathlib import Path
 
-from qpexp.sweep import frontier as fr
+from qpexp.sweep import values as fr
 
 LATENCY = "deploy/onnx_latency_ms"
 FP32_LATENCY = "deploy/fp32_onnx_latency_ms"

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from qpexp.sweep.frontier import ACCURACY_STANDS, _flatten, _point_dirs
 
-TABLE = Path(__file__).with_name("reproduction.yaml")
+TABLE = Path(__file__).parent.parent / "reproduction.yaml"
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -255,7 +255,7 @@ def _versions(recs: list[dict]) -> str:
 
 def describe(exp: str) -> str:
     """The experiment config's own header comment (what it runs and why), without the package line."""
-    from qpexp.cli import config_dir
+    from qpexp.io import config_dir
 
     path = Path(config_dir()) / "experiment" / f"{exp}.yaml"
     if not path.is_file():

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
+
+KEY = re.compile(r"sensitivity/(.+)/([wp][0-9.]+)/val_acc")  # a sensitivity measurement's record key
 
 log = logging.getLogger("qpexp")
 
@@ -57,8 +60,6 @@ class Tracker:
         """``sensitivity/table`` (layer, setting, val_acc, val_loss, acc_drop in points) and its
         heatmap (W&B's confusion-matrix preset: layer x setting, cell = acc_drop), as
         :func:`qpexp.wandb_views.build_workspace` expects; ``sensitivity.png`` as an image."""
-        from qpexp.run.analysis import sensitivity_rows
-
         rows = sensitivity_rows(record)
         if self.run is None or not rows:
             return
@@ -162,3 +163,17 @@ def make_tracker(
         )
         return Tracker("wandb", run_dir, run=run, logger=WandbLogger(experiment=run))
     raise ValueError(f"logger.kind={kind!r} is unknown: use wandb, csv or none")
+
+
+def sensitivity_rows(record: dict) -> list[list]:
+    """``[layer, setting, val_acc, val_loss, acc_drop]`` per measurement (acc_drop in points against
+    ``sensitivity/reference/val_acc``): the W&B table ``sensitivity/table``."""
+    ref = record.get("sensitivity/reference/val_acc")
+    rows = []
+    for k, v in record.items():
+        m = KEY.fullmatch(k)
+        if m and m.group(1) != "reference":
+            layer, setting = m.groups()
+            loss = record.get(f"sensitivity/{layer}/{setting}/val_loss")
+            rows.append([layer, setting, v, loss, 100 * (ref - v) if ref is not None else None])
+    return rows

@@ -1,4 +1,5 @@
-"""Data-parallel runs (``trainer=ddp``): start the ranks, keep every rank's model identical, let rank 0 write.
+"""Data-parallel training (``trainer=ddp``): keep every rank's model identical (the ranks are started by
+:mod:`qpexp.run.ranks`; a training loader's share: :mod:`qpexp.data.shard`).
 
 Every rank runs the whole pipeline on the same config and run folder; each stage's ``trainer.fit`` is
 Lightning DDP over the process group made here. Where a stage computes something from data outside
@@ -15,12 +16,12 @@ DDP's gradient averaging, the result is reduced across ranks so that every rank 
 At the end of each stage the ranks compare a digest of their model state (:func:`finish_stage`,
 ``ddp/<stage>_identical`` in the record); a difference is a bug, reported with a warning, and rank 0's
 state is broadcast so that the ranks go on alike. Rank 0 alone writes records, checkpoints (Lightning)
-and cache entries (:func:`stage_entry`: the others wait at a barrier, then read the entry).
+and cache entries (:func:`qpexp.run.rank_cache.stage_entry`: the others wait at a barrier, then read the entry).
 
 Ranks are started in one of two ways:
 
 - **by qpexp** (one process per job, the default): rank 0 starts ``devices - 1`` copies of itself
-  (``python -m qpexp.distributed``, the resolved config on stdin) on this node;
+  (``python -m qpexp.run.ranks``, the resolved config on stdin) on this node;
 - **by the cluster** (SLURM tasks, ``torchrun``): every process runs ``qpexp``; the ranks come from
   the environment (``RANK``/``WORLD_SIZE`` or ``SLURM_PROCID``/``SLURM_NTASKS``); ranks other than 0
   train along and write nothing.
@@ -30,16 +31,10 @@ Every helper is a no-op when ``torch.distributed`` is not initialized (single-pr
 
 from __future__ import annotations
 
-import datetime
 import hashlib
-import json
 import logging
 import os
-import socket
-import subprocess
-import sys
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -48,9 +43,7 @@ import torch.distributed as dist
 log = logging.getLogger("qpexp")
 
 _SHARD_DATA = True  # ranks get their share of the data (trainer.use_distributed_sampler)
-ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "OMP_NUM_THREADS")
 DUMP_ENV = "QPEXP_DDP_DUMP"  # tests: every rank saves its model state after each stage into this folder
-TIMEOUT_ENV = "QPEXP_DDP_TIMEOUT_S"  # collective timeout (rank 0 may wait on a cache lock meanwhile)
 
 
 # -- where am I -----------------------------------------------------------------------------------
@@ -79,183 +72,6 @@ def env_rank() -> int:
 
 def is_rank_zero() -> bool:
     return rank() == 0
-
-
-# -- which world the trainer asks for -------------------------------------------------------------
-def _ddp_strategy(strategy) -> bool:
-    s = str(strategy or "").lower()
-    return s.startswith("ddp") and not any(w in s for w in ("spawn", "fork", "notebook"))
-
-
-def requested_world(trainer_cfg: dict) -> int:
-    """Processes a DDP trainer config asks for (devices x num_nodes); 1 for any other strategy."""
-    if not _ddp_strategy(trainer_cfg.get("strategy")):
-        return 1
-    devices = trainer_cfg.get("devices", 1)
-    if isinstance(devices, (list, tuple)):
-        n = len(devices)
-    elif isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
-        n = int(devices)
-    elif isinstance(devices, int):
-        n = devices
-    else:  # "auto"
-        n = -1
-    if n < 0:
-        n = torch.cuda.device_count() if _uses_cuda(trainer_cfg) else 1
-    return max(n, 1) * int(trainer_cfg.get("num_nodes", 1) or 1)
-
-
-def _uses_cuda(trainer_cfg: dict) -> bool:
-    acc = str(trainer_cfg.get("accelerator", "auto")).lower()
-    return acc in ("gpu", "cuda", "auto") and torch.cuda.is_available()
-
-
-def _external_world() -> tuple[int, int, int] | None:
-    """(rank, local rank, world size) when a cluster or launcher started the ranks (SLURM tasks,
-    torchrun), else None."""
-    env = os.environ
-    if env.get("WORLD_SIZE", "").isdigit() and env.get("RANK", "").isdigit() and "LOCAL_RANK" in env:
-        return int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"])
-    if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and env.get("SLURM_PROCID", "").isdigit():
-        return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"])
-    return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _timeout() -> datetime.timedelta:
-    return datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, 6 * 3600)))
-
-
-# -- the session: start or join the ranks, tear them down -----------------------------------------
-class Session:
-    """What :func:`ddp_session` yields: the world and, on rank 0, the ranks it started."""
-
-    def __init__(self, world: int = 1, procs=None, saved_env=None):
-        self.world, self.procs, self.saved_env = world, procs or [], saved_env or {}
-
-    def record(self) -> dict:
-        return {"ddp/world_size": self.world} if self.world > 1 else {}
-
-
-@contextmanager
-def ddp_session(pipeline):
-    """Around ``pipeline.run()``: when the trainer asks for DDP over several processes, start (or
-    join) the ranks and the process group, and end them afterwards. Single-process: does nothing."""
-    world = requested_world(pipeline.trainer_cfg)
-    if world <= 1 or dist.is_initialized():
-        yield Session()
-        return
-    backend = "nccl" if _uses_cuda(pipeline.trainer_cfg) else "gloo"
-    ext = _external_world()
-    if ext is None:
-        _check_local_world(pipeline.trainer_cfg, world, backend)
-    session = Session(world, saved_env={k: os.environ.get(k) for k in ENV_KEYS})
-    # Lightning sets torch's thread count to cores / processes unless OMP_NUM_THREADS is set: keep qpexp's
-    os.environ.setdefault(
-        "OMP_NUM_THREADS", str(getattr(pipeline, "threads", None) or torch.get_num_threads())
-    )
-    if ext is not None:  # SLURM tasks, torchrun, or a rank started by rank 0 (below)
-        r, local, world = ext
-        session.world = world
-        addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-        if not (addr and port):
-            from lightning.fabric.plugins.environments import SLURMEnvironment
-
-            env = SLURMEnvironment()
-            addr, port = env.main_address, env.main_port
-    else:  # rank 0 of a job: start the other ranks on this node
-        r, local, addr, port = 0, 0, "127.0.0.1", _free_port()
-        env = {"MASTER_ADDR": addr, "MASTER_PORT": str(port), "WORLD_SIZE": str(world), "NODE_RANK": "0"}
-        session.procs = _start_ranks(pipeline, world, env)
-        os.environ.update(env, RANK="0", LOCAL_RANK="0")  # Lightning then joins instead of spawning
-    global _SHARD_DATA
-    _SHARD_DATA = bool(pipeline.trainer_cfg.get("use_distributed_sampler", True))
-    ok = False
-    try:
-        warnings.filterwarnings("ignore", ".*sync_dist=True.*")  # epoch losses are each rank's own
-        if backend == "nccl":
-            torch.cuda.set_device(local)
-        dist.init_process_group(
-            backend, init_method=f"tcp://{addr}:{port}", rank=r, world_size=world, timeout=_timeout()
-        )
-        log.info("DDP: rank %d of %d (%s)", r, world, backend)
-        yield session
-        dist.barrier()
-        ok = True
-    finally:
-        if not ok:  # a failed rank 0 leaves its ranks waiting in a collective
-            for p in session.procs:
-                if p.poll() is None:
-                    p.kill()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        _SHARD_DATA = True
-        _end(session, ok)
-
-
-def _check_local_world(trainer_cfg: dict, world: int, backend: str) -> None:
-    """The ranks qpexp starts itself live on this node (one GPU each with NCCL)."""
-    from qpexp.errors import ConfigError
-
-    if int(trainer_cfg.get("num_nodes", 1) or 1) > 1:
-        raise ConfigError(
-            "trainer.num_nodes > 1 needs one process per device started by the cluster "
-            "(SLURM: hydra.launcher.tasks_per_node=DEVICES, hydra.launcher.nodes=NODES; or torchrun)"
-        )
-    if backend == "nccl" and torch.cuda.device_count() < world:
-        raise ConfigError(f"trainer.devices={world}: this node has {torch.cuda.device_count()} GPU(s)")
-
-
-def _start_ranks(pipeline, world: int, env: dict) -> list[subprocess.Popen]:
-    from qpexp.run.schema import plain_config
-
-    spec = json.dumps({"config": plain_config(pipeline.raw), "run_dir": str(pipeline.run_dir)})
-    procs = []
-    for r in range(1, world):
-        e = {**os.environ, **env, "RANK": str(r), "LOCAL_RANK": str(r)}
-        p = subprocess.Popen([sys.executable, "-m", "qpexp.distributed"], stdin=subprocess.PIPE, env=e)
-        p.stdin.write(spec.encode())
-        p.stdin.close()
-        procs.append(p)
-    return procs
-
-
-def _end(session: Session, ok: bool) -> None:
-    failed = []
-    for p in session.procs:
-        try:
-            code = p.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            code = p.wait()
-        if code != 0:
-            failed.append(code)
-    for k, v in session.saved_env.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    if failed and ok:
-        raise RuntimeError(f"DDP: {len(failed)} rank(s) exited with status {failed}")
-
-
-def _rank_main() -> None:
-    """A rank started by rank 0: the same pipeline on the same run folder; writes nothing."""
-    from omegaconf import OmegaConf
-
-    from qpexp.run.pipeline import Pipeline
-
-    spec = json.loads(sys.stdin.read())
-    cfg = OmegaConf.create(spec["config"])
-    cfg.export.enabled = False  # integer/ONNX files are rank 0's
-    pipeline = Pipeline(cfg, spec["run_dir"])
-    with ddp_session(pipeline):
-        pipeline.run()
 
 
 # -- collectives ----------------------------------------------------------------------------------
@@ -307,7 +123,14 @@ def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     return _collective(t.detach().clone(), lambda x: dist.broadcast(x, src=src))
 
 
-# -- data shares ----------------------------------------------------------------------------------
+# -- data shares (batches; a training loader's share: qpexp.data.shard) ----------------------------------------------------------------------------------
+def set_shard_data(on: bool) -> None:
+    """Whether ranks get their share of the data (the trainer's ``use_distributed_sampler``); set by
+    :func:`qpexp.run.ranks.ddp_session` for the session."""
+    global _SHARD_DATA
+    _SHARD_DATA = bool(on)
+
+
 def rank_batches(batches, n: int):
     """This rank's share of ``n`` batches per rank: batches ``i`` with ``i % world == rank`` among the
     first ``n * world`` (the first ``n`` when not distributed, or when the trainer does not share
@@ -319,42 +142,6 @@ def rank_batches(batches, n: int):
             break
         if i % w == r:
             yield b
-
-
-class RankShard:
-    """A training loader's share for this rank: batch ``i`` goes to rank ``i % world``; every rank gets
-    ``ceil(len / world)`` batches (positions past the end wrap to the epoch's first, as DistributedSampler pads),
-    so that DDP ranks step in lockstep. ``sampler.set_epoch`` passes through."""
-
-    def __init__(self, loader, world: int, rank: int):
-        self.loader, self.world, self.rank = loader, world, rank
-        self.sampler = getattr(loader, "sampler", None)
-        self.batch_sampler = None
-
-    def __len__(self) -> int:
-        return -(-len(self.loader) // self.world)
-
-    def __iter__(self):
-        n, seen, first = len(self), 0, []
-        for i, b in enumerate(self.loader):
-            if i < self.world:
-                first.append(b)
-            if i % self.world == self.rank:
-                seen += 1
-                yield b
-        total = len(self.loader)
-        for k in range(seen, n):  # DistributedSampler's padding: position rank + world k, wrapped
-            yield first[(self.rank + self.world * k) % total]
-
-
-def shard_train_loader(loader, trainer):
-    """``loader`` as this rank's :class:`RankShard` when ``trainer`` runs DDP over several processes
-    (unless ``use_distributed_sampler=False``); ``loader`` itself otherwise."""
-    if trainer is None or getattr(trainer, "world_size", 1) <= 1:
-        return loader
-    if not getattr(getattr(trainer, "_accelerator_connector", None), "use_distributed_sampler", True):
-        return loader
-    return RankShard(loader, trainer.world_size, trainer.global_rank)
 
 
 # -- reductions at the points where stages compute from data --------------------------------------
@@ -496,54 +283,6 @@ def sync_quant_state(model, init: bool = False) -> None:
             m._ready = False
 
 
-# -- the cache and the end of a stage -------------------------------------------------------------
-class RankEntry:
-    """A cache entry seen by every rank: rank 0 decides hit or miss (under the entry's lock) and
-    writes; the others follow its decision and wait for its write at a barrier."""
-
-    def __init__(self, entry):
-        self.entry = entry
-        self.path, self.work = entry.path, entry.work
-
-    @property
-    def moved_aside(self):
-        return self.entry.moved_aside
-
-    @property
-    def complete(self) -> bool:
-        return self.entry.complete
-
-    def load_or_discard(self):
-        if rank() == 0:
-            loaded = self.entry.load_or_discard()
-            broadcast_object(loaded is not None)
-            return loaded
-        return self.entry.load() if broadcast_object(None) else None
-
-    def save(self, state: dict, meta: dict) -> None:
-        if rank() == 0:
-            self.entry.save(state, meta)
-        barrier()
-
-
-@contextmanager
-def stage_entry(cache, stage: str, key: str):
-    """``cache.entry(stage, key)``; under DDP a :class:`RankEntry` (only rank 0 takes the lock: a rank
-    waiting for it would block rank 0's training, which needs every rank)."""
-    if not is_distributed():
-        with cache.entry(stage, key) as entry:
-            yield entry
-        return
-    from qpexp.run.cache import Entry
-
-    if rank() == 0:
-        with cache.entry(stage, key) as entry:
-            broadcast_object(str(entry.path))
-            yield RankEntry(entry)
-    else:
-        yield RankEntry(Entry(Path(broadcast_object(None))))
-
-
 def state_digest(model) -> str:
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
@@ -574,9 +313,3 @@ def finish_stage(stage: str, model) -> dict:
         Path(dump).mkdir(parents=True, exist_ok=True)
         torch.save(clone_state(model), Path(dump) / f"{stage}-rank{rank()}.pt")
     return {f"ddp/{stage}_identical": same}
-
-
-if __name__ == "__main__":  # the module's own copy: run the imported one (one set of module globals)
-    from qpexp.train.ddp import _rank_main as rank_main
-
-    rank_main()

@@ -18,8 +18,13 @@ the honest size (:func:`qpexp.core.accounting.size_bits`) within the budget.
 from __future__ import annotations
 
 from qpexp.core.accounting import size_bits
+from qpexp.core.analysis.sensitivity import (
+    prepare_float_weights,
+    quant_sensitivity,
+    set_weight_bits,
+    weight_layers,
+)
 from qpexp.core.quant import QuantConfig
-from qpexp.core.analysis.sensitivity import prepare_float_weights, quant_sensitivity, set_weight_bits, weight_layers
 
 WIDTHS = (2, 3, 4, 5, 6, 7, 8)
 

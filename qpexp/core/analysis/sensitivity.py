@@ -18,10 +18,10 @@ import math
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qpexp.core.accounting import layer_views
+from qpexp.core.evaluate import evaluate  # noqa: F401 (qpexp.core.sensitivity.evaluate, as before)
 from qpexp.core.prune import PruneConfig, make_criterion
 from qpexp.core.prune.criteria import Target
 from qpexp.core.prune.unstructured import layer_masks
@@ -29,22 +29,6 @@ from qpexp.core.quant import QuantConfig, quantize_
 from qpexp.core.quant.layers import is_quant_layer, make_quantizer
 
 FLOAT_BITS = 32
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of ``model`` in eval mode over ``batches`` of (x, y)."""
-    was = model.training
-    model.eval()
-    correct = total = 0
-    loss = 0.0
-    for x, y in batches:
-        out = model(x)
-        correct += int((out.argmax(1) == y).sum())
-        loss += float(F.cross_entropy(out, y, reduction="sum"))
-        total += len(y)
-    model.train(was)
-    return correct / max(total, 1), loss / max(total, 1)
 
 
 @torch.no_grad()
