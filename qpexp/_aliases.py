@@ -103,8 +103,8 @@ def key_spelling(obj):
 
 
 class _AliasLoader(importlib.abc.Loader):
-    def __init__(self, target: str):
-        self.target = target
+    def __init__(self, name: str, target: str):
+        self.name, self.target = name, target
         self.spec = None
 
     def create_module(self, spec):
@@ -114,6 +114,12 @@ class _AliasLoader(importlib.abc.Loader):
 
     def exec_module(self, module) -> None:
         module.__spec__ = self.spec  # the import system set the alias's spec on the shared module object
+        # the submodules loaded already, under the old name too: importing ``qpexp.archs.gru`` then
+        # finds it in sys.modules instead of loading it again, which would set the package's
+        # attribute ``gru`` (the builder function ``qpexp.models`` exports) to the submodule
+        for name, sub in list(sys.modules.items()):
+            if name.startswith(self.target + "."):
+                sys.modules.setdefault(self.name + name[len(self.target) :], sub)
 
 
 class AliasFinder(importlib.abc.MetaPathFinder):
@@ -127,7 +133,7 @@ class AliasFinder(importlib.abc.MetaPathFinder):
             return None
         if importlib.util.find_spec(new) is None:
             return None
-        return importlib.util.spec_from_loader(fullname, _AliasLoader(new))
+        return importlib.util.spec_from_loader(fullname, _AliasLoader(fullname, new))
 
 
 def install() -> None:

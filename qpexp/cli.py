@@ -12,7 +12,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from qpexp.io import config_dir  # noqa: F401 (qpexp.cli.config_dir, as before)
+from qpexp.errors import SAVED_FULL_ERROR, error_line, is_user_error, report
+from qpexp.run.config_defaults import config_dir
+from qpexp.run.pipeline import Pipeline, base_record, complete_record, write_record
+from qpexp.run.ranks import ddp_session
+from qpexp.run.schema import check_data_path, validate
+from qpexp.track.loggers import make_tracker
+from qpexp.train.ddp import env_rank
 
 log = logging.getLogger("qpexp")
 SWEEPER_PLUGIN = "hydra_plugins.qpexp_optuna_sweeper"
@@ -79,16 +85,12 @@ def summary_table(record: dict) -> str:
 
 
 def run_job(cfg: DictConfig) -> dict:
-    from qpexp.errors import error_line, is_user_error, report
-    from qpexp.run.schema import check_data_path, validate
-
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     try:
         typed = validate(cfg)
         check_data_path(typed.data)  # schema, targets, data file: before Lightning is imported
-        from qpexp.run.pipeline import Pipeline, base_record, complete_record, write_record
 
         done = complete_record(run_dir, cfg)
         if done is not None:
@@ -101,7 +103,6 @@ def run_job(cfg: DictConfig) -> dict:
             raise
         if not multirun:
             report(e)  # one line, exit 2 (the traceback under HYDRA_FULL_ERROR=1)
-        from qpexp.run.pipeline import base_record, write_record
 
         try:
             record = base_record(cfg)
@@ -110,15 +111,11 @@ def run_job(cfg: DictConfig) -> dict:
         record.update(status="failed", error=f"{type(e).__name__}: {error_line(e)}")
         write_record(run_dir, record)
         return record
-    from qpexp.run.ranks import ddp_session
-    from qpexp.train.ddp import env_rank
-
     # a DDP rank that the cluster started (SLURM tasks, torchrun): trains along, writes nothing
     if env_rank() != 0:
         pipeline.cfg.export.enabled = False
         with ddp_session(pipeline):
             return pipeline.run()
-    from qpexp.track.loggers import make_tracker
 
     name = hc.job.override_dirname or None
     sweep = Path(hc.sweep.dir).name if multirun else None  # the W&B group unless logger.group is set
@@ -164,8 +161,6 @@ def main() -> None:
     re-raises instead, and :func:`qpexp.errors.report` prints ``qpexp: error: ...`` and exits 2,
     or re-raises for the full traceback when the user set ``HYDRA_FULL_ERROR=1`` themselves.
     """
-    from qpexp.errors import SAVED_FULL_ERROR, report
-
     saved = {k: os.environ.get(k) for k in ("HYDRA_FULL_ERROR", SAVED_FULL_ERROR)}
     os.environ[SAVED_FULL_ERROR] = os.environ.get("HYDRA_FULL_ERROR", "")
     os.environ["HYDRA_FULL_ERROR"] = "1"

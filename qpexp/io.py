@@ -76,12 +76,3 @@ def safe_torch_load(path: str | Path):
 def read_json(path: str | Path):
     with open(path) as f:
         return json.load(f)
-
-
-def config_dir() -> str:
-    """``qpexp/conf`` in an installed wheel, the repository's top-level ``conf/`` in a checkout."""
-    here = Path(__file__).resolve().parent
-    for c in (here / "conf", here.parent / "conf"):
-        if (c / "config.yaml").is_file():
-            return str(c)
-    raise RuntimeError(f"qpexp: no conf/ folder found next to {here}")

@@ -151,3 +151,20 @@ def test_cache_entry_written_before_the_move_is_found(tmp_path):
     with new.cache.entry("baseline", new.keys["baseline"]) as e:
         state, meta = e.load()
     assert torch.equal(state["w"], torch.ones(2)) and meta["val_acc"] == 0.5
+
+
+def test_every_package_is_shipped():
+    """pyproject's explicit package list holds every package folder (a wheel would miss one otherwise)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(p.parent.relative_to(ROOT).parts)
+        for p in [*(ROOT / "qpexp").rglob("__init__.py"), *(ROOT / "hydra_plugins").rglob("__init__.py")]
+        if "__pycache__" not in p.parts
+    }
+    assert found <= listed, found - listed
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    for target in scripts.values():
+        mod, _, fn = target.partition(":")
+        assert callable(getattr(importlib.import_module(mod), fn)), target

@@ -32,6 +32,8 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
+from qpexp.sweep.callbacks import set_sweep_total
+from qpexp.sweep.frontier import ACCURACY_STANDS
 from qpexp.sweep.space import check_points, parse_space, value_str  # noqa: F401 (this module's names too)
 
 log = logging.getLogger("qpexp")
@@ -104,8 +106,6 @@ class QpexpOptunaSweeper(Sweeper):
         """The objectives from a job's return value, or None and why the trial failed."""
         from hydra.core.utils import JobStatus
 
-        from qpexp.sweep.frontier import ACCURACY_STANDS
-
         if ret.status != JobStatus.COMPLETED:
             return None, f"job raised: {ret._return_value!r}"
         rec = ret.return_value
@@ -126,8 +126,6 @@ class QpexpOptunaSweeper(Sweeper):
         import optuna
         from filelock import FileLock, Timeout
         from optuna.trial import Trial, TrialState
-
-        from qpexp.sweep.callbacks import set_sweep_total
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         params = [f"{k}={v}" for k, v in self.params.items()]

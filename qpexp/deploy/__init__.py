@@ -42,7 +42,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qpexp.core.quant.export import convert, load, load_ops, package_stats
+from qpexp.core.quant.export import (
+    convert,
+    dequantize_linear,  # the one definition (the integer model's too)
+    load,
+    load_ops,
+    model_ir,
+    package_stats,
+    uses_graph_format,
+)
 from qpexp.core.quant.layers import is_quant_layer
 from qpexp.deploy.common import (  # noqa: F401 (qpexp.deploy's names, as before)
     INTEGER_OPS,
@@ -52,6 +60,7 @@ from qpexp.deploy.common import (  # noqa: F401 (qpexp.deploy's names, as before
     onnx_results,
     ort_session,
 )
+from qpexp.deploy.graph import deploy_graph
 
 FILE_NAME = "model.qpx.npz"
 COMMUTES_WITH_Q = ("Flatten", "Reshape", "MaxPool1d", "MaxPool2d", "MaxPool3d")
@@ -267,8 +276,6 @@ def _weight(op, name, quantized, info, inits, nodes, const) -> str:
 
 
 def _dequant_linear(w: dict) -> np.ndarray:
-    from qpexp.core.quant.export import dequantize_linear  # the one definition (the integer model's too)
-
     return dequantize_linear(w)
 
 
@@ -327,11 +334,7 @@ def _roundtrip(model, path: Path, x: torch.Tensor, y: torch.Tensor, batch: int) 
 # -- the stage ------------------------------------------------------------------------------------
 def deploy(model: torch.nn.Module, dm, out_dir: str | Path, cfg, record: dict) -> dict:
     """Convert, check the round trip, and run the ONNX QDQ model in onnxruntime (see module doc)."""
-    from qpexp.core.quant.export import uses_graph_format
-
     if uses_graph_format(model) or not _op_list_ok(model):  # any model but a plain Sequential
-        from qpexp.deploy.graph import deploy_graph
-
         return deploy_graph(model, dm, out_dir, cfg, record)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -380,8 +383,6 @@ def deploy_status(out: dict, final_acc: float | None, max_acc_diff: float = 0.00
 
 def _op_list_ok(model) -> bool:
     """Whether the per-op format holds this Sequential (else the graph format does)."""
-    from qpexp.core.quant.export import model_ir
-
     try:
         model_ir(model, quantized=False)
     except NotImplementedError:
@@ -395,7 +396,6 @@ def _onnx_check(model, path: Path, x, y, dm, cfg, out_dir: Path, record: dict) -
             "deploy/simulated_only": True,
             "deploy/simulated_reason": "export.onnx=false: no runtime executed the model",
         }
-    from qpexp.core.quant.export import model_ir
 
     ops = load_ops(path)
     input_shape = tuple(x.shape[1:])

@@ -27,6 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from qpexp.core.prune.channel import ChannelPruningError, dry_run
 from qpexp.run.schema import ConfigError
 
 DATA_ARGS = ("input_shape", "num_classes")
@@ -112,8 +113,6 @@ def check_channel_pruning(model: nn.Module, example: torch.Tensor) -> dict[str, 
     """Refuse (ConfigError naming the module) a model whose channels cannot be pruned; return the
     groups left unpruned by design, ``{root layer: reason}``."""
     import copy
-
-    from qpexp.core.prune.channel import ChannelPruningError, dry_run
 
     try:
         return dry_run(copy.deepcopy(model), example)

@@ -8,6 +8,8 @@ value, so entries cached before the key existed stay valid.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 ADDED_LATER = {
     "quant.target_ratio": None,  # quant.bits_w=auto
     "quant.budget_bits": None,
@@ -29,3 +31,12 @@ def without_added_defaults(section: str, values: dict) -> dict:
         for k, v in values.items()
         if f"{section}.{k}" not in ADDED_LATER or ADDED_LATER[f"{section}.{k}"] != v
     }
+
+
+def config_dir() -> str:
+    """``qpexp/conf`` in an installed wheel, the repository's top-level ``conf/`` in a checkout."""
+    here = Path(__file__).resolve().parent.parent  # qpexp/
+    for c in (here / "conf", here.parent / "conf"):
+        if (c / "config.yaml").is_file():
+            return str(c)
+    raise RuntimeError(f"qpexp: no conf/ folder found next to {here}")

@@ -33,9 +33,15 @@ from qpexp.core.accounting import (
 )
 from qpexp.core.modules import clone_state
 from qpexp.core.prune import ensure_masks
+from qpexp.core.prune.channel import channel_prune_step, restore_structure
+from qpexp.core.prune.spec import CRITERIA
 from qpexp.core.quant import quantize_
 from qpexp.core.quant.graph import float_ops
+from qpexp.deploy import deploy, deploy_status
 from qpexp.io import atomic_write_json, read_json, safe_torch_load
+from qpexp.run.analysis import mixed_precision, plot_sensitivity, sensitivity
+from qpexp.run.build import check_channel_pruning
+from qpexp.run.build import make_model as build
 from qpexp.run.cache import StageCache, cache_key
 from qpexp.run.config_defaults import without_added_defaults
 from qpexp.run.progress import progress_bar_enabled
@@ -43,6 +49,7 @@ from qpexp.run.rank_cache import stage_entry
 from qpexp.run.schema import plain_config, prune_config, quant_config, validate
 from qpexp.run.status import ACCURACY_STANDS
 from qpexp.train.ddp import finish_stage
+from qpexp.train.distill import Distiller, make_teacher, precompute
 from qpexp.train.stages import BaselineStage, PruneStage, QATStage
 
 log = logging.getLogger("qpexp")
@@ -64,8 +71,6 @@ def set_threads(threads: int | None) -> int:
 def prune_key(prune: dict) -> dict:
     """The prune config as it determines the stage's result: settings that give the same masks share
     one key (unstructured ``l2`` scores each weight by ``|w|``, exactly as ``l1`` does)."""
-    from qpexp.core.prune.spec import CRITERIA
-
     p = without_added_defaults("prune", dict(prune))
     if p.get("scope") != "auto":  # auto's setting does nothing then
         p.pop("auto_batches", None)
@@ -181,8 +186,6 @@ def fit(
 
 def make_model(cfg: DictConfig, dm):
     """``cfg.model`` built for the data and checked on a batch of it (rules: :mod:`qpexp.build`)."""
-    from qpexp.run.build import make_model as build
-
     return build(cfg.model, dm)
 
 
@@ -272,8 +275,6 @@ class Pipeline:
             if hit:
                 state, meta = loaded
                 if state.get("structure") is not None:  # physically pruned channels
-                    from qpexp.core.prune.channel import restore_structure
-
                     restore_structure(model, state["structure"], self.example)
                 ensure_masks(model, state["model"])
                 model.load_state_dict(state["model"])
@@ -355,8 +356,6 @@ class Pipeline:
         record: dict = {"status": "running", "seed": c.seed, "threads": threads}
         record["data/fingerprint"] = getattr(dm, "fingerprint", None)
         if self.prune_on and c.prune.structure == "channel":  # refuse what it cannot prune, before training
-            from qpexp.run.build import check_channel_pruning
-
             record["prune/frozen"] = check_channel_pruning(model, example)
         record["dense/params"] = count_params(model)[0]
         record["dense/macs"] = self.macs(model, example)["macs"]
@@ -382,8 +381,6 @@ class Pipeline:
         record["distill/temperature"] = c.distill.temperature
         distiller = None
         if self.distill_on and (self.prune_on or self.quant_on):
-            from qpexp.train.distill import Distiller, make_teacher, precompute
-
             teacher = make_teacher(model)  # the baseline stage's model (trained or from the cache)
             record["distill/teacher_test_acc"] = evaluate(teacher, dm.loader("test"))
             record["distill/precomputed"] = precompute(teacher, dm)  # else: the teacher runs per batch
@@ -394,7 +391,7 @@ class Pipeline:
             rewind = base["state"].get("rewind", {}).get(c.prune.rewind) if c.prune.rewind else None
             pruner = None
             if pc.structure == "channel":
-                from qpexp.core.prune.channel import channel_prune_step as pruner
+                pruner = channel_prune_step
             steps = 1 if pc.schedule == "oneshot" else pc.steps
             epochs = steps * c.prune.finetune_epochs
 
@@ -425,8 +422,6 @@ class Pipeline:
                 for k in ("sparsity", "val_acc", "test_acc"):
                     record[f"prune/curve/{point['step']}/{k}"] = point[k]
         if c.analysis is not None:  # on the model before QAT (baseline or pruned, from the cache)
-            from qpexp.run.analysis import plot_sensitivity, sensitivity
-
             pc = prune_config(c.prune)
             pc.seed = c.seed
             a = c.analysis
@@ -446,8 +441,6 @@ class Pipeline:
         if self.quant_on:
             qcfg = quant_config(c.quant)
             if c.quant.bits_w == "auto":  # per-layer widths within the size budget, then QAT
-                from qpexp.run.analysis import mixed_precision
-
                 assignment, mp = mixed_precision(model, dm, qcfg, c.quant, self.dense_bits, example)
                 record.update(mp)
                 qcfg.overrides = dict(assignment)
@@ -488,8 +481,6 @@ class Pipeline:
         if "quant/budget_bits" in record:
             record["quant/budget_met"] = record["final/size_bits"] <= record["quant/budget_bits"]
         if self.quant_on and c.export.enabled:
-            from qpexp.deploy import deploy, deploy_status
-
             record.update(deploy(model, dm, self.run_dir / "deploy", c.export, record))
             status, why = deploy_status(record, record["final/test_acc"], c.export.max_acc_diff)
             if status != "ok":  # the point keeps its accuracy; the status and the reason say what broke

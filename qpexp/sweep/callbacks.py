@@ -12,7 +12,11 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from qpexp.errors import full_error
 from qpexp.run.progress import progress_bar_enabled  # noqa: F401 (qpexp.callbacks' name, as before)
+from qpexp.sweep.check import check_sweep, sweep_points
+from qpexp.sweep.frontier import ACCURACY_STANDS, write_frontier
+from qpexp.train.ddp import env_rank
 
 log = logging.getLogger("qpexp")
 
@@ -38,9 +42,6 @@ class FrontierCallback(Callback):
         one ``qpexp: error:`` line, then one line per further invalid point."""
         import sys
 
-        from qpexp.errors import full_error
-        from qpexp.sweep.check import check_sweep
-
         n, problems = check_sweep(config, raise_first=full_error())
         if problems:
             head = f"qpexp: error: {len(problems)} of {n} sweep points invalid, nothing was run"
@@ -54,8 +55,6 @@ class FrontierCallback(Callback):
         log.info("sweep: %d points validated", n)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from qpexp.sweep.frontier import write_frontier
-
         sweep_dir = Path(config.hydra.sweep.dir)
         reference = self.reference
         if reference and not Path(reference).is_file():
@@ -127,7 +126,6 @@ def sweep_counts(state: Path) -> dict | None:
                 started.add(num)
             elif status:
                 ended[num] = status
-    from qpexp.sweep.frontier import ACCURACY_STANDS
 
     outcomes = list(ended.values())
     return {
@@ -210,8 +208,6 @@ class SweepProgress(Callback):
         sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_") or "")
         try:
             if "BasicSweeper" in sweeper:
-                from qpexp.sweep.check import sweep_points
-
                 total = len(sweep_points(config))
             elif OmegaConf.select(config, "hydra.sweeper.n_trials") is not None:
                 total = int(OmegaConf.select(config, "hydra.sweeper.n_trials"))
@@ -265,8 +261,6 @@ class SweepProgress(Callback):
         """Append ``<job num> <status>`` to this run's log (rank 0 of a DDP job only)."""
         from filelock import FileLock
 
-        from qpexp.train.ddp import env_rank
-
         state = _state_dir(config)
         if not _multirun(config) or env_rank() != 0 or not (state / "progress.json").exists():
             return None  # a single run, a DDP rank other than 0, or a sweep started without this callback
@@ -280,8 +274,6 @@ class SweepProgress(Callback):
 
     def _report(self, config: DictConfig, job_return) -> None:
         from hydra.core.utils import JobStatus
-
-        from qpexp.sweep.frontier import ACCURACY_STANDS
 
         state = _state_dir(config)
         if not (state / "progress.json").exists():

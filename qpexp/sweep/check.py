@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
+from qpexp.errors import ConfigError, error_line
+from qpexp.run.build import check_channel_pruning, make_model
+from qpexp.run.schema import check_data_path, plain_config, validate
 from qpexp.sweep.space import check_points
 
 
@@ -85,9 +88,6 @@ def point_configs(config: DictConfig, points: list[list[str]]):
 def check_sweep(config: DictConfig, raise_first: bool = False) -> tuple[int, list[str]]:
     """(number of points, problems): composition, schema and data errors, each as one line naming
     the point and the key. ``raise_first`` re-raises the first one instead (``HYDRA_FULL_ERROR=1``)."""
-    from qpexp.errors import ConfigError, error_line
-    from qpexp.run.schema import check_data_path, plain_config, validate
-
     points = sweep_points(config)
     problems: list[str] = []
     seen_data: dict[str, str | None] = {}
@@ -126,8 +126,6 @@ def check_sweep(config: DictConfig, raise_first: bool = False) -> tuple[int, lis
         if mkey not in seen_model:
             seen_model[mkey] = None
             try:
-                from qpexp.run.build import check_channel_pruning, make_model
-
                 dm = modules[key]
                 model = make_model(typed.model, dm)
                 if channel:

@@ -61,6 +61,7 @@ from pathlib import Path
 
 from qpexp.run.config_defaults import ADDED_LATER
 from qpexp.run.status import ACCURACY_STANDS
+from qpexp.sweep.dashboard import write_html
 from qpexp.sweep.values import (  # noqa: F401 (qpexp.frontier's names, as before)
     ACC,
     AXES,
@@ -84,6 +85,8 @@ from qpexp.sweep.values import (  # noqa: F401 (qpexp.frontier's names, as befor
     read_reference,
     summarize,
 )
+from qpexp.track.loggers import wandb_init
+from qpexp.track.wandb_views import frontier_charts
 
 log = logging.getLogger("qpexp")
 
@@ -390,8 +393,6 @@ def log_wandb(rows, cols, summary, png: Path, out_dir: Path, wb: dict) -> str | 
     """The frontier W&B run: table, scatter, plot image and summary; returns the run's folder."""
     import wandb
 
-    from qpexp.track.loggers import wandb_init
-
     run = wandb_init(
         out_dir,
         project=wb.get("project") or "qpexp",
@@ -416,8 +417,6 @@ def log_wandb(rows, cols, summary, png: Path, out_dir: Path, wb: dict) -> str | 
             }
         )
         if wb.get("view"):  # per-front means coloured by bits / by front, one line per front
-            from qpexp.track.wandb_views import frontier_charts
-
             run.log(frontier_charts(wb["view"]))
         run.summary.update(
             {f"frontier/{k}": v for k, v in summary.items() if isinstance(v, (int, float, str, dict))}
@@ -509,7 +508,6 @@ def write_frontier(
         if r["point"] == "run" and r["status"] != "ok"
     ]
     summary["files"] = {"csv": str(out / "frontier.csv"), "png": str(png)}
-    from qpexp.sweep.dashboard import write_html
 
     view = write_html(out, summary, reference, title)  # frontier.html (interactive, self-contained)
     wb = _wandb_settings(rows, out, wandb)

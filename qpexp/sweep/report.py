@@ -22,6 +22,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from qpexp.run.config_defaults import config_dir
 from qpexp.sweep.frontier import ACCURACY_STANDS, _flatten, _point_dirs
 
 TABLE = Path(__file__).parent.parent / "reproduction.yaml"
@@ -255,8 +256,6 @@ def _versions(recs: list[dict]) -> str:
 
 def describe(exp: str) -> str:
     """The experiment config's own header comment (what it runs and why), without the package line."""
-    from qpexp.io import config_dir
-
     path = Path(config_dir()) / "experiment" / f"{exp}.yaml"
     if not path.is_file():
         return ""

@@ -12,6 +12,8 @@ import re
 import warnings
 from pathlib import Path
 
+from qpexp.track.wandb_views import point_axes
+
 KEY = re.compile(r"sensitivity/(.+)/([wp][0-9.]+)/val_acc")  # a sensitivity measurement's record key
 
 log = logging.getLogger("qpexp")
@@ -146,8 +148,6 @@ def make_tracker(
         return Tracker("csv", run_dir, logger=CSVLogger(save_dir=str(run_dir), name="csv", version=""))
     if kind == "wandb":
         from lightning.pytorch.loggers import WandbLogger
-
-        from qpexp.track.wandb_views import point_axes
 
         group = logger_cfg.get("group") or sweep
         run = wandb_init(

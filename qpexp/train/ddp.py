@@ -40,6 +40,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from qpexp.core.modules import clone_state
+from qpexp.core.prune.criteria.taylor import weight_grads
+from qpexp.core.quant.linear import affine_qparams
+
 log = logging.getLogger("qpexp")
 
 _SHARD_DATA = True  # ranks get their share of the data (trainer.use_distributed_sampler)
@@ -150,8 +154,6 @@ def reduce_weight_grads(model, loader, n_batches: int) -> dict[str, list[torch.T
     (:func:`rank_batches`), each batch's gradients averaged across ranks: every rank gets the
     gradients of the global batches (``n_batches`` of them), as one process would with a batch
     ``world`` times larger."""
-    from qpexp.core.prune.criteria.taylor import weight_grads
-
     if not is_distributed():
         return weight_grads(model, loader, n_batches)
     grads = weight_grads(model, rank_batches(loader, n_batches), n_batches)
@@ -236,7 +238,6 @@ def sync_quant_state(model, init: bool = False) -> None:
     """
     if not is_distributed():
         return
-    from qpexp.core.quant.linear import affine_qparams
 
     qs = [(m, k) for m, k in _quantizers(model) if k != "lsq" or init]
     if not qs:
@@ -308,8 +309,6 @@ def finish_stage(stage: str, model) -> dict:
             t.copy_(broadcast(t))
     dump = os.environ.get(DUMP_ENV)
     if dump:
-        from qpexp.core.modules import clone_state
-
         Path(dump).mkdir(parents=True, exist_ok=True)
         torch.save(clone_state(model), Path(dump) / f"{stage}-rank{rank()}.pt")
     return {f"ddp/{stage}_identical": same}

@@ -17,7 +17,10 @@ from torchmetrics.classification import MulticlassAccuracy
 from qpexp.core.accounting import layer_sparsity, sparsity
 from qpexp.core.modules import clone_state
 from qpexp.core.prune import MaskKeeper, PruneConfig, ensure_masks, make_criterion, prune_step, schedule
+from qpexp.core.prune.channel import physically_prune
 from qpexp.core.prune.masks import strip_masks
+from qpexp.core.quant.adaround import adaround_
+from qpexp.core.quant.layers import warn_symmetric_nonnegative
 from qpexp.train.ddp import rank_batches, reduce_weight_grads, sync_masks, sync_quant_state
 from qpexp.train.optim import adamw
 
@@ -369,8 +372,6 @@ class PruneStage(Stage):
         """Channel structure: remove the masked channels for real (the model becomes smaller)."""
         self.structure = None
         if self.cfg.structure == "channel":
-            from qpexp.core.prune.channel import physically_prune
-
             self.structure = physically_prune(self.model, example)
             self.keeper.refresh(self.model)
 
@@ -439,7 +440,6 @@ class QATStage(Stage):
             self.model(x)
         sync_quant_state(self.model, init=True)  # DDP: ranges and LSQ steps reduced across ranks
         self.model.train(was)
-        from qpexp.core.quant.layers import warn_symmetric_nonnegative
 
         warn_symmetric_nonnegative(self.model)  # symmetric activation quantizer on never-negative input
         if self.rounding == "adaround":
@@ -448,8 +448,6 @@ class QATStage(Stage):
     def adaround(self, loader) -> None:
         """Learned rounding of every weight (PTQ). The same first batches on every DDP rank: the
         result is deterministic, so every rank rounds alike."""
-        from qpexp.core.quant.adaround import adaround_
-
         batches = [x for i, (x, _) in zip(range(self.rounding_batches), loader)]
         self.rounding_info = adaround_(self.model, batches, iters=self.rounding_iters)
 

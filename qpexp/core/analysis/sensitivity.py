@@ -24,6 +24,7 @@ from qpexp.core.accounting import layer_views
 from qpexp.core.evaluate import evaluate  # noqa: F401 (qpexp.core.sensitivity.evaluate, as before)
 from qpexp.core.prune import PruneConfig, make_criterion
 from qpexp.core.prune.criteria import Target
+from qpexp.core.prune.criteria.taylor import weight_grads
 from qpexp.core.prune.unstructured import layer_masks
 from qpexp.core.quant import QuantConfig, quantize_
 from qpexp.core.quant.layers import is_quant_layer, make_quantizer
@@ -101,8 +102,6 @@ def prune_sensitivity(
     A criterion that needs gradients reads ``grads`` (:func:`~qpexp.core.prune.criteria.taylor.weight_grads`)."""
     criterion = make_criterion(pcfg)
     if getattr(criterion, "needs_grads", False) and grads is None:
-        from qpexp.core.prune.criteria.taylor import weight_grads
-
         grads = weight_grads(model, batches, pcfg.taylor_batches)
     out: dict[str, dict[float, tuple[float, float]]] = {}
     for v in layer_views(model):
