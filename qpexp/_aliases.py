@@ -121,6 +121,10 @@ class _AliasLoader(importlib.abc.Loader):
             if name.startswith(self.target + "."):
                 sys.modules.setdefault(self.name + name[len(self.target) :], sub)
 
+    def get_code(self, fullname):
+        """``python -m <old name>`` (runpy): the new module's code, run as ``__main__``."""
+        return importlib.util.find_spec(self.target).loader.get_code(self.target)
+
 
 class AliasFinder(importlib.abc.MetaPathFinder):
     """Finds an old module path and loads it as the new module (one module object, two names)."""

@@ -168,3 +168,14 @@ def test_every_package_is_shipped():
     for target in scripts.values():
         mod, _, fn = target.partition(":")
         assert callable(getattr(importlib.import_module(mod), fn)), target
+
+
+@pytest.mark.parametrize("old", ["qpexp.dashboard", "qpexp.frontier", "qpexp.wandb_views"])
+def test_python_m_old_name(old):
+    """``python -m qpexp.dashboard`` (documented) runs the new module's command line."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", old, "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage" in proc.stdout.lower()
