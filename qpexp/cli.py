@@ -14,8 +14,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from qpexp.errors import SAVED_FULL_ERROR, error_line, is_user_error, report
 from qpexp.run.config_defaults import config_dir
-from qpexp.run.pipeline import Pipeline, base_record, complete_record, write_record
-from qpexp.run.ranks import ddp_session
 from qpexp.run.schema import check_data_path, validate
 from qpexp.track.loggers import make_tracker
 from qpexp.train.ddp import env_rank
@@ -91,6 +89,7 @@ def run_job(cfg: DictConfig) -> dict:
     try:
         typed = validate(cfg)
         check_data_path(typed.data)  # schema, targets, data file: before Lightning is imported
+        from qpexp.run.pipeline import Pipeline, base_record, complete_record, write_record  # Lightning
 
         done = complete_record(run_dir, cfg)
         if done is not None:
@@ -103,6 +102,7 @@ def run_job(cfg: DictConfig) -> dict:
             raise
         if not multirun:
             report(e)  # one line, exit 2 (the traceback under HYDRA_FULL_ERROR=1)
+        from qpexp.run.pipeline import base_record, write_record
 
         try:
             record = base_record(cfg)
@@ -111,6 +111,8 @@ def run_job(cfg: DictConfig) -> dict:
         record.update(status="failed", error=f"{type(e).__name__}: {error_line(e)}")
         write_record(run_dir, record)
         return record
+    from qpexp.run.ranks import ddp_session
+
     # a DDP rank that the cluster started (SLURM tasks, torchrun): trains along, writes nothing
     if env_rank() != 0:
         pipeline.cfg.export.enabled = False
