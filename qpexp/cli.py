@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from pathlib import Path
@@ -11,16 +12,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from qpexp.errors import SAVED_FULL_ERROR, error_line, is_user_error, report
+from qpexp.run.config_defaults import config_dir
+from qpexp.run.schema import check_data_path, validate
+from qpexp.track.loggers import make_tracker
+from qpexp.train.ddp import env_rank
+
 log = logging.getLogger("qpexp")
-
-
-def config_dir() -> str:
-    """``qpexp/conf`` in an installed wheel, the repository's top-level ``conf/`` in a checkout."""
-    here = Path(__file__).resolve().parent
-    for c in (here / "conf", here.parent / "conf"):
-        if (c / "config.yaml").is_file():
-            return str(c)
-    raise RuntimeError(f"qpexp: no conf/ folder found next to {here}")
+SWEEPER_PLUGIN = "hydra_plugins.qpexp_optuna_sweeper"
 
 
 def point_dirname(override_dirname: str) -> str:
@@ -39,13 +38,15 @@ if not OmegaConf.has_resolver("qpexp_point"):
 
 def register_plugins() -> None:
     """qpexp's Hydra sweeper (``hydra/sweeper=qpexp_optuna``, ``sweep=optuna``), registered here too:
-    Hydra's plugin scan does not see a namespace package that an editable install maps."""
+    Hydra's plugin scan does not see a namespace package that an editable install maps. Loaded by
+    name, as Hydra's scan loads plugins: the plugin sits above qpexp (it imports qpexp, never the
+    reverse; ``.importlinter``)."""
     from hydra.core.plugins import Plugins
 
-    import hydra_plugins.qpexp_optuna_sweeper.config  # noqa: F401 (the config group option)
-    from hydra_plugins.qpexp_optuna_sweeper.optuna_sweeper import QpexpOptunaSweeper
-
-    Plugins.instance().register(QpexpOptunaSweeper)
+    importlib.import_module(f"{SWEEPER_PLUGIN}.config")  # the config group option
+    Plugins.instance().register(
+        importlib.import_module(f"{SWEEPER_PLUGIN}.optuna_sweeper").QpexpOptunaSweeper
+    )
 
 
 register_plugins()
@@ -82,16 +83,13 @@ def summary_table(record: dict) -> str:
 
 
 def run_job(cfg: DictConfig) -> dict:
-    from qpexp.errors import error_line, is_user_error, report
-    from qpexp.schema import check_data_path, validate
-
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     try:
         typed = validate(cfg)
         check_data_path(typed.data)  # schema, targets, data file: before Lightning is imported
-        from qpexp.pipeline import Pipeline, base_record, complete_record, write_record
+        from qpexp.run.pipeline import Pipeline, base_record, complete_record, write_record  # Lightning
 
         done = complete_record(run_dir, cfg)
         if done is not None:
@@ -104,7 +102,7 @@ def run_job(cfg: DictConfig) -> dict:
             raise
         if not multirun:
             report(e)  # one line, exit 2 (the traceback under HYDRA_FULL_ERROR=1)
-        from qpexp.pipeline import base_record, write_record
+        from qpexp.run.pipeline import base_record, write_record
 
         try:
             record = base_record(cfg)
@@ -113,14 +111,13 @@ def run_job(cfg: DictConfig) -> dict:
         record.update(status="failed", error=f"{type(e).__name__}: {error_line(e)}")
         write_record(run_dir, record)
         return record
-    from qpexp.distributed import ddp_session, env_rank
+    from qpexp.run.ranks import ddp_session
 
     # a DDP rank that the cluster started (SLURM tasks, torchrun): trains along, writes nothing
     if env_rank() != 0:
         pipeline.cfg.export.enabled = False
         with ddp_session(pipeline):
             return pipeline.run()
-    from qpexp.tracking import make_tracker
 
     name = hc.job.override_dirname or None
     sweep = Path(hc.sweep.dir).name if multirun else None  # the W&B group unless logger.group is set
@@ -166,8 +163,6 @@ def main() -> None:
     re-raises instead, and :func:`qpexp.errors.report` prints ``qpexp: error: ...`` and exits 2,
     or re-raises for the full traceback when the user set ``HYDRA_FULL_ERROR=1`` themselves.
     """
-    from qpexp.errors import SAVED_FULL_ERROR, report
-
     saved = {k: os.environ.get(k) for k in ("HYDRA_FULL_ERROR", SAVED_FULL_ERROR)}
     os.environ[SAVED_FULL_ERROR] = os.environ.get("HYDRA_FULL_ERROR", "")
     os.environ["HYDRA_FULL_ERROR"] = "1"

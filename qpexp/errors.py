@@ -25,12 +25,6 @@ class DataError(ValueError):
     """Bad data: the message names the file and the array."""
 
 
-class QpexpWarning(UserWarning):
-    """Every warning qpexp itself issues (a fallback, a damaged cache entry, a logger gone offline):
-    the test suite turns them into errors (``pyproject.toml``), so a silent fallback fails a test
-    unless the test expects it with ``pytest.warns``."""
-
-
 def full_error() -> bool:
     """Whether the user asked for full tracebacks (``HYDRA_FULL_ERROR=1``)."""
     return os.environ.get(SAVED_FULL_ERROR, os.environ.get("HYDRA_FULL_ERROR", "")) == "1"

@@ -178,7 +178,9 @@ def test_sequences_and_images_any_class_count(name):
 def test_builtin_models_importable_from_qpexp_models():
     from qpexp.models import cnn1d, lenet5, lenet300, mlp, resnet20, transformer  # noqa: F401
 
-    assert resnet20.__module__ == "qpexp.archs.resnet" and transformer.__module__ == "qpexp.archs.transformer"
+    assert (
+        resnet20.__module__ == "qpexp.models.resnet" and transformer.__module__ == "qpexp.models.transformer"
+    )
 
 
 # -- channel removal equals the masked model, for every built-in model ---------------------------------

@@ -204,7 +204,7 @@ def test_prune_key_hashes_auto_batches_only_where_it_acts(tmp_path, monkeypatch)
 
 # -- the code behind a stage (issue 20) ----------------------------------------------------------------
 def test_sources_digest_is_sha256_of_paths_and_contents(tmp_path):
-    from qpexp.codeprint import sources_digest
+    from qpexp.run.codeprint import sources_digest
 
     (tmp_path / "a.py").write_text("x = 1\n")
     (tmp_path / "sub").mkdir()
@@ -216,12 +216,18 @@ def test_sources_digest_is_sha256_of_paths_and_contents(tmp_path):
 
 
 def test_stage_sources_cover_what_each_stage_runs():
-    from qpexp.codeprint import PACKAGE, source_files
+    from qpexp.run.codeprint import PACKAGE, source_files
 
     rel = {
         s: {f.relative_to(PACKAGE).as_posix() for f in source_files(s)} for s in ("baseline", "prune", "qat")
     }
-    assert {"pipeline.py", "stages.py", "data.py", "models.py", "archs/resnet.py"} <= rel["baseline"]
+    assert {
+        "run/pipeline.py",
+        "train/stages.py",
+        "data/__init__.py",
+        "data/mnist.py",
+        "models/resnet.py",
+    } <= rel["baseline"]
     assert "core/prune/channel.py" in rel["prune"] and "core/prune/channel.py" not in rel["baseline"]
     assert "core/quant/linear.py" in rel["qat"] and "core/quant/linear.py" not in rel["prune"]
     assert rel["baseline"] < rel["prune"] and rel["baseline"] < rel["qat"]
@@ -232,7 +238,7 @@ def test_changed_code_retrains_its_stage_unless_fingerprints_are_off(tmp_path, m
     the prune key (the stage trains again) and leaves the baseline's; without fingerprints both reuse."""
     import shutil
 
-    import qpexp.codeprint as cp
+    import qpexp.run.codeprint as cp
 
     src = tmp_path / "src"
     shutil.copytree(cp.PACKAGE, src, ignore=shutil.ignore_patterns("__pycache__"))

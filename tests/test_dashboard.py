@@ -592,4 +592,4 @@ def test_workspace_command_offline_refuses_dry_run_prints(tmp_path):
     assert bars == [f"summary_metrics.layers/{n}/sparsity" for n in LAYERS]  # layers read from the records
     assert spec["spec"]["section"]["runSets"][0]["filters"]["filters"][0]["value"] == ["sw"]
     text = (ROOT / "pyproject.toml").read_text()
-    assert 'qpexp-wandb-workspace = "qpexp.wandb_views:cli"' in text
+    assert 'qpexp-wandb-workspace = "qpexp.track.wandb_views:cli"' in text

@@ -16,7 +16,7 @@ from conftest import TINY, compose
 from test_vision import mnist_fixture
 
 from qpexp.data import DataError
-from qpexp.mnist import cli, mnist
+from qpexp.data.mnist import cli, mnist
 
 
 def _part(rng, n):
@@ -83,7 +83,7 @@ def test_pixels_not_k_over_256_are_refused(tmp_path):
     y = np.zeros(4, np.int64)
     make_wheel(tmp_path / "w.whl", payload=pickle.dumps(((x, y), (x, y), (x, y)), protocol=2))
     with pytest.raises(DataError, match="k/256"):
-        from qpexp.mnist import read_wheel
+        from qpexp.data.mnist import read_wheel
 
         read_wheel(tmp_path / "w.whl")
 

@@ -14,12 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-from qpexp.core.calibrate import calibrate_, input_rows
 from qpexp.core.prune.criteria import Target
 from qpexp.core.prune.criteria.wanda import Wanda, row_masks
 from qpexp.core.prune.nm import index_bits, nm_bits, nm_mask, satisfies_nm
 from qpexp.core.prune.sparsegpt import sparsegpt_columns, sparsegpt_prune_
 from qpexp.core.quant import QuantConfig, QuantSpec, quantize_
+from qpexp.core.quant.calibrate import calibrate_, input_rows
 from qpexp.core.quant.gptq import gptq_, gptq_columns
 
 

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from qpexp.bench import emit, step_args
 from qpexp.bench.qat import qpexp_qat
-from qpexp.distill import distill_loss, make_teacher
 from qpexp.models import cnn1d
+from qpexp.train.distill import distill_loss, make_teacher
 
 BATCH, N_TRAIN = 100, 4000
 

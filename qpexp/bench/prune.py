@@ -40,7 +40,8 @@ import torch.nn.functional as F
 import torch.nn.utils.prune as tprune
 from torch import nn
 
-from qpexp.bench import emit, step_args
+import qpexp.models as models
+from qpexp.bench import _fmt, emit, step_args
 from qpexp.core.accounting import count_params, model_macs
 from qpexp.core.prune import MaskKeeper, PruneConfig, prunable_layers, prunable_weights, prune_step
 from qpexp.core.prune.channel import channel_prune_step, physically_prune
@@ -220,8 +221,6 @@ def _tp_same_ratio(dense: nn.Module, x: torch.Tensor, weights_left: int) -> tupl
 
 @torch.no_grad()
 def bench_arch(name: str, ratio: float, rounds: int) -> tuple[list[dict], dict]:
-    import qpexp.models as models
-
     torch.manual_seed(0)
     shape = (3, 32, 32)
     dense = getattr(models, name)(shape, 10).eval()
@@ -281,8 +280,6 @@ def _extra(ap) -> None:
 
 def _table(title: str, rows: list[dict]) -> None:
     """Print one table without the JSON line (``emit`` prints the last table and the JSON)."""
-    from qpexp.bench import _fmt
-
     print(title)
     cols = list(rows[0])
     width = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols}

@@ -28,7 +28,7 @@ from torch import nn
 from qpexp.bench import emit, step_args
 from qpexp.core.quant import QuantConfig, QuantSpec, quantize_
 from qpexp.models import cnn1d, mlp
-from qpexp.optim import adamw
+from qpexp.train.optim import adamw
 
 BATCH = 100
 

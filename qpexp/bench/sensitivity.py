@@ -19,8 +19,8 @@ import torch
 
 from qpexp.bench import emit
 from qpexp.core import PruneConfig, QuantConfig, QuantSpec, prune_step
-from qpexp.core.mixed import assign_bits
-from qpexp.core.sensitivity import prune_sensitivity, quant_sensitivity
+from qpexp.core.analysis.mixed import assign_bits
+from qpexp.core.analysis.sensitivity import prune_sensitivity, quant_sensitivity
 from qpexp.data import ArrayDataModule, mnist1d
 from qpexp.models import cnn1d
 

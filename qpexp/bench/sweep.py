@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 
 from qpexp.bench import emit
-from qpexp.frontier import ACCURACY_STANDS
+from qpexp.cli import main as qpexp_main
+from qpexp.run.status import ACCURACY_STANDS
 
 QUICK = ["baseline.epochs=30", "prune.finetune_epochs=5", "quant.epochs=5"]
 STAGES = ("baseline", "prune", "qat")
@@ -84,31 +85,31 @@ def run_sweep(workdir: Path, name: str, extra: list[str], timeout: int) -> dict:
 PARTS = [
     ("point (run_job)", "qpexp.cli", "run_job"),
     ("Hydra job (setup + point)", "hydra._internal.core_plugins.basic_launcher", "run_job"),
-    ("validate config", "qpexp.schema", "validate"),
-    ("validate config", "qpexp.pipeline", "validate"),
-    ("complete/base record (git, versions)", "qpexp.pipeline", "complete_record"),
-    ("complete/base record (git, versions)", "qpexp.pipeline", "base_record"),
-    ("W&B init (make_tracker)", "qpexp.tracking", "make_tracker"),
-    ("W&B summary, layers, finish", "qpexp.tracking", "Tracker.summary"),
-    ("W&B summary, layers, finish", "qpexp.tracking", "Tracker.log_layers"),
-    ("W&B summary, layers, finish", "qpexp.tracking", "Tracker.finish"),
-    ("write record", "qpexp.pipeline", "write_record"),
-    ("pipeline.run", "qpexp.pipeline", "Pipeline.run"),
-    ("run > data", "qpexp.pipeline", "Pipeline.data"),
-    ("run > build model", "qpexp.pipeline", "make_model"),
-    ("run > quantize_ (fx)", "qpexp.pipeline", "quantize_"),
-    ("run > stages", "qpexp.pipeline", "Pipeline._stage"),
-    ("stages > cache load", "qpexp.cache", "Entry.load_or_discard"),
-    ("stages > cache save", "qpexp.cache", "Entry.save"),
-    ("stages > fit (= training time)", "qpexp.pipeline", "fit"),
+    ("validate config", "qpexp.run.schema", "validate"),
+    ("validate config", "qpexp.run.pipeline", "validate"),
+    ("complete/base record (git, versions)", "qpexp.run.pipeline", "complete_record"),
+    ("complete/base record (git, versions)", "qpexp.run.pipeline", "base_record"),
+    ("W&B init (make_tracker)", "qpexp.track.loggers", "make_tracker"),
+    ("W&B summary, layers, finish", "qpexp.track.loggers", "Tracker.summary"),
+    ("W&B summary, layers, finish", "qpexp.track.loggers", "Tracker.log_layers"),
+    ("W&B summary, layers, finish", "qpexp.track.loggers", "Tracker.finish"),
+    ("write record", "qpexp.run.pipeline", "write_record"),
+    ("pipeline.run", "qpexp.run.pipeline", "Pipeline.run"),
+    ("run > data", "qpexp.run.pipeline", "Pipeline.data"),
+    ("run > build model", "qpexp.run.pipeline", "make_model"),
+    ("run > quantize_ (fx)", "qpexp.run.pipeline", "quantize_"),
+    ("run > stages", "qpexp.run.pipeline", "Pipeline._stage"),
+    ("stages > cache load", "qpexp.run.cache", "Entry.load_or_discard"),
+    ("stages > cache save", "qpexp.run.cache", "Entry.save"),
+    ("stages > fit (= training time)", "qpexp.run.pipeline", "fit"),
     ("fit > Trainer()", "lightning.pytorch", "Trainer.__init__"),
     ("fit > checkpoint writes", "lightning.pytorch.callbacks", "ModelCheckpoint._save_checkpoint"),
     ("fit > validation loops", "lightning.pytorch.loops.evaluation_loop", "_EvaluationLoop.run"),
-    ("stages > evaluate val+test", "qpexp.pipeline", "evaluate"),
-    ("stages > measure", "qpexp.pipeline", "Pipeline.measure"),
-    ("measure > MACs (FlopCounterMode)", "qpexp.pipeline", "model_macs"),
-    ("sweep start: check every point", "qpexp.callbacks", "FrontierCallback.on_multirun_start"),
-    ("sweep end: frontier files, W&B run", "qpexp.callbacks", "FrontierCallback.on_multirun_end"),
+    ("stages > evaluate val+test", "qpexp.run.pipeline", "evaluate"),
+    ("stages > measure", "qpexp.run.pipeline", "Pipeline.measure"),
+    ("measure > MACs (FlopCounterMode)", "qpexp.run.pipeline", "model_macs"),
+    ("sweep start: check every point", "qpexp.sweep.callbacks", "FrontierCallback.on_multirun_start"),
+    ("sweep end: frontier files, W&B run", "qpexp.sweep.callbacks", "FrontierCallback.on_multirun_end"),
 ]
 
 
@@ -145,7 +146,6 @@ def profile_child() -> None:
             owner = getattr(owner, part)
         setattr(owner, name, timed(label, getattr(owner, name)))
     sys.argv = ["qpexp", *sys.argv[2:]]
-    from qpexp.cli import main as qpexp_main
 
     t0, c0 = time.perf_counter(), time.process_time()
     try:

@@ -23,6 +23,9 @@ import math
 import torch
 from torch import nn
 
+from qpexp.core.evaluate import evaluate
+from qpexp.core.prune.unstructured import layer_masks
+
 FRACTIONS = tuple(round(0.1 * i, 1) for i in range(10))  # 0.0, 0.1, ..., 0.9 of a layer
 
 
@@ -39,8 +42,6 @@ def need_batches(batches) -> list:
 
 def val_loss(model: nn.Module, batches) -> float:
     """Mean cross-entropy of ``model`` in eval mode over ``batches`` of (x, y)."""
-    from qpexp.core.sensitivity import evaluate  # imports this package: resolved at call time
-
     return evaluate(model, batches)[1]
 
 
@@ -104,8 +105,6 @@ def unstructured_fractions(
 ) -> tuple[dict[str, float], dict[str, float]]:
     """``(planned, current)`` fractions of each layer of the pool (``weights``: name -> its weight
     tensor, pruned in place while planning and restored)."""
-    from qpexp.core.prune.unstructured import layer_masks
-
     saved = {n: w.detach().clone() for n, w in weights.items()}
     current = {n: int(torch.isneginf(scores[n]).sum()) / scores[n].numel() for n in weights}
     kept = {n: (~torch.isneginf(scores[n])).to(weights[n].dtype) for n in weights}  # the plan's masks

@@ -60,6 +60,7 @@ import torch
 from torch import nn
 
 from qpexp.core.modules import CONV, CONV_LINEAR
+from qpexp.core.prune import layer_ratios, make_criterion
 from qpexp.core.prune.attention import HeadPrunedAttention, head_slices, is_attention, unsupported
 from qpexp.core.prune.auto import greedy_plan, need_batches, order_key, val_loss
 from qpexp.core.prune.criteria import Target
@@ -405,8 +406,6 @@ def _own_ratios(grps: list[Group], model: nn.Module, cfg, target: float) -> dict
     """Groups with their own ratio: the first layer's (``first_ratio``) and the group(s) feeding the
     last layer (``last_ratio``), scaled by the schedule's progress. A ratio r removes round(r n) of the
     group's channels, i.e. a fraction r of that first/last layer's weights."""
-    from qpexp.core.prune import layer_ratios
-
     names = [n for n, _, _ in prunable_weights(model)]
     own = layer_ratios(names, cfg, target)
     out: dict[str, float] = {}
@@ -440,8 +439,6 @@ def channel_prune_step(
     closely as units allow). Already-pruned channels stay pruned. ``scope=auto`` plans each group's
     fraction from its measured sensitivity on the validation ``batches``. Returns each layer's
     realized sparsity."""
-    from qpexp.core.prune import make_criterion
-
     if example is None:
         raise ValueError("channel pruning traces the model: pass an example input (example=...)")
     criterion = criterion or make_criterion(cfg)

@@ -1,6 +1,6 @@
 """SparseGPT (Frantar & Alistarh 2023): one-shot pruning with OBS mask selection and weight update.
 
-For a weight ``W`` (``rows x d``) and its inputs' Hessian ``H = X^T X / n`` (:mod:`qpexp.core.calibrate`),
+For a weight ``W`` (``rows x d``) and its inputs' Hessian ``H = X^T X / n`` (:mod:`qpexp.core.quant.calibrate`),
 the paper's Algorithm 1: ``U = chol((H + damp mean(diag H) I)^-1)^T`` (upper); the columns are
 visited in blocks of ``block``; at the start of each block the mask of the block is chosen on the
 current (already updated) weights by the OBS saliency ``w^2 / U_jj^2`` (``[H^-1]_jj`` restricted to
@@ -21,8 +21,8 @@ import math
 import torch
 from torch import nn
 
-from qpexp.core.calibrate import LayerStats, Site, calibrate_, sites
 from qpexp.core.prune.nm import check_nm, nm_mask
+from qpexp.core.quant.calibrate import LayerStats, Site, calibrate_, sites
 from qpexp.core.quant.gptq import inverse_hessian_upper
 
 
@@ -103,7 +103,7 @@ def sparsegpt_prune_(model: nn.Module, batches: list[torch.Tensor], ratios: dict
                      block: int = 128, damp: float = 0.01, sequential: bool = True) -> dict:  # fmt: skip
     """SparseGPT on every conv/linear weight (and self-attention ``in_proj_weight``) named in
     ``ratios`` (layer name -> fraction to prune; ignored with ``nm``), in place; every other named
-    weight is pruned by magnitude. Returns :func:`~qpexp.core.calibrate.calibrate_`'s record, with
+    weight is pruned by magnitude. Returns :func:`~qpexp.core.quant.calibrate.calibrate_`'s record, with
     ``"magnitude"``: the names pruned by magnitude instead."""
     from qpexp.core.prune.masks import get_mask, prunable_weights, set_mask
     from qpexp.core.prune.unstructured import layer_masks

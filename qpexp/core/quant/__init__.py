@@ -1,6 +1,7 @@
 """Quantization: prepare (``quantize_``) and convert (``convert``) as two explicit phases."""
 
-from qpexp.core.quant.layers import QuantLayer, fold_batchnorm_, quant_layers, quantize_
+from qpexp.core.quant.layers import QuantLayer, fold_batchnorm_, quant_layers
+from qpexp.core.quant.prepare import quantize_
 from qpexp.core.quant.spec import ALLOWED_BITS, QuantConfig, QuantSpec
 
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qpexp.core.quant.graph import graph_quantizers
 from qpexp.core.quant.layers import quant_layers
 from qpexp.core.quant.linear import LinearQuantizer
 
@@ -203,8 +204,6 @@ def adaround_(model: nn.Module, batches: list[torch.Tensor], iters: int = 500, *
     ``{name: {"changed": fraction of codes other than nearest rounding, "mse_nearest", "mse_adaround"}}``
     (the layer's output error against its float weight on the same inputs) and ``"seconds"``.
     """
-    from qpexp.core.quant.graph import graph_quantizers
-
     raw = [n for n, q in graph_quantizers(model) if getattr(q, "is_weight", False)]
     if raw:
         raise ValueError(

@@ -1,7 +1,7 @@
 """GPTQ (Frantar et al. 2023): one-shot weight quantization with error feedback through the inverse Hessian.
 
 For a weight ``W`` (``rows x d``) and its inputs' proxy Hessian ``H = X^T X / n``
-(:mod:`qpexp.core.calibrate`), the columns are quantized one after the other; the error of column
+(:mod:`qpexp.core.quant.calibrate`), the columns are quantized one after the other; the error of column
 ``j``, ``e = (w_j - q_j) / [H^-1]_jj``, is fed into the columns not yet quantized,
 ``W[:, j:] -= e [H^-1]_{j, j:}``, which is the least-squares optimal update of the remaining weights
 (the OBS step). As in the paper's Algorithm 1: ``H`` is damped by ``damp * mean(diag H)`` on its
@@ -32,7 +32,7 @@ import time
 import torch
 from torch import nn
 
-from qpexp.core.calibrate import LayerStats, Site, calibrate_
+from qpexp.core.quant.calibrate import LayerStats, Site, calibrate_
 from qpexp.core.quant.linear import LinearQuantizer
 
 
@@ -185,7 +185,7 @@ def gptq_(model: nn.Module, batches: list[torch.Tensor], block: int = 128, damp:
     inputs on ``batches`` (each layer's inputs after its input quantizer, measured on the model whose
     earlier layers are already quantized when ``sequential``). Weights quantized in the graph (raw
     parameters such as attention's ``in_proj_weight``) keep nearest rounding; they are listed under
-    ``"nearest_only"``. Returns :func:`~qpexp.core.calibrate.calibrate_`'s record."""
+    ``"nearest_only"``. Returns :func:`~qpexp.core.quant.calibrate.calibrate_`'s record."""
     from qpexp.core.quant.graph import graph_quantizers
 
     raw = [n for n, q in graph_quantizers(model) if getattr(q, "is_weight", False)]
@@ -198,7 +198,7 @@ def gptq_(model: nn.Module, batches: list[torch.Tensor], block: int = 128, damp:
     def quantized(s: Site) -> bool:
         return s.wq is not None
 
-    from qpexp.core.calibrate import sites
+    from qpexp.core.quant.calibrate import sites
 
     names = {s.name for s in sites(model) if quantized(s)}
     out = calibrate_(model, batches, compress, sequential=sequential, names=names)

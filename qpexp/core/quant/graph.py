@@ -65,9 +65,11 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import nn
 
+from qpexp.core.quant.layers import QuantLayer, fold_pair
 from qpexp.core.quant.spec import SCHEMES, QuantConfig, QuantSpec
+from qpexp.core.quant.traceable import make_traceable_
 from qpexp.core.resolve import resolve
-from qpexp.errors import QpexpWarning
+from qpexp.core.warning import QpexpWarning
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -168,8 +170,6 @@ def is_quantizer(m) -> bool:
 
 
 def _quant_layer_cls():
-    from qpexp.core.quant.layers import QuantLayer
-
     return QuantLayer
 
 
@@ -647,8 +647,6 @@ def fold_batchnorm_graph_(model: nn.Module, graph: fx.Graph) -> list[tuple[str, 
     """Fold each conv -> BatchNorm pair of the flat ``graph`` (conv output used only by the BN,
     both called once, BN with running statistics; also linear -> BatchNorm1d); the BN becomes
     ``nn.Identity``. Returns the (conv, bn) names."""
-    from qpexp.core.quant.layers import fold_pair
-
     modules = dict(model.named_modules())
     calls: dict[str, int] = {}
     for n in graph.nodes:
@@ -789,8 +787,6 @@ class Plan:
 def analyse(model: nn.Module, cfg: QuantConfig, example=None) -> Plan:
     """Steps 1-3 of the module doc: traceable swaps, BN folding, raw weights, on one flat trace
     (checked against the eager forward when ``example`` is given). Raises :class:`TraceFailure`."""
-    from qpexp.core.quant.traceable import make_traceable_
-
     swapped = make_traceable_(model)
     ranks, ref = record_ranks(model, example) if example is not None else ({}, None)
     graph, leaves = trace(model, "inline", training=False, ranks=ranks)

@@ -55,7 +55,7 @@ from torch import nn
 
 from qpexp.core.quant import allowlist as A
 from qpexp.core.quant import export as E
-from qpexp.core.quant.graph import is_quantizer, prepare_info, root_site
+from qpexp.core.quant.graph import TraceFailure, _trace_with_retries, is_quantizer, prepare_info, root_site
 from qpexp.core.quant.linear import LinearQuantizer, fake_quant_scalar
 from qpexp.core.quant.log import _bcast
 
@@ -126,8 +126,6 @@ def _attr(model, target):
 
 def export_graph(model: nn.Module) -> fx.Graph:
     """The prepared model (eval mode) traced down to torch functions, quantizers as leaves."""
-    from qpexp.core.quant.graph import TraceFailure, _trace_with_retries
-
     was = model.training
     model.eval()
     try:

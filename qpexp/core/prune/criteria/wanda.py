@@ -2,7 +2,7 @@
 norm of the input feature it multiplies over the calibration data (no gradients, no weight update).
 
 The norms come from :meth:`Wanda.calibrate` (one pass over unlabeled batches,
-:mod:`qpexp.core.calibrate`: a conv's unfolded patches, a quantized layer's quantized input). The
+:mod:`qpexp.core.quant.calibrate`: a conv's unfolded patches, a quantized layer's quantized input). The
 paper compares scores within each output row; :func:`row_masks` does that, and as a criterion the
 scores are ranked by ``prune.scope`` (``layer``: within each layer) or in N:M groups
 (``prune.structure=nm``: within each group of a row). A weight without calibration inputs (raw
@@ -43,7 +43,7 @@ class Wanda:
 
     def calibrate(self, model, batches) -> dict:
         """Measure every weight's input norms on ``batches`` in one pass (the model is not changed)."""
-        from qpexp.core.calibrate import calibrate_
+        from qpexp.core.quant.calibrate import calibrate_
 
         def keep(site, stats):
             self.norms[site.name] = stats.input_norms()

@@ -1,0 +1,1 @@
+"""Analyses of a trained model: per-layer sensitivity and mixed-precision bit assignment."""

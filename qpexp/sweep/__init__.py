@@ -1,0 +1,1 @@
+"""Sweeps: Hydra callbacks, the pre-sweep check, frontier aggregation, dashboard and reports."""

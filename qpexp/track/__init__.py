@@ -1,0 +1,1 @@
+"""Experiment tracking: loggers (CSV, W&B) and W&B workspace views."""

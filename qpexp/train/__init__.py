@@ -1,0 +1,1 @@
+"""Model training: the Lightning stages, distillation, the optimizer, and the DDP collectives."""
