@@ -21,7 +21,16 @@ folder) and write into ``out_dir``:
 - a W&B run (``job_type="frontier"``) in the sweep's group, holding the table, the plot and the
   summary, when the points logged to W&B (``logger=wandb``, offline unless ``WANDB_MODE`` says so).
 
-Definitions (``acc`` = ``final/test_acc``, ``ratio`` = ``final/compression_ratio``):
+Choose on validation, report test once: ``select`` (``frontier.select``, ``--select``; default
+``final/val_acc``) is the metric that decides the Pareto flags, the best ratio within N points (against
+dense's value of the same metric) and the hypervolume; the **test** accuracy of the configurations so
+chosen is reported beside each (``best_ratio_within_1pt_test_acc``, ``..._val_acc``, ``hypervolume_test``,
+the front's ``acc``) and drawn. ``select=final/test_acc`` gives the old, test-selected numbers.
+``deploy_mismatch``/``deploy_error`` points are drawn and listed but kept off the front unless
+``include_failed_deploy``; ``not_deployed`` points (no deployment check ran) count, flagged in the
+``not_deployed`` column.
+
+Definitions (``acc`` = the selection metric, ``ratio`` = ``final/compression_ratio``):
 
 - **Dense reference**: the baseline of each point *is* the dense fp32 model (same data, model,
   baseline training and seed), so each distinct baseline among the points gives one ``dense`` row:
@@ -65,11 +74,19 @@ log = logging.getLogger("qpexp")
 
 # statuses of a finished run whose accuracy stands (deploy_*: the fake-quantized model is fine, its
 # deployment is not; the point stays on the front, is listed with its status, and a re-run reuses it)
-ACCURACY_STANDS = ("ok", "deploy_mismatch", "deploy_error")
+# (not_deployed: no deployment check ran, the accuracy stands as measured)
+ACCURACY_STANDS = ("ok", "not_deployed", "deploy_mismatch", "deploy_error")
+# accuracy stands but the deployed model failed its check: drawn, but left out of the front, best-within
+# and hypervolume unless ``include_failed_deploy``
+DEPLOY_FAILED = ("deploy_mismatch", "deploy_error")
 ACC, RATIO, BOPS = "final/test_acc", "final/compression_ratio", "final/bops"
+VAL = "final/val_acc"
+# the metric that SELECTS (Pareto flags, best ratio within N points, hypervolume); the test accuracy of
+# what it selects is reported beside it, so the test split is read once, never to choose
+SELECT = VAL
 AXES = ("quant.bits_w", "prune.ratio", "prune.scope", "seed")
 # config keys that never change what a point computes: not axes, not part of a config's identity
-NEUTRAL = ("cache", "cache_dir", "checkpoint_every_s", "threads", "name", "logger.", "export.")
+NEUTRAL = ("cache", "cache_dir", "checkpoint_every_s", "threads", "name", "logger.", "export.", "frontier.")
 # what determines the baseline (= the dense model); mirrors the stage cache key in qpexp.pipeline
 BASELINE_KEYS = ("data", "model", "baseline", "trainer", "seed")
 HV_WINDOW = 0.05
@@ -244,8 +261,18 @@ def _num(v) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _ok(row: dict) -> bool:
-    return row.get("status") in ACCURACY_STANDS and _num(row.get(ACC)) is not None
+def _ok(row: dict, select: str = ACC) -> bool:
+    """A row whose accuracy stands and holds a test accuracy (and the selection metric's value)."""
+    return (
+        row.get("status") in ACCURACY_STANDS
+        and _num(row.get(ACC)) is not None
+        and _num(row.get(select)) is not None
+    )
+
+
+def eligible(row: dict, select: str = SELECT, include_failed_deploy: bool = False) -> bool:
+    """May ``row`` be on the front (Pareto flags, best-within, hypervolume)? Deploy failures only if asked."""
+    return _ok(row, select) and (include_failed_deploy or row.get("status") not in DEPLOY_FAILED)
 
 
 def pareto_flags(points: list[tuple[float | None, float | None]], higher_better_x: bool = True) -> list[bool]:
@@ -276,17 +303,19 @@ def group_key(row: dict, axes: list[str]) -> tuple:
     return tuple(json.dumps(row.get(a), default=str) for a in axes if a != "seed") + (row.get("point"),)
 
 
-def groups(rows: list[dict], axes: list[str]) -> list[dict]:
-    """Seed means of each config over its ok rows: acc mean/std, ratio and bops means, seed count."""
+def groups(
+    rows: list[dict], axes: list[str], select: str = SELECT, include_failed_deploy: bool = False
+) -> list[dict]:
+    """Seed means of each config over its ok rows: ``acc`` (test) mean/std, ``sel`` (the selection
+    metric) and ``val_acc`` means, ratio and bops means, seed count. ``pareto`` is decided on ``sel``
+    among the eligible configs (a config with a failed deployment is not, unless asked)."""
     buckets: dict[tuple, list[dict]] = OrderedDict()
     for r in rows:
-        if _ok(r):
+        if _ok(r, select):
             buckets.setdefault(group_key(r, axes), []).append(r)
     out = []
     for key, rs in buckets.items():
         accs = [_num(r[ACC]) for r in rs]
-        ratios = [_num(r.get(RATIO)) for r in rs]
-        bops = [_num(r.get(BOPS)) for r in rs]
         mean = sum(accs) / len(accs)
         std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
         g = {a: rs[0].get(a) for a in axes if a != "seed"}
@@ -297,13 +326,20 @@ def groups(rows: list[dict], axes: list[str]) -> list[dict]:
             seeds=sorted({r.get("seed") for r in rs}, key=str),
             acc=mean,
             acc_std=std,
-            ratio=_mean(ratios),
-            bops=_mean(bops),
+            sel=_mean([_num(r.get(select)) for r in rs]),
+            val_acc=_mean([_num(r.get(VAL)) for r in rs]),
+            ratio=_mean([_num(r.get(RATIO)) for r in rs]),
+            bops=_mean([_num(r.get(BOPS)) for r in rs]),
             sparsity=_mean([_num(r.get("final/sparsity")) for r in rs]),
             size_bits=_mean([_num(r.get("final/size_bits")) for r in rs]),
+            eligible=all(eligible(r, select, include_failed_deploy) for r in rs),
+            not_deployed=any(r.get("status") == "not_deployed" for r in rs),
+            statuses=sorted({str(r.get("status")) for r in rs}),
+            first_bits=rs[0].get("config.quant.first_bits"),
+            last_bits=rs[0].get("config.quant.last_bits"),
         )
         out.append(g)
-    flags = pareto_flags([(g["acc"], g["ratio"]) for g in out])
+    flags = pareto_flags([(g["sel"], g["ratio"]) if g["eligible"] else (None, None) for g in out])
     for g, f in zip(out, flags):
         g["pareto"] = f
     return out
@@ -337,39 +373,68 @@ def hypervolume_above(front: list[tuple[float, float]], ref_acc: float) -> float
     return area
 
 
-def best_within(gs: list[dict], dense_acc: float, points: float) -> dict | None:
-    cands = [g for g in gs if g["ratio"] is not None and g["acc"] >= dense_acc - points / 100 - 1e-12]
-    return max(cands, key=lambda g: (g["ratio"], g["acc"])) if cands else None
-
-
-def summarize(rows: list[dict], gs: list[dict], hv_window: float = HV_WINDOW) -> dict:
-    dense_rows = [
-        r for r in rows if _ok(r) and r.get("quant.bits_w") == 32 and not _num(r.get("prune.ratio"))
+def best_within(gs: list[dict], dense_acc: float, points: float, key: str = "acc") -> dict | None:
+    """The config of highest ratio whose ``key`` (``"sel"``: the selection metric) is at least
+    ``dense_acc - points / 100`` (ineligible configs, e.g. failed deployments, left out)."""
+    cands = [
+        g
+        for g in gs
+        if g.get("eligible", True) and g["ratio"] is not None and g[key] >= dense_acc - points / 100 - 1e-12
     ]
+    return max(cands, key=lambda g: (g["ratio"], g[key])) if cands else None
+
+
+def summarize(rows: list[dict], gs: list[dict], hv_window: float = HV_WINDOW, select: str = SELECT) -> dict:
+    """Counts, the dense reference (test, validation and selection metric) and the front's numbers,
+    chosen on ``select`` and reported with the test accuracy of what was chosen."""
+    dense_rows = [
+        r for r in rows if _ok(r, select) and r.get("quant.bits_w") == 32 and not _num(r.get("prune.ratio"))
+    ]
+    runs = [r for r in rows if r["point"] == "run"]
     s: dict = {
-        "points": sum(r["point"] == "run" for r in rows),
-        "points_ok": sum(r["point"] == "run" and r["status"] == "ok" for r in rows),
-        "points_failed": sum(r["point"] == "run" and r["status"] not in ACCURACY_STANDS for r in rows),
-        "points_deploy_mismatch": sum(r["point"] == "run" and r["status"] == "deploy_mismatch" for r in rows),
-        "points_deploy_error": sum(r["point"] == "run" and r["status"] == "deploy_error" for r in rows),
+        "select": select,
+        "points": len(runs),
+        "points_ok": sum(r["status"] == "ok" for r in runs),
+        "points_failed": sum(r["status"] not in ACCURACY_STANDS for r in runs),
+        "points_not_deployed": sum(r["status"] == "not_deployed" for r in runs),
+        "points_deploy_mismatch": sum(r["status"] == "deploy_mismatch" for r in runs),
+        "points_deploy_error": sum(r["status"] == "deploy_error" for r in runs),
         "configs": len(gs),
     }
     if dense_rows:
-        accs = [_num(r[ACC]) for r in dense_rows]
-        s["dense_acc"] = sum(accs) / len(accs)
-        s["dense_n"] = len(accs)
-        s.update(_front_numbers([(g["acc"], g["ratio"]) for g in gs], s["dense_acc"], hv_window))
-        for pts in (1, 2):
-            b = best_within(gs, s["dense_acc"], pts)
-            if b is not None:
-                s[f"best_within_{pts}pt/config"] = _describe(b)
-                s[f"best_within_{pts}pt/acc"] = b["acc"]
-                s[f"best_within_{pts}pt/n"] = b["n"]
+        s["dense_acc"] = _mean([_num(r[ACC]) for r in dense_rows])  # test: the plot's dense line
+        s["dense_test_acc"] = s["dense_acc"]
+        s["dense_val_acc"] = _mean([_num(r.get(VAL)) for r in dense_rows])
+        s["dense_select_acc"] = _mean([_num(r[select]) for r in dense_rows])
+        s["dense_n"] = len(dense_rows)
+        s.update(_selected_numbers(gs, s, hv_window))
     s["pareto_points"] = sum(1 for g in gs if g["pareto"])
     return s
 
 
+def _selected_numbers(gs: list[dict], s: dict, hv_window: float) -> dict:
+    """Best ratio within 1 and 2 points and hypervolume, chosen on the selection metric (dense too),
+    each with the test (and validation) accuracy of the chosen configs beside it."""
+    front = [g for g in gs if g["pareto"]]
+    hv = hypervolume([(g["sel"], g["ratio"]) for g in front], s["dense_select_acc"], hv_window)
+    out = {"hypervolume": hv, "hypervolume_relative": hv, "hv_window": hv_window}
+    # the same area for the SELECTED front at its test accuracies, against dense's test accuracy
+    out["hypervolume_test"] = hypervolume([(g["acc"], g["ratio"]) for g in front], s["dense_acc"], hv_window)
+    for pts in (1, 2):
+        b = best_within(gs, s["dense_select_acc"], pts, key="sel")
+        out[f"best_ratio_within_{pts}pt"] = b["ratio"] if b else None
+        if b is not None:
+            out[f"best_ratio_within_{pts}pt_test_acc"] = b["acc"]
+            out[f"best_ratio_within_{pts}pt_val_acc"] = b["val_acc"]
+            out[f"best_within_{pts}pt/config"] = _describe(b)
+            out[f"best_within_{pts}pt/acc"] = b["acc"]
+            out[f"best_within_{pts}pt/select_acc"] = b["sel"]
+            out[f"best_within_{pts}pt/n"] = b["n"]
+    return out
+
+
 def _front_numbers(front: list[tuple[float, float]], dense_acc: float, hv_window: float) -> dict:
+    """A reference front's numbers (one accuracy per point, e.g. a peer's test accuracy)."""
     hv = hypervolume(front, dense_acc, hv_window)
     out = {"hypervolume": hv, "hypervolume_relative": hv, "hv_window": hv_window}
     for pts in (1, 2):
@@ -389,7 +454,10 @@ def _absolute_hypervolume(gs, summary: dict, ref: dict | None, hv_window: float,
     out = {
         "hv_reference_point": {"compression_ratio": 1.0, "test_acc": ref_acc},
         "hv_reference_acc": ref_acc,
-        "hypervolume_absolute": hypervolume_above([(g["acc"], g["ratio"]) for g in gs], ref_acc),
+        # the selected front (Pareto on the selection metric) at its test accuracies
+        "hypervolume_absolute": hypervolume_above(
+            [(g["acc"], g["ratio"]) for g in gs if g["pareto"]], ref_acc
+        ),
     }
     if ref is not None:
         front = [(p["acc"], p["ratio"]) for p in ref["points"]]
@@ -400,9 +468,15 @@ def _absolute_hypervolume(gs, summary: dict, ref: dict | None, hv_window: float,
 def _describe(g: dict) -> str:
     if g.get("point") == "dense":
         return "dense fp32"
-    parts = [f"w{_fmt(g.get('quant.bits_w'))}", f"{g.get('prune.scope')} {_fmt(g.get('prune.ratio'))}"]
+    bits = g.get("quant.bits_w")
+    parts = [f"w{_fmt(bits)}", f"{g.get('prune.scope')} {_fmt(g.get('prune.ratio'))}"]
     extra = [f"{k}={_fmt(v)}" for k, v in g.items() if "." in k and k not in AXES and v is not None]
-    return " ".join(parts + extra)
+    layers = [
+        f"{where} layer {_fmt(b)}-bit"
+        for where, b in (("first", g.get("first_bits")), ("last", g.get("last_bits")))
+        if _num(b) is not None and _num(bits) is not None and _num(b) != _num(bits)
+    ]
+    return ", ".join([" ".join(parts + extra), *layers])
 
 
 def _fmt(v) -> str:
@@ -457,7 +531,17 @@ def read_reference(path: str | Path) -> dict:
 
 # -- outputs ----------------------------------------------------------------------------------------
 def write_csv(rows: list[dict], axes: list[str], path: Path) -> list[str]:
-    first = ["point", "run_dir", *axes, "status", "error", "pareto", "pareto_bops", "pareto_config"]
+    first = [
+        "point",
+        "run_dir",
+        *axes,
+        "status",
+        "not_deployed",
+        "error",
+        "pareto",
+        "pareto_bops",
+        "pareto_config",
+    ]
     cols = list(first)
     for r in rows:
         for k in r:
@@ -660,27 +744,44 @@ def write_frontier(
     hv_window: float = HV_WINDOW,
     quiet: bool = False,
     hv_reference_acc: float | None = None,
+    select: str = SELECT,
+    include_failed_deploy: bool = False,
 ) -> dict:
     """Aggregate the points under ``dirs`` into ``out_dir`` (see the module docstring); returns the summary.
 
     ``wandb``: None follows the points' logger (a W&B run when they used ``logger=wandb``), True/False
     forces it. ``reference``: a CSV front drawn beside (its summary numbers land under ``reference/``).
     ``hv_reference_acc``: the accuracy of the shared point of the absolute hypervolume (default: the
-    lowest dense accuracy among the fronts minus ``hv_window``).
+    lowest dense accuracy among the fronts minus ``hv_window``). ``select``: the metric that chooses
+    (Pareto flags, best-within, hypervolume; default the validation accuracy); the test accuracy of
+    the chosen configs is reported beside it. ``include_failed_deploy``: let ``deploy_mismatch`` and
+    ``deploy_error`` points onto the front (they are always drawn and listed).
     """
     dirs = [Path(d) for d in dirs]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows, axes = collect(dirs)
+    runs = [r for r in rows if r["point"] == "run" and r.get("status") in ACCURACY_STANDS]
+    if runs and not any(_num(r.get(select)) is not None for r in runs):
+        raise ValueError(
+            f"frontier.select={select!r}: no finished point's record holds this key (e.g. {VAL!r} or {ACC!r})"
+        )
     for flag, x, higher in (("pareto", RATIO, True), ("pareto_bops", BOPS, False)):
-        vals = [(_num(r.get(ACC)), _num(r.get(x))) if _ok(r) else (None, None) for r in rows]
+        vals = [
+            (_num(r.get(select)), _num(r.get(x)))
+            if eligible(r, select, include_failed_deploy)
+            else (None, None)
+            for r in rows
+        ]
         for r, f in zip(rows, pareto_flags(vals, higher)):
             r[flag] = f
-    gs = groups(rows, axes)
+    gs = groups(rows, axes, select, include_failed_deploy)
     on_front = {g["key"] for g in gs if g["pareto"]}
     for r in rows:
-        r["pareto_config"] = _ok(r) and group_key(r, axes) in on_front
-    summary = summarize(rows, gs, hv_window)
+        r["pareto_config"] = _ok(r, select) and group_key(r, axes) in on_front
+        r["not_deployed"] = r.get("status") == "not_deployed"
+    summary = summarize(rows, gs, hv_window, select)
+    summary["include_failed_deploy"] = include_failed_deploy
     ref = None
     if reference:
         ref = read_reference(reference)
@@ -691,7 +792,7 @@ def write_frontier(
             summary.update({f"reference/{k}": v for k, v in rn.items() if k != "hv_window"})
     summary.update(_absolute_hypervolume(gs, summary, ref, hv_window, hv_reference_acc))
     cols = write_csv(rows, axes, out / "frontier.csv")
-    title = "qpexp frontier: " + ", ".join(d.name for d in dirs)
+    title = "qpexp frontier: " + ", ".join(d.name for d in dirs) + f" (front chosen on {select})"
     png = out / "frontier.png"
     plot(gs, summary, png, ref, title)
     summary["front"] = [
@@ -699,6 +800,9 @@ def write_frontier(
             "config": _describe(g),
             "acc": g["acc"],
             "acc_std": g["acc_std"],
+            "select_acc": g["sel"],
+            "val_acc": g["val_acc"],
+            "not_deployed": g["not_deployed"],
             "n": g["n"],
             "ratio": g["ratio"],
             "sparsity": g["sparsity"],
@@ -710,7 +814,7 @@ def write_frontier(
     summary["failed"] = [
         {"run_dir": r["run_dir"], "status": r["status"], "error": r["error"]}
         for r in rows
-        if r["point"] == "run" and r["status"] != "ok"
+        if r["point"] == "run" and r["status"] not in ("ok", "not_deployed")
     ]
     summary["files"] = {"csv": str(out / "frontier.csv"), "png": str(png)}
     from qpexp.dashboard import write_html
@@ -742,18 +846,24 @@ def report(summary: dict) -> str:
     lines = [
         f"frontier: {summary['points']} points, {summary['points_ok']} ok, {summary['points_failed']} failed"
     ]
+    sel = summary.get("select", ACC)
     if "dense_acc" in summary:
-        lines.append(f"dense reference: {100 * summary['dense_acc']:.2f}% (n={summary['dense_n']})")
+        lines.append(f"selected on {sel}; test accuracy (final/test_acc) of what it selects reported beside")
+        lines.append(
+            f"dense reference: {sel} {100 * summary['dense_select_acc']:.2f}%, "
+            f"test {100 * summary['dense_acc']:.2f}% (n={summary['dense_n']})"
+        )
         for k in (1, 2):
             b = summary.get(f"best_ratio_within_{k}pt")
             if b is not None:
                 lines.append(
-                    f"best ratio within {k} pt: {b:.2f}x ({summary.get(f'best_within_{k}pt/config')}, "
-                    f"{100 * summary[f'best_within_{k}pt/acc']:.2f}%)"
+                    f"best ratio within {k} pt (on {sel}): {b:.2f}x ({summary.get(f'best_within_{k}pt/config')}; "
+                    f"{sel} {100 * summary[f'best_within_{k}pt/select_acc']:.2f}%, "
+                    f"test {100 * summary[f'best_within_{k}pt/acc']:.2f}%)"
                 )
         lines.append(
-            f"hypervolume relative (above own dense - {100 * summary['hv_window']:g} pt): "
-            f"{summary['hypervolume']:.2f}"
+            f"hypervolume relative (on {sel}, above own dense - {100 * summary['hv_window']:g} pt): "
+            f"{summary['hypervolume']:.2f}; the selected front at test accuracy: {summary['hypervolume_test']:.2f}"
         )
     if "hypervolume_absolute" in summary:
         lines.append(
@@ -772,13 +882,17 @@ def report(summary: dict) -> str:
             f"absolute {summary.get('reference/hypervolume_absolute', float('nan')):.2f}"
         )
     w = max([20] + [len(f["config"]) for f in summary.get("front", [])])
-    head = f"{'config':<{w}} {'n':>2} {'test acc':>15} {'ratio':>7} {'sparsity':>8} {'size bits':>9}"
+    head = f"{'config':<{w}} {'n':>2} {'select acc':>10} {'test acc':>15} {'ratio':>7} {'sparsity':>8} {'size bits':>9}"
     lines += ["Pareto front:", head, "-" * len(head)]
     for f in summary.get("front", []):
         acc = f"{100 * f['acc']:.2f}" + (f" ± {100 * f['acc_std']:.2f}" if f["n"] > 1 else "")
         sp = "" if f["sparsity"] is None else f"{f['sparsity']:.3f}"
         size = "" if f["size_bits"] is None else f"{f['size_bits']:,.0f}"
-        lines.append(f"{f['config']:<{w}} {f['n']:>2} {acc:>15} {f['ratio']:>6.2f}x {sp:>8} {size:>9}")
+        sa = f"{100 * f['select_acc']:.2f}"
+        mark = " (not deployed)" if f.get("not_deployed") else ""
+        lines.append(
+            f"{f['config']:<{w}} {f['n']:>2} {sa:>10} {acc:>15} {f['ratio']:>6.2f}x {sp:>8} {size:>9}{mark}"
+        )
     for f in summary.get("failed", []):
         lines.append(f"{f['status'].upper()}: {f['run_dir']}: {f['error']}")
     return "\n".join(lines)
@@ -803,6 +917,17 @@ def cli(argv=None) -> int:
         help="accuracy (fraction) of the absolute hypervolume's shared reference point "
         "(default: the lowest dense accuracy among the fronts minus the window)",
     )
+    p.add_argument(
+        "--select",
+        default=SELECT,
+        help=f"the metric that chooses: Pareto flags, best ratio within N points, hypervolume "
+        f"(default {SELECT}; the test accuracy of what it chooses is reported beside it)",
+    )
+    p.add_argument(
+        "--include-failed-deploy",
+        action="store_true",
+        help="let deploy_mismatch / deploy_error points onto the front (always drawn and listed)",
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--wandb", dest="wandb", action="store_true", default=None, help="always log a W&B run")
     g.add_argument("--no-wandb", dest="wandb", action="store_false", help="never log a W&B run")
@@ -821,6 +946,8 @@ def cli(argv=None) -> int:
         wandb=a.wandb,
         hv_window=a.hv_window,
         hv_reference_acc=a.hv_reference_acc,
+        select=a.select,
+        include_failed_deploy=a.include_failed_deploy,
     )
     return 0
 
