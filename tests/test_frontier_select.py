@@ -133,3 +133,14 @@ def test_cli_select_flag_and_unknown_key(sweep, tmp_path, capsys):
     assert json.loads((sweep / "frontier.json").read_text())["best_ratio_within_1pt"] == pytest.approx(20.0)
     with pytest.raises(ValueError, match="frontier.select='final/nope_acc'"):
         write_frontier([sweep], tmp_path / "out", quiet=True, wandb=False, select="final/nope_acc")
+
+
+def test_config_key_default_and_bad_value():
+    from conftest import compose
+
+    from qpexp.errors import ConfigError
+    from qpexp.schema import validate
+
+    assert validate(compose(["logger=none"])).frontier.select == "final/val_acc"
+    with pytest.raises(ConfigError, match="frontier.select='final/val_loss'"):
+        validate(compose(["logger=none", "frontier.select=final/val_loss"]))
