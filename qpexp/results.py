@@ -95,6 +95,31 @@ def front_table(sweep: Path) -> list[str]:
     return lines
 
 
+def budget(sweep: Path) -> str:
+    """The training budget the sweep's points ran with (from the first point's recorded config)."""
+    rows, _ = fr.collect([sweep])
+    c = next((r for r in rows if r["point"] == "run" and r.get("config.baseline.epochs") is not None), None)
+    if c is None:
+        return "Budget: not recorded."
+
+    def g(k):
+        return fr._fmt(c.get(f"config.{k}"))
+
+    first = c.get("config.quant.first_bits")
+    val = c.get("config.data.source.val_samples")
+    split = (
+        f"validation {val:,} independent samples"
+        if val
+        else f"validation {fr._fmt(c.get('config.data.val_fraction'))} of train"
+    )
+    return (
+        f"Budget: baseline {g('baseline.epochs')} epochs at lr {g('baseline.lr')}; pruning "
+        f"({g('prune.structure')}) {g('prune.steps')} steps x {g('prune.finetune_epochs')} fine-tune epochs "
+        f"at lr {g('prune.lr')}; QAT {g('quant.epochs')} epochs at lr {g('quant.lr')}; first layer "
+        f"{'at the swept width' if first is None else f'{fr._fmt(first)}-bit weights'}; {split}."
+    )
+
+
 def section(sweep: Path) -> list[str]:
     s, _ = frontier_numbers(sweep, fr.VAL)
     return [
@@ -102,6 +127,8 @@ def section(sweep: Path) -> list[str]:
         "",
         f"Command: `{command(sweep)}`; {s['points']} points, {s['points_failed']} failed; records: "
         f"`{_shown(sweep)}`.",
+        "",
+        budget(sweep),
         "",
         *headline_table(sweep),
         "",
