@@ -144,3 +144,12 @@ def test_config_key_default_and_bad_value():
     assert validate(compose(["logger=none"])).frontier.select == "final/val_acc"
     with pytest.raises(ConfigError, match="frontier.select='final/val_loss'"):
         validate(compose(["logger=none", "frontier.select=final/val_loss"]))
+
+
+def test_dashboard_labels_not_deployed_and_reports_chosen_test_acc(sweep):
+    s = write_frontier([sweep], sweep, quiet=True, wandb=False)
+    html = (sweep / "frontier.html").read_text(encoding="utf-8")
+    assert "w4 layer 0.5, first layer 8-bit (not deployed)" in html
+    # the front's table row carries the chosen config's test accuracy (E: 0.93 at 12x)
+    assert '"best_ratio_within_1pt_test_acc":0.93' in html.replace(" ", "")
+    assert s["points_not_deployed"] == 1
