@@ -277,7 +277,8 @@ def test_wandb_frontier_run_holds_table_and_summary(sweep):
     assert run["summary"]["frontier/hypervolume_absolute"] == pytest.approx(summary["hypervolume_absolute"])
     assert run["summary"]["frontier/hv_reference_acc"] == pytest.approx(0.95 - 0.05)
     assert run["summary"]["frontier/hv_reference_point"]["test_acc"] == pytest.approx(0.95 - 0.05)
-    tables = [f for f in run["files"] if str(f).endswith(".table.json")]
+    # the frontier table itself (the run holds the dashboard's tables too, named by their content hash)
+    tables = [f for f in run["files"] if str(f).endswith(".table.json") and "frontier/table_" in str(f)]
     assert tables, run["files"]
     table = json.loads((sweep / "wandb").glob("offline-run-*").__next__().joinpath(tables[0]).read_text())
     assert len(table["data"]) == 12 and "final/test_acc" in table["columns"] and "pareto" in table["columns"]

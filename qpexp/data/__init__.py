@@ -26,8 +26,31 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("QPEXP_DATA_DIR", Path.home() / ".cache" / "qpexp"))
 
 
-def mnist1d(cache_dir: str | None = None, num_samples: int = 5000, seed: int = 42) -> dict[str, np.ndarray]:
-    """MNIST-1D (Greydanus 2020) built offline with ``make_dataset``; cached as .npz after the first build."""
+def mnist1d(
+    cache_dir: str | None = None,
+    num_samples: int = 5000,
+    seed: int = 42,
+    val_samples: int = 0,
+    val_seed: int = 10_042,
+) -> dict[str, np.ndarray]:
+    """MNIST-1D (Greydanus 2020) built offline with ``make_dataset``; cached as .npz after the first build.
+
+    ``val_samples > 0`` adds an independent validation split: that many fresh samples drawn by the same
+    generator with ``val_seed`` (same distribution, disjoint draws), so the standard 4,000/1,000
+    train/test split stays whole and the validation split can be as large as selection needs."""
+    if val_samples < 0:
+        raise DataError(f"data.source.val_samples={val_samples} must be >= 0")
+    if val_samples and val_seed == seed:
+        raise DataError(f"data.source.val_seed={val_seed} must differ from data.source.seed={seed}")
+    arrays = _mnist1d_build(cache_dir, num_samples, seed)
+    if val_samples:
+        extra = _mnist1d_build(cache_dir, val_samples, val_seed)
+        arrays["x_val"] = np.concatenate([extra["x_train"], extra["x_test"]])
+        arrays["y_val"] = np.concatenate([extra["y_train"], extra["y_test"]])
+    return arrays
+
+
+def _mnist1d_build(cache_dir: str | None, num_samples: int, seed: int) -> dict[str, np.ndarray]:
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     path = cache / f"mnist1d_n{num_samples}_s{seed}.npz"
     if path.exists():

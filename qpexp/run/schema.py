@@ -125,6 +125,14 @@ class ExportSchema:
 
 
 @dataclass
+class FrontierSchema:
+    # the record key that chooses (Pareto flags, best ratio within N points, hypervolume); the test
+    # accuracy of what it chooses is reported beside it (qpexp.frontier)
+    select: str = "final/val_acc"
+    include_failed_deploy: bool = False  # let deploy_mismatch / deploy_error points onto the front
+
+
+@dataclass
 class RootSchema:
     seed: int = 0
     threads: int | None = None
@@ -139,6 +147,7 @@ class RootSchema:
     quant: QuantSchema = field(default_factory=QuantSchema)
     distill: DistillSchema = field(default_factory=DistillSchema)
     export: ExportSchema = field(default_factory=ExportSchema)
+    frontier: FrontierSchema = field(default_factory=FrontierSchema)
     analysis: AnalysisSchema | None = None
     logger: Any = None
     trainer: Any = None
@@ -234,6 +243,11 @@ def validate(cfg: DictConfig) -> DictConfig:
     if t.threads is not None:
         _positive("threads", t.threads)
     _positive("checkpoint_every_s", t.checkpoint_every_s, allow_zero=True)
+    if not (t.frontier.select.startswith(("final/", "baseline/")) and t.frontier.select.endswith("_acc")):
+        raise ConfigError(
+            f"frontier.select={t.frontier.select!r} must name a record's accuracy key, "
+            "e.g. final/val_acc (the default) or final/test_acc"
+        )
     for key in ("data", "model"):
         node = t[key]
         if isinstance(node, DictConfig) and OmegaConf.is_missing(node, "_target_"):

@@ -65,8 +65,15 @@ class FrontierCallback(Callback):
         if reference and not Path(reference).is_file():
             log.warning("frontier reference %s not found; drawing qpexp's front alone", reference)
             reference = None
+        fcfg = config.get("frontier") or {}
         summary = write_frontier(
-            [sweep_dir], sweep_dir, reference=reference, wandb=self.wandb, size=self.size
+            [sweep_dir],
+            sweep_dir,
+            reference=reference,
+            wandb=self.wandb,
+            size=self.size,
+            select=fcfg.get("select", "final/val_acc"),
+            include_failed_deploy=bool(fcfg.get("include_failed_deploy", False)),
         )
         print(f"[sweep] frontier: {summary['files']['csv']}, {summary['files']['png']}", flush=True)
 

@@ -126,14 +126,17 @@ def _layer_detail(row: dict) -> dict:
     return {"layers": list(layers.values()), "other_bits": row.get("size/other_bits")}
 
 
-def _group_points(rows: list[dict], idx: list[int], axes: list[str]) -> list[dict]:
-    """Seed means of the rows ``idx`` (indices into ``rows``) with their members and Pareto flags."""
+def _group_points(
+    rows: list[dict], idx: list[int], axes: list[str], select: str = fr.SELECT, include: bool = False
+) -> list[dict]:
+    """Seed means of the rows ``idx`` (indices into ``rows``) with their members and Pareto flags
+    (chosen on ``select``; ``acc`` is the test accuracy, ``select_acc`` the selection metric's)."""
     sub = [rows[i] for i in idx]
-    gs = fr.groups(sub, axes)
+    gs = fr.groups(sub, axes, select, include)
     by_key = {g["key"]: g for g in gs}
     members: dict[tuple, list[int]] = {g["key"]: [] for g in gs}
     for i in idx:
-        if fr._ok(rows[i]):
+        if fr._ok(rows[i], select):
             members[fr.group_key(rows[i], axes)].append(i)
     out = []
     for key, g in by_key.items():
@@ -141,7 +144,9 @@ def _group_points(rows: list[dict], idx: list[int], axes: list[str]) -> list[dic
         lat = _mean([fr._num(rows[i].get(LATENCY)) for i in mem])
         out.append(
             {
-                "label": fr._describe(g),
+                "label": fr._describe(g) + (" (not deployed)" if g["not_deployed"] else ""),
+                "select_acc": g["sel"],
+                "not_deployed": g["not_deployed"],
                 "axes": {a: g.get(a) for a in axes if a != "seed"},
                 "seeds": g["seeds"],
                 "acc": g["acc"],
@@ -168,11 +173,20 @@ def _group_points(rows: list[dict], idx: list[int], axes: list[str]) -> list[dic
     return out
 
 
-def _numbers(rows: list[dict], idx: list[int], axes: list[str], hv_window: float, ref_acc) -> dict:
-    """A front's headline numbers, computed as ``frontier.summarize`` computes the merged ones."""
+def _numbers(
+    rows: list[dict],
+    idx: list[int],
+    axes: list[str],
+    hv_window: float,
+    ref_acc,
+    select=fr.SELECT,
+    include=False,
+) -> dict:
+    """A front's headline numbers, computed as ``frontier.summarize`` computes the merged ones: chosen
+    on ``select``, with the test accuracy of the chosen config beside each."""
     sub = [rows[i] for i in idx]
-    gs = fr.groups(sub, axes)
-    s = fr.summarize(sub, gs, hv_window)
+    gs = fr.groups(sub, axes, select, include)
+    s = fr.summarize(sub, gs, hv_window, select)
     out = {
         "configs": s["configs"],
         "points": s["points"],
@@ -180,14 +194,18 @@ def _numbers(rows: list[dict], idx: list[int], axes: list[str], hv_window: float
         "points_failed": s["points_failed"],
         "dense_acc": s.get("dense_acc"),
         "best_ratio_within_1pt": s.get("best_ratio_within_1pt"),
+        "best_ratio_within_1pt_test_acc": s.get("best_ratio_within_1pt_test_acc"),
         "best_within_1pt/config": s.get("best_within_1pt/config"),
         "best_ratio_within_2pt": s.get("best_ratio_within_2pt"),
+        "best_ratio_within_2pt_test_acc": s.get("best_ratio_within_2pt_test_acc"),
         "best_within_2pt/config": s.get("best_within_2pt/config"),
         "hypervolume_relative": s.get("hypervolume_relative", s.get("hypervolume")),
         "hypervolume_absolute": None,
     }
-    if ref_acc is not None:
-        out["hypervolume_absolute"] = fr.hypervolume_above([(g["acc"], g["ratio"]) for g in gs], ref_acc)
+    if ref_acc is not None:  # the chosen front at its test accuracies
+        out["hypervolume_absolute"] = fr.hypervolume_above(
+            [(g["acc"], g["ratio"]) for g in gs if g["pareto"]], ref_acc
+        )
     return out
 
 
@@ -286,6 +304,7 @@ def build_view(out_dir, summary: dict | None = None, reference=None, title: str 
     axes = header[2:status_at]
     hv_window = summary.get("hv_window", fr.HV_WINDOW)
     ref_acc = summary.get("hv_reference_acc")
+    select, include = summary.get("select", fr.SELECT), bool(summary.get("include_failed_deploy", False))
     labels = _front_labels(rows)
     order: list[str] = []
     for lab, r in zip(labels, rows):
@@ -304,14 +323,14 @@ def build_view(out_dir, summary: dict | None = None, reference=None, title: str 
     fronts = []
     for fi, name in enumerate(order):
         sweep = name.split(" · ")[0]
-        own = {base_id(r) for lab, r in zip(labels, rows) if lab == name and fr._ok(r)}
+        own = {base_id(r) for lab, r in zip(labels, rows) if lab == name and fr._ok(r, select)}
         idx = [
             i
             for i, (lab, r) in enumerate(zip(labels, rows))
             if (lab == name and r.get("point") == "run")
             or (r.get("point") == "dense" and (base_id(r) in own or (not own and lab == sweep)))
         ]
-        groups = _group_points(rows, idx, axes)
+        groups = _group_points(rows, idx, axes, select, include)
         points = [
             {
                 "row": i,
@@ -326,7 +345,7 @@ def build_view(out_dir, summary: dict | None = None, reference=None, title: str 
             for i in idx
             if fr._ok(rows[i])
         ]
-        numbers = _numbers(rows, idx, axes, hv_window, ref_acc)
+        numbers = _numbers(rows, idx, axes, hv_window, ref_acc, select, include)
         fronts.append(
             {
                 "name": name,
@@ -355,8 +374,10 @@ def build_view(out_dir, summary: dict | None = None, reference=None, title: str 
                 "points_failed": summary.get("points_failed"),
                 "dense_acc": summary.get("dense_acc"),
                 "best_ratio_within_1pt": summary.get("best_ratio_within_1pt"),
+                "best_ratio_within_1pt_test_acc": summary.get("best_ratio_within_1pt_test_acc"),
                 "best_within_1pt/config": summary.get("best_within_1pt/config"),
                 "best_ratio_within_2pt": summary.get("best_ratio_within_2pt"),
+                "best_ratio_within_2pt_test_acc": summary.get("best_ratio_within_2pt_test_acc"),
                 "best_within_2pt/config": summary.get("best_within_2pt/config"),
                 "hypervolume_relative": summary.get("hypervolume_relative", summary.get("hypervolume")),
                 "hypervolume_absolute": summary.get("hypervolume_absolute"),
@@ -365,7 +386,7 @@ def build_view(out_dir, summary: dict | None = None, reference=None, title: str 
     failed = [
         {"row": i, "run_dir": r.get("run_dir"), "status": r.get("status"), "error": r.get("error")}
         for i, r in enumerate(rows)
-        if r.get("point") == "run" and r.get("status") != "ok"
+        if r.get("point") == "run" and r.get("status") not in ("ok", "not_deployed")
     ]
     details = {
         str(i): {"run_dir": r.get("run_dir"), "seed": r.get("seed"), **_layer_detail(r)}
@@ -784,8 +805,10 @@ const COLUMNS = [
   ["front", "front", false], ["configs", "configs", true], ["points_failed", "failed or missing", true],
   ["dense_acc", "dense acc %", true, v => pct(v)],
   ["best_ratio_within_1pt", "best ratio within 1 pt", true, v => v === null ? "" : fmt(v, 2) + "x"],
+  ["best_ratio_within_1pt_test_acc", "its test acc % (1 pt)", true, v => v === null ? "" : pct(v)],
   ["best_within_1pt/config", "config (1 pt)", false],
   ["best_ratio_within_2pt", "best ratio within 2 pt", true, v => v === null ? "" : fmt(v, 2) + "x"],
+  ["best_ratio_within_2pt_test_acc", "its test acc % (2 pt)", true, v => v === null ? "" : pct(v)],
   ["best_within_2pt/config", "config (2 pt)", false],
   ["hypervolume_relative", "hypervolume (own dense − window)", true, v => fmt(v, 2)],
   ["hypervolume_absolute", "hypervolume (shared point)", true, v => fmt(v, 2)],
@@ -846,7 +869,9 @@ function subtitle() {
   const parts = [`${s.points ?? "?"} points, ${s.points_ok ?? "?"} ok, ${s.points_failed ?? 0} failed or missing`];
   if (s.points_deploy_mismatch) parts.push(`${s.points_deploy_mismatch} deploy mismatch`);
   if (s.points_deploy_error) parts.push(`${s.points_deploy_error} deploy error`);
-  if (s.dense_acc !== undefined) parts.push(`dense ${pct(s.dense_acc)}%`);
+  if (s.points_not_deployed) parts.push(`${s.points_not_deployed} not deployed`);
+  if (s.dense_acc !== undefined) parts.push(`dense ${pct(s.dense_acc)}% (test)`);
+  if (s.select) parts.push(`front chosen on ${s.select}, test accuracy shown`);
   parts.push(`${VIEW.fronts.length} front${VIEW.fronts.length > 1 ? "s" : ""}`);
   parts.push(`${CSV.rows.length} rows in frontier.csv`);
   document.getElementById("subtitle").textContent = parts.join(" · ");

@@ -21,7 +21,16 @@ folder) and write into ``out_dir``:
 - a W&B run (``job_type="frontier"``) in the sweep's group, holding the table, the plot and the
   summary, when the points logged to W&B (``logger=wandb``, offline unless ``WANDB_MODE`` says so).
 
-Definitions (``acc`` = ``final/test_acc``, ``ratio`` = ``final/compression_ratio``):
+Choose on validation, report test once: ``select`` (``frontier.select``, ``--select``; default
+``final/val_acc``) is the metric that decides the Pareto flags, the best ratio within N points (against
+dense's value of the same metric) and the hypervolume; the **test** accuracy of the configurations so
+chosen is reported beside each (``best_ratio_within_1pt_test_acc``, ``..._val_acc``, ``hypervolume_test``,
+the front's ``acc``) and drawn. ``select=final/test_acc`` gives the old, test-selected numbers.
+``deploy_mismatch``/``deploy_error`` points are drawn and listed but kept off the front unless
+``include_failed_deploy``; ``not_deployed`` points (no deployment check ran) count, flagged in the
+``not_deployed`` column.
+
+Definitions (``acc`` = the selection metric, ``ratio`` = ``final/compression_ratio``):
 
 - **Dense reference**: the baseline of each point *is* the dense fp32 model (same data, model,
   baseline training and seed), so each distinct baseline among the points gives one ``dense`` row:
@@ -67,9 +76,12 @@ from qpexp.sweep.values import (  # noqa: F401 (qpexp.frontier's names, as befor
     AXES,
     BASELINE_KEYS,
     BOPS,
+    DEPLOY_FAILED,
     HV_WINDOW,
     RATIO,
+    SELECT,
     SIZES,
+    VAL,
     _absolute_hypervolume,
     _describe,
     _fmt,
@@ -77,7 +89,9 @@ from qpexp.sweep.values import (  # noqa: F401 (qpexp.frontier's names, as befor
     _mean,
     _num,
     _ok,
+    _selected_numbers,
     best_within,
+    eligible,
     group_key,
     groups,
     hypervolume,
@@ -92,7 +106,7 @@ from qpexp.track.wandb_views import frontier_charts
 log = logging.getLogger("qpexp")
 
 # config keys that never change what a point computes: not axes, not part of a config's identity
-NEUTRAL = ("cache", "cache_dir", "checkpoint_every_s", "threads", "name", "logger.", "export.")
+NEUTRAL = ("cache", "cache_dir", "checkpoint_every_s", "threads", "name", "logger.", "export.", "frontier.")
 MARKERS = {"global": "o", "layer": "s", "none": "*"}
 COLORS = {2: "tab:red", 3: "tab:orange", 4: "tab:blue", 8: "tab:green", 16: "tab:purple", 32: "black"}
 
@@ -259,7 +273,17 @@ def _dense_rows(points, flat_cfgs, axes) -> list[dict]:
 
 # -- outputs ----------------------------------------------------------------------------------------
 def write_csv(rows: list[dict], axes: list[str], path: Path) -> list[str]:
-    first = ["point", "run_dir", *axes, "status", "error", "pareto", "pareto_bops", "pareto_config"]
+    first = [
+        "point",
+        "run_dir",
+        *axes,
+        "status",
+        "not_deployed",
+        "error",
+        "pareto",
+        "pareto_bops",
+        "pareto_config",
+    ]
     cols = list(first)
     for r in rows:
         for k in r:
@@ -458,17 +482,21 @@ def write_frontier(
     hv_window: float = HV_WINDOW,
     quiet: bool = False,
     hv_reference_acc: float | None = None,
+    select: str = SELECT,
+    include_failed_deploy: bool = False,
     size: str = "honest",
 ) -> dict:
     """Aggregate the points under ``dirs`` into ``out_dir`` (see the module docstring); returns the summary.
 
-    ``size`` (``frontier.size``): ``honest`` ranks by ``final/compression_ratio``, ``huffman`` by
-    ``final/compression_ratio_huffman`` (the weights Huffman-coded; points without it have no ratio).
-
     ``wandb``: None follows the points' logger (a W&B run when they used ``logger=wandb``), True/False
     forces it. ``reference``: a CSV front drawn beside (its summary numbers land under ``reference/``).
     ``hv_reference_acc``: the accuracy of the shared point of the absolute hypervolume (default: the
-    lowest dense accuracy among the fronts minus ``hv_window``).
+    lowest dense accuracy among the fronts minus ``hv_window``). ``select``: the metric that chooses
+    (Pareto flags, best-within, hypervolume; default the validation accuracy); the test accuracy of
+    the chosen configs is reported beside it. ``include_failed_deploy``: let ``deploy_mismatch`` and
+    ``deploy_error`` points onto the front (they are always drawn and listed). ``size``
+    (``frontier.size``): ``honest`` ranks by ``final/compression_ratio``, ``huffman`` by
+    ``final/compression_ratio_huffman`` (the weights Huffman-coded; points without it have no ratio).
     """
     if size not in SIZES:
         raise ValueError(f"frontier.size={size!r} is unknown: use one of {sorted(SIZES)}")
@@ -477,15 +505,27 @@ def write_frontier(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows, axes = collect(dirs)
+    runs = [r for r in rows if r["point"] == "run" and r.get("status") in ACCURACY_STANDS]
+    if runs and not any(_num(r.get(select)) is not None for r in runs):
+        raise ValueError(
+            f"frontier.select={select!r}: no finished point's record holds this key (e.g. {VAL!r} or {ACC!r})"
+        )
     for flag, x, higher in (("pareto", RATIO + suffix, True), ("pareto_bops", BOPS, False)):
-        vals = [(_num(r.get(ACC)), _num(r.get(x))) if _ok(r) else (None, None) for r in rows]
+        vals = [
+            (_num(r.get(select)), _num(r.get(x)))
+            if eligible(r, select, include_failed_deploy)
+            else (None, None)
+            for r in rows
+        ]
         for r, f in zip(rows, pareto_flags(vals, higher)):
             r[flag] = f
-    gs = groups(rows, axes, suffix)
+    gs = groups(rows, axes, select, include_failed_deploy, suffix)
     on_front = {g["key"] for g in gs if g["pareto"]}
     for r in rows:
-        r["pareto_config"] = _ok(r) and group_key(r, axes) in on_front
-    summary = summarize(rows, gs, hv_window)
+        r["pareto_config"] = _ok(r, select) and group_key(r, axes) in on_front
+        r["not_deployed"] = r.get("status") == "not_deployed"
+    summary = summarize(rows, gs, hv_window, select)
+    summary["include_failed_deploy"] = include_failed_deploy
     summary["size"] = size
     ref = None
     if reference:
@@ -497,7 +537,7 @@ def write_frontier(
             summary.update({f"reference/{k}": v for k, v in rn.items() if k != "hv_window"})
     summary.update(_absolute_hypervolume(gs, summary, ref, hv_window, hv_reference_acc))
     cols = write_csv(rows, axes, out / "frontier.csv")
-    title = "qpexp frontier: " + ", ".join(d.name for d in dirs)
+    title = "qpexp frontier: " + ", ".join(d.name for d in dirs) + f" (front chosen on {select})"
     png = out / "frontier.png"
     plot(gs, summary, png, ref, title)
     summary["front"] = [
@@ -505,6 +545,9 @@ def write_frontier(
             "config": _describe(g),
             "acc": g["acc"],
             "acc_std": g["acc_std"],
+            "select_acc": g["sel"],
+            "val_acc": g["val_acc"],
+            "not_deployed": g["not_deployed"],
             "n": g["n"],
             "ratio": g["ratio"],
             "sparsity": g["sparsity"],
@@ -516,10 +559,9 @@ def write_frontier(
     summary["failed"] = [
         {"run_dir": r["run_dir"], "status": r["status"], "error": r["error"]}
         for r in rows
-        if r["point"] == "run" and r["status"] != "ok"
+        if r["point"] == "run" and r["status"] not in ("ok", "not_deployed")
     ]
     summary["files"] = {"csv": str(out / "frontier.csv"), "png": str(png)}
-
     view = write_html(out, summary, reference, title)  # frontier.html (interactive, self-contained)
     wb = _wandb_settings(rows, out, wandb)
     if wb is not None:
@@ -547,18 +589,24 @@ def report(summary: dict) -> str:
     lines = [
         f"frontier: {summary['points']} points, {summary['points_ok']} ok, {summary['points_failed']} failed"
     ]
+    sel = summary.get("select", ACC)
     if "dense_acc" in summary:
-        lines.append(f"dense reference: {100 * summary['dense_acc']:.2f}% (n={summary['dense_n']})")
+        lines.append(f"selected on {sel}; test accuracy (final/test_acc) of what it selects reported beside")
+        lines.append(
+            f"dense reference: {sel} {100 * summary['dense_select_acc']:.2f}%, "
+            f"test {100 * summary['dense_acc']:.2f}% (n={summary['dense_n']})"
+        )
         for k in (1, 2):
             b = summary.get(f"best_ratio_within_{k}pt")
             if b is not None:
                 lines.append(
-                    f"best ratio within {k} pt: {b:.2f}x ({summary.get(f'best_within_{k}pt/config')}, "
-                    f"{100 * summary[f'best_within_{k}pt/acc']:.2f}%)"
+                    f"best ratio within {k} pt (on {sel}): {b:.2f}x ({summary.get(f'best_within_{k}pt/config')}; "
+                    f"{sel} {100 * summary[f'best_within_{k}pt/select_acc']:.2f}%, "
+                    f"test {100 * summary[f'best_within_{k}pt/acc']:.2f}%)"
                 )
         lines.append(
-            f"hypervolume relative (above own dense - {100 * summary['hv_window']:g} pt): "
-            f"{summary['hypervolume']:.2f}"
+            f"hypervolume relative (on {sel}, above own dense - {100 * summary['hv_window']:g} pt): "
+            f"{summary['hypervolume']:.2f}; the selected front at test accuracy: {summary['hypervolume_test']:.2f}"
         )
     if "hypervolume_absolute" in summary:
         lines.append(
@@ -577,13 +625,17 @@ def report(summary: dict) -> str:
             f"absolute {summary.get('reference/hypervolume_absolute', float('nan')):.2f}"
         )
     w = max([20] + [len(f["config"]) for f in summary.get("front", [])])
-    head = f"{'config':<{w}} {'n':>2} {'test acc':>15} {'ratio':>7} {'sparsity':>8} {'size bits':>9}"
+    head = f"{'config':<{w}} {'n':>2} {'select acc':>10} {'test acc':>15} {'ratio':>7} {'sparsity':>8} {'size bits':>9}"
     lines += ["Pareto front:", head, "-" * len(head)]
     for f in summary.get("front", []):
         acc = f"{100 * f['acc']:.2f}" + (f" ± {100 * f['acc_std']:.2f}" if f["n"] > 1 else "")
         sp = "" if f["sparsity"] is None else f"{f['sparsity']:.3f}"
         size = "" if f["size_bits"] is None else f"{f['size_bits']:,.0f}"
-        lines.append(f"{f['config']:<{w}} {f['n']:>2} {acc:>15} {f['ratio']:>6.2f}x {sp:>8} {size:>9}")
+        sa = f"{100 * f['select_acc']:.2f}"
+        mark = " (not deployed)" if f.get("not_deployed") else ""
+        lines.append(
+            f"{f['config']:<{w}} {f['n']:>2} {sa:>10} {acc:>15} {f['ratio']:>6.2f}x {sp:>8} {size:>9}{mark}"
+        )
     for f in summary.get("failed", []):
         lines.append(f"{f['status'].upper()}: {f['run_dir']}: {f['error']}")
     return "\n".join(lines)
@@ -609,6 +661,17 @@ def cli(argv=None) -> int:
         "(default: the lowest dense accuracy among the fronts minus the window)",
     )
     p.add_argument(
+        "--select",
+        default=SELECT,
+        help=f"the metric that chooses: Pareto flags, best ratio within N points, hypervolume "
+        f"(default {SELECT}; the test accuracy of what it chooses is reported beside it)",
+    )
+    p.add_argument(
+        "--include-failed-deploy",
+        action="store_true",
+        help="let deploy_mismatch / deploy_error points onto the front (always drawn and listed)",
+    )
+    p.add_argument(
         "--size",
         choices=sorted(SIZES),
         default="honest",
@@ -632,6 +695,8 @@ def cli(argv=None) -> int:
         wandb=a.wandb,
         hv_window=a.hv_window,
         hv_reference_acc=a.hv_reference_acc,
+        select=a.select,
+        include_failed_deploy=a.include_failed_deploy,
         size=a.size,
     )
     return 0

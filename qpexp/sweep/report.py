@@ -23,6 +23,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from qpexp.run.config_defaults import config_dir
+from qpexp.sweep import results
 from qpexp.sweep.frontier import ACCURACY_STANDS, _flatten, _point_dirs
 
 TABLE = Path(__file__).parent.parent / "reproduction.yaml"
@@ -398,7 +399,13 @@ def build(dirs, out: Path, table: Path = TABLE, figures: Path | None = None) -> 
 
 def cli(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="qpexp-report", description=__doc__.split("\n")[0])
-    ap.add_argument("dirs", nargs="+", help="folders holding runs (record.json files), searched recursively")
+    ap.add_argument("dirs", nargs="*", help="folders holding runs (record.json files), searched recursively")
+    ap.add_argument(
+        "--results",
+        action="store_true",
+        help="instead: regenerate the tables of docs/results.md (between its markers) from the committed "
+        "sweeps under docs/results/records (qpexp.sweep.results)",
+    )
     ap.add_argument("--out", default="REPRODUCTION.md", help="the markdown file to write")
     ap.add_argument(
         "--figures", default=None, help="folder for the PNG plots (default: docs/reproduction beside --out)"
@@ -406,13 +413,33 @@ def cli(argv=None) -> int:
     ap.add_argument(
         "--table", default=str(TABLE), help="the published table (default: qpexp/reproduction.yaml)"
     )
+    ap.add_argument(
+        "--add", metavar="SWEEP_DIR", help="with --results: first copy this finished sweep's records"
+    )
+    ap.add_argument("--name", help="with --add: the records' folder name (default: the sweep folder's name)")
     a = ap.parse_args(argv)
+    if a.results:
+        return _results(a.add, a.name)
+    if not a.dirs:
+        ap.error("give the folders holding runs, or --results")
     try:
         build(a.dirs, Path(a.out), Path(a.table), Path(a.figures) if a.figures else None)
     except FileNotFoundError as e:
         print(f"qpexp-report: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {a.out}")
+    return 0
+
+
+def _results(add: str | None, name: str | None) -> int:
+    try:
+        if add:
+            print(f"copied {results.add_sweep(Path(add), name or Path(add).name)}")
+        page = results.write()
+    except (FileNotFoundError, ValueError) as e:
+        print(f"qpexp-report: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {page}")
     return 0
 
 

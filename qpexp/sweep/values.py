@@ -14,11 +14,18 @@ from pathlib import Path
 
 from qpexp.run.status import ACCURACY_STANDS
 
+# accuracy stands but the deployed model failed its check: drawn, but left out of the front, best-within
+# and hypervolume unless ``include_failed_deploy``
+DEPLOY_FAILED = ("deploy_mismatch", "deploy_error")
 ACC, RATIO, BOPS = "final/test_acc", "final/compression_ratio", "final/bops"
+VAL = "final/val_acc"
+# the metric that SELECTS (Pareto flags, best ratio within N points, hypervolume); the test accuracy of
+# what it selects is reported beside it, so the test split is read once, never to choose
+SELECT = VAL
 # frontier.size: which size the ratio axis uses (honest fixed-width count, or Huffman-coded weights)
 SIZES = {"honest": "", "huffman": "_huffman"}  # suffix of final/compression_ratio and final/size_bits
 AXES = ("quant.bits_w", "prune.ratio", "prune.scope", "seed")
-# what determines the baseline (= the dense model); mirrors the stage cache key in qpexp.pipeline
+# what determines the baseline (= the dense model); mirrors the stage cache key in qpexp.run.pipeline
 BASELINE_KEYS = ("data", "model", "baseline", "trainer", "seed")
 HV_WINDOW = 0.05
 
@@ -32,8 +39,18 @@ def _num(v) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _ok(row: dict) -> bool:
-    return row.get("status") in ACCURACY_STANDS and _num(row.get(ACC)) is not None
+def _ok(row: dict, select: str = ACC) -> bool:
+    """A row whose accuracy stands and holds a test accuracy (and the selection metric's value)."""
+    return (
+        row.get("status") in ACCURACY_STANDS
+        and _num(row.get(ACC)) is not None
+        and _num(row.get(select)) is not None
+    )
+
+
+def eligible(row: dict, select: str = SELECT, include_failed_deploy: bool = False) -> bool:
+    """May ``row`` be on the front (Pareto flags, best-within, hypervolume)? Deploy failures only if asked."""
+    return _ok(row, select) and (include_failed_deploy or row.get("status") not in DEPLOY_FAILED)
 
 
 def pareto_flags(points: list[tuple[float | None, float | None]], higher_better_x: bool = True) -> list[bool]:
@@ -64,18 +81,24 @@ def group_key(row: dict, axes: list[str]) -> tuple:
     return tuple(json.dumps(row.get(a), default=str) for a in axes if a != "seed") + (row.get("point"),)
 
 
-def groups(rows: list[dict], axes: list[str], suffix: str = "") -> list[dict]:
-    """Seed means of each config over its ok rows: acc mean/std, ratio and bops means, seed count.
-    ``suffix``: ``_huffman`` takes the ratio and size of the Huffman-coded weights (frontier.size)."""
+def groups(
+    rows: list[dict],
+    axes: list[str],
+    select: str = SELECT,
+    include_failed_deploy: bool = False,
+    suffix: str = "",
+) -> list[dict]:
+    """Seed means of each config over its ok rows: ``acc`` (test) mean/std, ``sel`` (the selection
+    metric) and ``val_acc`` means, ratio and bops means, seed count. ``pareto`` is decided on ``sel``
+    among the eligible configs (a config with a failed deployment is not, unless asked). ``suffix``:
+    ``_huffman`` takes the ratio and size of the Huffman-coded weights (frontier.size)."""
     buckets: dict[tuple, list[dict]] = OrderedDict()
     for r in rows:
-        if _ok(r):
+        if _ok(r, select):
             buckets.setdefault(group_key(r, axes), []).append(r)
     out = []
     for key, rs in buckets.items():
         accs = [_num(r[ACC]) for r in rs]
-        ratios = [_num(r.get(RATIO + suffix)) for r in rs]
-        bops = [_num(r.get(BOPS)) for r in rs]
         mean = sum(accs) / len(accs)
         std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
         g = {a: rs[0].get(a) for a in axes if a != "seed"}
@@ -86,13 +109,20 @@ def groups(rows: list[dict], axes: list[str], suffix: str = "") -> list[dict]:
             seeds=sorted({r.get("seed") for r in rs}, key=str),
             acc=mean,
             acc_std=std,
-            ratio=_mean(ratios),
-            bops=_mean(bops),
+            sel=_mean([_num(r.get(select)) for r in rs]),
+            val_acc=_mean([_num(r.get(VAL)) for r in rs]),
+            ratio=_mean([_num(r.get(RATIO + suffix)) for r in rs]),
+            bops=_mean([_num(r.get(BOPS)) for r in rs]),
             sparsity=_mean([_num(r.get("final/sparsity")) for r in rs]),
             size_bits=_mean([_num(r.get("final/size_bits" + suffix)) for r in rs]),
+            eligible=all(eligible(r, select, include_failed_deploy) for r in rs),
+            not_deployed=any(r.get("status") == "not_deployed" for r in rs),
+            statuses=sorted({str(r.get("status")) for r in rs}),
+            first_bits=rs[0].get("config.quant.first_bits"),
+            last_bits=rs[0].get("config.quant.last_bits"),
         )
         out.append(g)
-    flags = pareto_flags([(g["acc"], g["ratio"]) for g in out])
+    flags = pareto_flags([(g["sel"], g["ratio"]) if g["eligible"] else (None, None) for g in out])
     for g, f in zip(out, flags):
         g["pareto"] = f
     return out
@@ -126,39 +156,68 @@ def hypervolume_above(front: list[tuple[float, float]], ref_acc: float) -> float
     return area
 
 
-def best_within(gs: list[dict], dense_acc: float, points: float) -> dict | None:
-    cands = [g for g in gs if g["ratio"] is not None and g["acc"] >= dense_acc - points / 100 - 1e-12]
-    return max(cands, key=lambda g: (g["ratio"], g["acc"])) if cands else None
-
-
-def summarize(rows: list[dict], gs: list[dict], hv_window: float = HV_WINDOW) -> dict:
-    dense_rows = [
-        r for r in rows if _ok(r) and r.get("quant.bits_w") == 32 and not _num(r.get("prune.ratio"))
+def best_within(gs: list[dict], dense_acc: float, points: float, key: str = "acc") -> dict | None:
+    """The config of highest ratio whose ``key`` (``"sel"``: the selection metric) is at least
+    ``dense_acc - points / 100`` (ineligible configs, e.g. failed deployments, left out)."""
+    cands = [
+        g
+        for g in gs
+        if g.get("eligible", True) and g["ratio"] is not None and g[key] >= dense_acc - points / 100 - 1e-12
     ]
+    return max(cands, key=lambda g: (g["ratio"], g[key])) if cands else None
+
+
+def summarize(rows: list[dict], gs: list[dict], hv_window: float = HV_WINDOW, select: str = SELECT) -> dict:
+    """Counts, the dense reference (test, validation and selection metric) and the front's numbers,
+    chosen on ``select`` and reported with the test accuracy of what was chosen."""
+    dense_rows = [
+        r for r in rows if _ok(r, select) and r.get("quant.bits_w") == 32 and not _num(r.get("prune.ratio"))
+    ]
+    runs = [r for r in rows if r["point"] == "run"]
     s: dict = {
-        "points": sum(r["point"] == "run" for r in rows),
-        "points_ok": sum(r["point"] == "run" and r["status"] == "ok" for r in rows),
-        "points_failed": sum(r["point"] == "run" and r["status"] not in ACCURACY_STANDS for r in rows),
-        "points_deploy_mismatch": sum(r["point"] == "run" and r["status"] == "deploy_mismatch" for r in rows),
-        "points_deploy_error": sum(r["point"] == "run" and r["status"] == "deploy_error" for r in rows),
+        "select": select,
+        "points": len(runs),
+        "points_ok": sum(r["status"] == "ok" for r in runs),
+        "points_failed": sum(r["status"] not in ACCURACY_STANDS for r in runs),
+        "points_not_deployed": sum(r["status"] == "not_deployed" for r in runs),
+        "points_deploy_mismatch": sum(r["status"] == "deploy_mismatch" for r in runs),
+        "points_deploy_error": sum(r["status"] == "deploy_error" for r in runs),
         "configs": len(gs),
     }
     if dense_rows:
-        accs = [_num(r[ACC]) for r in dense_rows]
-        s["dense_acc"] = sum(accs) / len(accs)
-        s["dense_n"] = len(accs)
-        s.update(_front_numbers([(g["acc"], g["ratio"]) for g in gs], s["dense_acc"], hv_window))
-        for pts in (1, 2):
-            b = best_within(gs, s["dense_acc"], pts)
-            if b is not None:
-                s[f"best_within_{pts}pt/config"] = _describe(b)
-                s[f"best_within_{pts}pt/acc"] = b["acc"]
-                s[f"best_within_{pts}pt/n"] = b["n"]
+        s["dense_acc"] = _mean([_num(r[ACC]) for r in dense_rows])  # test: the plot's dense line
+        s["dense_test_acc"] = s["dense_acc"]
+        s["dense_val_acc"] = _mean([_num(r.get(VAL)) for r in dense_rows])
+        s["dense_select_acc"] = _mean([_num(r[select]) for r in dense_rows])
+        s["dense_n"] = len(dense_rows)
+        s.update(_selected_numbers(gs, s, hv_window))
     s["pareto_points"] = sum(1 for g in gs if g["pareto"])
     return s
 
 
+def _selected_numbers(gs: list[dict], s: dict, hv_window: float) -> dict:
+    """Best ratio within 1 and 2 points and hypervolume, chosen on the selection metric (dense too),
+    each with the test (and validation) accuracy of the chosen configs beside it."""
+    front = [g for g in gs if g["pareto"]]
+    hv = hypervolume([(g["sel"], g["ratio"]) for g in front], s["dense_select_acc"], hv_window)
+    out = {"hypervolume": hv, "hypervolume_relative": hv, "hv_window": hv_window}
+    # the same area for the SELECTED front at its test accuracies, against dense's test accuracy
+    out["hypervolume_test"] = hypervolume([(g["acc"], g["ratio"]) for g in front], s["dense_acc"], hv_window)
+    for pts in (1, 2):
+        b = best_within(gs, s["dense_select_acc"], pts, key="sel")
+        out[f"best_ratio_within_{pts}pt"] = b["ratio"] if b else None
+        if b is not None:
+            out[f"best_ratio_within_{pts}pt_test_acc"] = b["acc"]
+            out[f"best_ratio_within_{pts}pt_val_acc"] = b["val_acc"]
+            out[f"best_within_{pts}pt/config"] = _describe(b)
+            out[f"best_within_{pts}pt/acc"] = b["acc"]
+            out[f"best_within_{pts}pt/select_acc"] = b["sel"]
+            out[f"best_within_{pts}pt/n"] = b["n"]
+    return out
+
+
 def _front_numbers(front: list[tuple[float, float]], dense_acc: float, hv_window: float) -> dict:
+    """A reference front's numbers (one accuracy per point, e.g. a peer's test accuracy)."""
     hv = hypervolume(front, dense_acc, hv_window)
     out = {"hypervolume": hv, "hypervolume_relative": hv, "hv_window": hv_window}
     for pts in (1, 2):
@@ -178,7 +237,10 @@ def _absolute_hypervolume(gs, summary: dict, ref: dict | None, hv_window: float,
     out = {
         "hv_reference_point": {"compression_ratio": 1.0, "test_acc": ref_acc},
         "hv_reference_acc": ref_acc,
-        "hypervolume_absolute": hypervolume_above([(g["acc"], g["ratio"]) for g in gs], ref_acc),
+        # the selected front (Pareto on the selection metric) at its test accuracies
+        "hypervolume_absolute": hypervolume_above(
+            [(g["acc"], g["ratio"]) for g in gs if g["pareto"]], ref_acc
+        ),
     }
     if ref is not None:
         front = [(p["acc"], p["ratio"]) for p in ref["points"]]
@@ -189,9 +251,15 @@ def _absolute_hypervolume(gs, summary: dict, ref: dict | None, hv_window: float,
 def _describe(g: dict) -> str:
     if g.get("point") == "dense":
         return "dense fp32"
-    parts = [f"w{_fmt(g.get('quant.bits_w'))}", f"{g.get('prune.scope')} {_fmt(g.get('prune.ratio'))}"]
+    bits = g.get("quant.bits_w")
+    parts = [f"w{_fmt(bits)}", f"{g.get('prune.scope')} {_fmt(g.get('prune.ratio'))}"]
     extra = [f"{k}={_fmt(v)}" for k, v in g.items() if "." in k and k not in AXES and v is not None]
-    return " ".join(parts + extra)
+    layers = [
+        f"{where} layer {_fmt(b)}-bit"
+        for where, b in (("first", g.get("first_bits")), ("last", g.get("last_bits")))
+        if _num(b) is not None and _num(bits) is not None and _num(b) != _num(bits)
+    ]
+    return ", ".join([" ".join(parts + extra), *layers])
 
 
 def _fmt(v) -> str:
