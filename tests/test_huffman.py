@@ -98,6 +98,7 @@ def test_frontier_size_huffman_ranks_by_the_coded_ratio(tmp_path):
             "seed": seed,
             "config": cfg,
             "baseline/test_acc": 0.95,
+            "final/val_acc": 0.9,
             "final/test_acc": 0.9,
             "final/compression_ratio": cr,
             "final/compression_ratio_huffman": cr_h,

@@ -265,7 +265,7 @@ def test_gru_quantized_keeps_its_cell_in_float(tmp_path):
     (quant/float_ops), and its weights count 32 bits in the size; pruning reaches the cell's matrices."""
     cfg = compose([*TINY, "model=gru", "data.source.num_samples=1000", f"cache_dir={tmp_path / 'c'}"])
     rec = Pipeline(cfg, tmp_path / "run").run()
-    assert rec["status"] == "ok" and "GRU" in rec["quant/float_ops"].split(",")
+    assert rec["status"] == "not_deployed" and "GRU" in rec["quant/float_ops"].split(",")
     assert rec["layers/fc/bits_w"] == 4 and rec["layers/gru.weight_hh_l0/bits_w"] == 32
     assert rec["layers/gru.weight_hh_l0/sparsity"] > 0  # global magnitude pruning reached the cell
     cell = 2 * 3 * (6 * 1 + 6 * 6)  # weight_ih and weight_hh of both directions

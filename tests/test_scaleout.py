@@ -199,7 +199,7 @@ def test_wandb_sweep_points_compose_into_valid_configs(name):
     spec = yaml.safe_load((SWEEPS / "wandb_agent" / f"{name}.yaml").read_text())
     assert {"program", "method", "metric", "parameters", "command"} <= set(spec)
     assert "${args_no_hyphens}" in spec["command"]
-    assert spec["metric"] == {"name": "final/test_acc", "goal": "maximize"}
+    assert spec["metric"] == {"name": "final/val_acc", "goal": "maximize"}  # chosen on validation
     if spec["method"] == "grid":
         points = _wandb_grid(spec)
         assert len(points) == 3 * 3 * 2
@@ -374,7 +374,7 @@ def test_optuna_search_interrupted_then_continued(tmp_path):
             assert rec["status"] == "failed" and "fail_at=qat" in t.user_attrs["error"]
         else:
             assert t.state == TrialState.COMPLETE
-            assert t.values == [rec["final/test_acc"], rec["final/compression_ratio"]]
+            assert t.values == [rec["final/val_acc"], rec["final/compression_ratio"]]
         states.add(t.state)
     assert [t.params["fail_at"] for t in trials] == ["never", "qat", "never"]  # the queued trials
     assert states == {TrialState.FAIL, TrialState.COMPLETE}
@@ -616,7 +616,7 @@ def test_ddp_pipeline_two_cpu_ranks_match_single_process(tmp_path):
     )  # fmt: skip
     assert "DDP: rank 0 of 2 (gloo)" in ddp.stdout
     rec, ref = read_record(tmp_path / "ddp"), read_record(tmp_path / "single")
-    assert rec["status"] == "ok" and rec["ddp/world_size"] == 2
+    assert rec["status"] == "not_deployed" and rec["ddp/world_size"] == 2
     assert rec["ddp/baseline_identical"] and rec["ddp/prune_identical"] and rec["ddp/qat_identical"]
     for stage in ("baseline", "prune", "qat"):  # every tensor of the two ranks' models, bit for bit
         a = torch.load(dump / f"{stage}-rank0.pt", weights_only=True)
@@ -727,7 +727,7 @@ def test_submitit_points_run_as_separate_jobs_sharing_the_cache(submitit_sweep):
     assert len(s["before"]["jobs"]) == 3  # three submitit jobs (one folder per job id) in the first run
     assert "one submitit local job each" in s["first_log"]
     recs = {k: read_record(d) for k, d in s["dirs"].items()}
-    assert sorted(recs) == ["a", "b", "c"] and all(r["status"] == "ok" for r in recs.values())
+    assert sorted(recs) == ["a", "b", "c"] and all(r["status"] == "not_deployed" for r in recs.values())
     for k, (bits, epochs) in POINTS.items():
         assert recs[k]["final/bits_w"] == bits and recs[k]["config"]["quant"]["epochs"] == epochs
         assert recs[k]["threads"] == 1  # hydra.launcher.cpus_per_task
@@ -766,6 +766,6 @@ def test_submitit_killed_job_resumes_and_resubmission_reruns_only_incomplete(sub
 def test_submitit_frontier_aggregates_the_jobs(submitit_sweep):
     rows = list(csv.DictReader((submitit_sweep["sweep"] / "frontier.csv").open()))
     runs = [r for r in rows if r["point"] == "run"]
-    assert len(runs) == 3 and {r["status"] for r in runs} == {"ok"}
+    assert len(runs) == 3 and {r["status"] for r in runs} == {"not_deployed"}
     recs = {read_record(d)["final/test_acc"] for d in submitit_sweep["dirs"].values()}
     assert {float(r["final/test_acc"]) for r in runs} == recs

@@ -157,7 +157,7 @@ def test_slurm_sweep_is_one_job_array_sharing_the_baseline(sweep, slurm_cluster)
     done = [c for c in jobcomp(slurm_cluster) if c["JobId"] in ids]
     assert sorted(c["JobState"] for c in done) == ["COMPLETED", "COMPLETED"]
     recs = {k: read_record(d) for k, d in _points(sweep["sweep"]).items()}
-    assert sorted(recs) == ["a", "b"] and {r["status"] for r in recs.values()} == {"ok"}
+    assert sorted(recs) == ["a", "b"] and {r["status"] for r in recs.values()} == {"not_deployed"}
     for k, (bits, epochs) in POINTS.items():
         assert recs[k]["final/bits_w"] == bits and recs[k]["config"]["quant"]["epochs"] == epochs
         assert recs[k]["threads"] == 1  # hydra.launcher.cpus_per_task
@@ -170,7 +170,7 @@ def test_slurm_sweep_is_one_job_array_sharing_the_baseline(sweep, slurm_cluster)
     assert "[sweep] 2/2 done, 0 failed, 0 running" in out and "[sweep] 0/2 done" in out
     rows = list(csv.DictReader((sweep["sweep"] / "frontier.csv").open()))
     runs = [r for r in rows if r["point"] == "run"]
-    assert len(runs) == 2 and {r["status"] for r in runs} == {"ok"}
+    assert len(runs) == 2 and {r["status"] for r in runs} == {"not_deployed"}
     assert {float(r["final/test_acc"]) for r in runs} == {r["final/test_acc"] for r in recs.values()}
     # the frontier was written after the last job's record (SLURM's EndTime comes a few seconds
     # later: the job's process exits after submitit has written its result)
@@ -272,7 +272,7 @@ def test_requeued_and_timed_out_jobs_resume_to_the_uninterrupted_records(interru
     assert sorted(recs) == ["a", "b"]
     for k, (_, epochs) in POINTS.items():
         rec = recs[k]
-        assert rec["status"] == "ok" and rec["cache/baseline_hit"] and rec["cache/prune_hit"]
+        assert rec["status"] == "not_deployed" and rec["cache/baseline_hit"] and rec["cache/prune_hit"]
         assert not rec["cache/qat_hit"]
         # resumed from its QAT checkpoint: the resumed run trained the epochs after it, once each
         start = seen[k]["resume_from"]
@@ -322,7 +322,7 @@ def ddp_reference(tmp_path_factory):
 
 def _same_as_qpexp_started(run: dict, ref: dict) -> None:
     rec = run["rec"]
-    assert rec["status"] == "ok" and rec["ddp/world_size"] == 2
+    assert rec["status"] == "not_deployed" and rec["ddp/world_size"] == 2
     assert rec["ddp/baseline_identical"] and rec["ddp/prune_identical"] and rec["ddp/qat_identical"]
     for stage in ("baseline", "prune", "qat"):  # both ranks bit-identical, and equal to qpexp's ranks
         a = torch.load(run["dump"] / f"{stage}-rank0.pt", weights_only=True)

@@ -92,4 +92,4 @@ def test_pipeline_on_mnist_fixture(tmp_path):
     cfg = compose([*TINY, "data=vision", "data.name=mnist", f"data.path={root}", "model=lenet5",
                    "baseline.epochs=4", f"cache_dir={tmp_path / 'c'}", "export.enabled=false"])  # fmt: skip
     rec = Pipeline(cfg, tmp_path / "run").run()
-    assert rec["status"] == "ok" and rec["baseline/test_acc"] > 0.5  # the bands are easy to learn
+    assert rec["status"] == "not_deployed" and rec["baseline/test_acc"] > 0.5  # the bands are easy to learn
