@@ -95,6 +95,55 @@ def test_deploy_agrees_with_the_fake_quantized_model_at_8_bits(tmp_path):
     assert abs(out["deploy/onnx_acc_diff"]) <= 0.002
 
 
+# -- the one rule for int32 biases (issue 22: the per-layer and graph checks used to disagree) ----
+def _ort_kernels(qdq_path, tmp_path, disabled):
+    """Integer kernels in onnxruntime's optimized graph, straight from onnxruntime and onnx."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / f"ref{len(disabled)}.onnx")
+    ort.InferenceSession(str(qdq_path), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+    ops = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    integer = ("QGemm", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat")
+    return [o for o in ops if o.startswith("QLinear") or o in integer]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_int32_biases_are_kept_only_where_they_fuse_more_integer_kernels(tmp_path, bias):
+    """Without biases, onnxruntime fuses the same QLinearConv either way: nothing is rounded to
+    int32, and the record must say so (the old per-layer rule said int32 whenever any integer kernel
+    ran). With float biases, their int32 rounding is what lets QLinearConv fuse: kept."""
+    from types import SimpleNamespace
+
+    from qpexp.deploy import deploy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(4, 8, 3, bias=bias), nn.ReLU(), nn.Conv1d(8, 8, 3, bias=bias), nn.ReLU())
+    model.append(nn.Flatten())
+    model.append(nn.Linear(8 * 8, 5, bias=bias))
+    spec = QuantSpec(bits=8, granularity="channel", symmetric=True)
+    quantize_(model, QuantConfig(weight=spec, act=QuantSpec(bits=8, symmetric=False)))
+    x = torch.randn(128, 4, 12)
+    model.train()
+    model(x)  # calibrate
+    model.eval()
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    dm = SimpleNamespace(splits={"test": (x, y)}, batch_size=64, eval_batch_size=128)
+    out = deploy(
+        model, dm, tmp_path / "d", SimpleNamespace(onnx=True, latency_batches=1), {"final/test_acc": 1.0}
+    )
+    qdq = tmp_path / "d" / "model.qdq.onnx"
+    with_wbq = _ort_kernels(qdq, tmp_path, [])
+    without = _ort_kernels(qdq, tmp_path, ["WeightBiasQuantization"])
+    assert with_wbq, "onnxruntime fused no integer kernel: the case tests nothing"
+    has_float_bias = any(t.name.endswith("_b") for t in onnx.load(str(qdq)).graph.initializer)
+    assert has_float_bias is bias
+    assert out["deploy/onnx_bias_int32"] is (len(with_wbq) > len(without))
+    assert out["deploy/onnx_bias_int32"] is bias  # no bias: nothing could have been rounded
+    assert out["deploy/onnx_integer_kernels"] == len(with_wbq if bias else without)
+
+
 # -- the point's status ----------------------------------------------------------------------------
 def _pipeline(tmp_path, overrides):
     from conftest import TINY, compose

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qpexp.core.accounting import relative_index_padding, size_bits
+from qpexp.core.accounting import relative_entries, relative_index_padding, size_bits
 from qpexp.core.prune.masks import set_mask
 from qpexp.core.quant import QuantConfig, QuantSpec, quant_layers, quantize_
 from qpexp.core.quant.export import (
@@ -28,7 +28,6 @@ from qpexp.core.quant.export import (
     pack_bits,
     package_stats,
     read_package,
-    relative_entries,
     unpack_bits,
 )
 from qpexp.models import cnn1d, lenet5

@@ -25,6 +25,7 @@ from qpexp.core.quant import QuantConfig, QuantSpec, convert, quantize_
 from qpexp.core.quant import graph as G
 from qpexp.core.quant import graph_export as GE
 from qpexp.core.quant.export import load
+from qpexp.deploy.emit import onnx_graph_model
 
 OFF = QuantSpec(bits=32)
 
@@ -447,7 +448,7 @@ def test_single_layer_against_a_hand_integer_reference(tmp_path):
     with torch.no_grad():
         np.testing.assert_allclose(integer(x).numpy(), want, atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(m(x).numpy(), want, atol=1e-5, rtol=1e-5)
-    qm, info = GE.onnx_graph_model(load(tmp_path / "m.npz", "float"), x[:2])
+    qm, info = onnx_graph_model(load(tmp_path / "m.npz", "float"), x[:2])
     assert info["weight_containers"] == ["uint8"] and info["simulated"] == []  # u8u8
     got = ort_session(qm).run(None, {"input": x.numpy()})[0]
     lsb = float(m.fc.aq.scale) * float(m.fc.weight.abs().max() / 127)  # onnxruntime rounds the bias to it
@@ -463,7 +464,7 @@ def test_onnx_matches_the_fake_quantized_model(tmp_path, build, bits_w):
     m, xc = build(bits_w=bits_w)
     x = torch.randn(400, *xc.shape[1:])
     gm = convert(m, tmp_path / "m.npz", arithmetic="float")
-    qm, info = GE.onnx_graph_model(gm, x[:2])
+    qm, info = onnx_graph_model(gm, x[:2])
     assert info["simulated"] == [] and set(info["weight_containers"]) == {"uint8" if bits_w == 8 else "int4"}
     sess = ort_session(qm, 1, tmp_path / "opt.onnx")
     got = sess.run(None, {"input": x.numpy()})[0]

@@ -1,4 +1,4 @@
-"""What both deployment paths share (per-layer :mod:`qpexp.deploy`, graph :mod:`qpexp.deploy.graph`):
+"""What the deployment check uses for either file format (:mod:`qpexp.deploy`):
 onnxruntime sessions, the integer kernels ORT chose, and the ``deploy/onnx_*`` record keys."""
 
 from __future__ import annotations

@@ -287,6 +287,7 @@ class Pipeline:
 
     # each stage: reuse the cache entry, else train it and fill the entry
     def _stage(self, name: str, module_fn, epochs: int, dm, model, record: dict) -> dict:
+        """Run (or load) stage ``name``; its keys go into ``record``. Returns ``{"state", "meta"}``."""
         start = time.perf_counter()
         with stage_entry(self.cache, name, self.keys[name]) as entry:  # DDP: rank 0 writes
             loaded = entry.load_or_discard()  # None: missing, or damaged (moved aside, warned: retrain)
@@ -298,39 +299,7 @@ class Pipeline:
                 ensure_masks(model, state["model"])
                 model.load_state_dict(state["model"])
             else:
-                self._fail_hook(name)
-                module = module_fn()
-                train_s = (
-                    fit(
-                        module,
-                        dm,
-                        epochs,
-                        entry.work,
-                        self.logger,
-                        self.trainer_cfg,
-                        self.cfg.checkpoint_every_s,
-                    )
-                    if epochs > 0
-                    else 0.0
-                )
-                if epochs == 0 and hasattr(module, "calibrate"):
-                    module.calibrate(dm.loader("train", shuffle=False))
-                if hasattr(module, "finalize"):
-                    module.finalize(self.example)
-                meta = {
-                    "val_acc": evaluate(model, dm.loader("val")),
-                    "test_acc": evaluate(model, dm.loader("test")),
-                    "best_epoch": module.best_epoch if epochs > 0 else -1,
-                    "train_seconds": train_s,
-                    "epochs": epochs,
-                    "code_fingerprint": code_fingerprints()[name],
-                    **getattr(module, "stage_meta", lambda: {})(),
-                }
-                state = {"model": clone_state(model)}
-                state.update(getattr(module, "stage_state", lambda: {})())
-                entry.save(state, meta)
-                for f in entry.work.glob("*.ckpt"):
-                    f.unlink(missing_ok=True)  # DDP: every rank clears the same folder
+                state, meta = self._train(name, module_fn, epochs, dm, model, entry)
         record[f"{name}/val_acc"] = meta["val_acc"]
         record[f"{name}/test_acc"] = meta["test_acc"]
         record[f"{name}/best_epoch"] = meta["best_epoch"]
@@ -343,191 +312,241 @@ class Pipeline:
         record[f"seconds/{name}"] = time.perf_counter() - start
         record[f"artifacts/{name}"] = str(entry.path)
         record.update(finish_stage(name, model))  # DDP: every rank holds the same model
-        # each stage's model, counted as the final one; the last stage's count is the final record
-        snap = self.last_measure = self.measure(model, self.example, self.dense_bits)
-        for k in (
-            "sparsity",
-            "zero_fraction",
-            "params",
-            "bits_w",
-            "bits_a",
-            "size_bits",
-            "compression_ratio",
-        ):
-            record[f"{name}/{k}"] = snap[f"final/{k}"]
+        record.update(self._stage_measure(name, model))
         if self.logger is not None:
             self.logger.log_metrics(
                 {f"{name}/val_acc": meta["val_acc"], f"{name}/test_acc": meta["test_acc"]}
             )
         return {"state": state, "meta": meta}
 
+    def _train(self, name: str, module_fn, epochs: int, dm, model, entry) -> tuple[dict, dict]:
+        """Train stage ``name`` (``epochs=0``: calibrate only), evaluate it and fill the cache entry."""
+        self._fail_hook(name)
+        module = module_fn()
+        train_s = 0.0
+        if epochs > 0:
+            train_s = fit(
+                module, dm, epochs, entry.work, self.logger, self.trainer_cfg, self.cfg.checkpoint_every_s
+            )
+        if epochs == 0 and hasattr(module, "calibrate"):
+            module.calibrate(dm.loader("train", shuffle=False))
+        if hasattr(module, "finalize"):
+            module.finalize(self.example)
+        meta = {
+            "val_acc": evaluate(model, dm.loader("val")),
+            "test_acc": evaluate(model, dm.loader("test")),
+            "best_epoch": module.best_epoch if epochs > 0 else -1,
+            "train_seconds": train_s,
+            "epochs": epochs,
+            "code_fingerprint": code_fingerprints()[name],
+            **getattr(module, "stage_meta", lambda: {})(),
+        }
+        state = {"model": clone_state(model)}
+        state.update(getattr(module, "stage_state", lambda: {})())
+        entry.save(state, meta)
+        for f in entry.work.glob("*.ckpt"):
+            f.unlink(missing_ok=True)  # DDP: every rank clears the same folder
+        return state, meta
+
+    def _stage_measure(self, name: str, model) -> dict:
+        """Each stage's model, counted as the final one; the last stage's count is the final record."""
+        snap = self.last_measure = self.measure(model, self.example, self.dense_bits)
+        keys = ("sparsity", "zero_fraction", "params", "bits_w", "bits_a", "size_bits", "compression_ratio")
+        return {f"{name}/{k}": snap[f"final/{k}"] for k in keys}
+
     def run(self) -> dict:
-        c = self.cfg
+        """Every stage in turn; each owns its calls into the core and hands back a record fragment
+        (the model is one object, changed in place by the stages)."""
         t0 = time.perf_counter()
         threads = set_threads(self.threads)
         dm = self.data()  # data errors surface here, before any training
         import lightning as L
 
-        L.seed_everything(c.seed, workers=False, verbose=False)
-        model = make_model(c, dm)
+        L.seed_everything(self.cfg.seed, workers=False, verbose=False)
+        model = make_model(self.cfg, dm)
+        record: dict = {"status": "running", "seed": self.cfg.seed, "threads": threads}
+        record.update(self._dense(model, dm))
+        base = self._stage(
+            "baseline", lambda: self._baseline_module(model, dm), self._baseline_epochs, dm, model, record
+        )
+        distiller, frag = self._distiller(model, dm)
+        record.update(frag)
+        if self.prune_on:
+            record.update(self._prune(model, dm, base, distiller, record))
+        if self.cfg.analysis is not None:  # on the model before QAT (baseline or pruned, from the cache)
+            record.update(self._analysis(model, dm))
+        if self.quant_on:
+            record.update(self._quantize(model, dm, distiller, record))
+        record.update(self._final(model, record))
+        status = self.deploy(model, dm, record)
+        record["seconds/total"] = time.perf_counter() - t0
+        record["status"] = status
+        return record
+
+    def _dense(self, model, dm) -> dict:
+        """The dense model's counts and the checks that refuse a config before any training."""
+        c = self.cfg
         example = self.example = dm.splits["val"][0][:1]
         # the deployable fp32 model: BatchNorm folded, as the compressed model counts it
         self.dense_bits = deployable_size_bits(model, example)
         # dense prunable weights per layer: sparsity counts physically removed channels as pruned
         self.dense_weights = {v.name: v.weight.numel() for v in layer_views(model)}
         self.dense_prunable = prunable_params(model)
-        record: dict = {"status": "running", "seed": c.seed, "threads": threads}
-        record["data/fingerprint"] = getattr(dm, "fingerprint", None)
+        frag: dict = {"data/fingerprint": getattr(dm, "fingerprint", None)}
         if self.prune_on and c.prune.get("quality"):  # layer names checked before training
             try:
                 check_quality(model, prune_config(c.prune))
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         if self.prune_on and c.prune.structure == "channel":  # refuse what it cannot prune, before training
-            record["prune/frozen"] = check_channel_pruning(model, example)
-        record["dense/params"] = count_params(model)[0]
-        record["dense/macs"] = self.macs(model, example)["macs"]
+            frag["prune/frozen"] = check_channel_pruning(model, example)
+        frag["dense/params"] = count_params(model)[0]
+        frag["dense/macs"] = self.macs(model, example)["macs"]
+        return frag
 
-        base = self._stage(
-            "baseline",
-            lambda: BaselineStage(
+    @property
+    def _baseline_epochs(self) -> int:
+        return self.cfg.baseline.epochs if self.cfg.baseline.enabled else 0
+
+    def _baseline_module(self, model, dm):
+        b = self.cfg.baseline
+        return BaselineStage(
+            model,
+            dm.num_classes,
+            lr=b.lr,
+            epochs=b.epochs,
+            weight_decay=b.weight_decay,
+            min_lr_frac=b.min_lr_frac,
+            label_smoothing=b.label_smoothing,
+            rewind_epoch=b.rewind_epoch,
+        )
+
+    def _distiller(self, model, dm) -> tuple[Distiller | None, dict]:
+        """The teacher (the baseline stage's model, trained or from the cache) for the later stages."""
+        c = self.cfg
+        frag = {"distill/alpha": c.distill.alpha, "distill/temperature": c.distill.temperature}
+        if not (self.distill_on and (self.prune_on or self.quant_on)):
+            return None, frag
+        teacher = make_teacher(model)
+        frag["distill/teacher_test_acc"] = evaluate(teacher, dm.loader("test"))
+        frag["distill/precomputed"] = precompute(teacher, dm)  # else: the teacher runs per batch
+        return Distiller(teacher, c.distill.alpha, c.distill.temperature), frag
+
+    def _prune(self, model, dm, base: dict, distiller, record: dict) -> dict:
+        """Iterative prune-and-finetune: the stage's keys, its stop, targets and sparsity curve."""
+        c = self.cfg
+        pc = prune_config(c.prune)
+        pc.seed = c.seed
+        rewind = base["state"].get("rewind", {}).get(c.prune.rewind) if c.prune.rewind else None
+        pruner = None
+        if pc.structure == "channel":
+            pruner = channel_prune_step
+        if pc.method == "sparsegpt":
+            pruner = sparsegpt_step
+        epochs = (1 if pc.schedule == "oneshot" else pc.steps) * c.prune.finetune_epochs
+
+        def make_prune():
+            return PruneStage(
                 model,
                 dm.num_classes,
-                lr=c.baseline.lr,
-                epochs=c.baseline.epochs,
-                weight_decay=c.baseline.weight_decay,
-                min_lr_frac=c.baseline.min_lr_frac,
-                label_smoothing=c.baseline.label_smoothing,
-                rewind_epoch=c.baseline.rewind_epoch,
-            ),
-            c.baseline.epochs if c.baseline.enabled else 0,
-            dm,
-            model,
-            record,
+                lr=c.prune.lr,
+                epochs=epochs,
+                weight_decay=c.prune.weight_decay,
+                label_smoothing=c.prune.label_smoothing,
+                prune=pc,
+                finetune_epochs=c.prune.finetune_epochs,
+                max_acc_drop=c.prune.max_acc_drop,
+                reference_val=record["baseline/val_acc"],
+                rewind_state=rewind,
+                agp_dt=c.prune.agp_dt,
+                pruner=pruner,
+                distiller=distiller,
+            )
+
+        frag: dict = {}
+        meta = self._stage("prune", make_prune, epochs, dm, model, frag)["meta"]
+        for k in ("stopped_at_step", "stop_reason", "steps_planned", "targets", "realized_ratio"):
+            if k in meta:
+                frag[f"prune/{k}"] = meta[k]
+        frag["prune/target_ratio"] = c.prune.ratio
+        frag["prune/method"] = c.prune.method
+        frag["prune/criterion"] = c.prune.criterion
+        frag["prune/mode"] = "oneshot" if c.prune.finetune_epochs == 0 else "finetune"
+        frag.update(oneshot_keys("prune", meta))
+        for point in meta.get("curve", []):  # every step's candidate: the sparsity curve
+            for k in ("sparsity", "val_acc", "test_acc"):
+                frag[f"prune/curve/{point['step']}/{k}"] = point[k]
+        return frag
+
+    def _analysis(self, model, dm) -> dict:
+        """Per-layer sensitivity of the model before QAT, and its plot in the run folder."""
+        c = self.cfg
+        pc = prune_config(c.prune)
+        pc.seed = c.seed
+        a = c.analysis
+        frag = sensitivity(
+            model, dm, quant_config(c.quant), pc, list(a.widths), list(a.ratios), self.example, pc.structure
         )
-        record["distill/alpha"] = c.distill.alpha
-        record["distill/temperature"] = c.distill.temperature
-        distiller = None
-        if self.distill_on and (self.prune_on or self.quant_on):
-            teacher = make_teacher(model)  # the baseline stage's model (trained or from the cache)
-            record["distill/teacher_test_acc"] = evaluate(teacher, dm.loader("test"))
-            record["distill/precomputed"] = precompute(teacher, dm)  # else: the teacher runs per batch
-            distiller = Distiller(teacher, c.distill.alpha, c.distill.temperature)
-        if self.prune_on:
-            pc = prune_config(c.prune)
-            pc.seed = c.seed
-            rewind = base["state"].get("rewind", {}).get(c.prune.rewind) if c.prune.rewind else None
-            pruner = None
-            if pc.structure == "channel":
-                pruner = channel_prune_step
-            if pc.method == "sparsegpt":
-                pruner = sparsegpt_step
-            steps = 1 if pc.schedule == "oneshot" else pc.steps
-            epochs = steps * c.prune.finetune_epochs
+        plot_sensitivity(frag, self.run_dir / "sensitivity.png")
+        return frag
 
-            def make_prune():
-                return PruneStage(
-                    model,
-                    dm.num_classes,
-                    lr=c.prune.lr,
-                    epochs=epochs,
-                    weight_decay=c.prune.weight_decay,
-                    label_smoothing=c.prune.label_smoothing,
-                    prune=pc,
-                    finetune_epochs=c.prune.finetune_epochs,
-                    max_acc_drop=c.prune.max_acc_drop,
-                    reference_val=record["baseline/val_acc"],
-                    rewind_state=rewind,
-                    agp_dt=c.prune.agp_dt,
-                    pruner=pruner,
-                    distiller=distiller,
-                )
+    def _quantize(self, model, dm, distiller, record: dict) -> dict:
+        """Mixed-precision widths (bits_w=auto), prepare, then QAT or PTQ as a cached stage."""
+        c = self.cfg
+        qcfg = quant_config(c.quant)
+        frag: dict = {}
+        if c.quant.bits_w == "auto":  # per-layer widths within the size budget, then QAT
+            assignment, mp = mixed_precision(model, dm, qcfg, c.quant, self.dense_bits, self.example)
+            frag.update(mp)
+            qcfg.overrides = dict(assignment)
+        quantize_(model, qcfg, example=self.example)
+        frag["quant/float_ops"] = ",".join(float_ops(model))  # what stays float: softmax, LayerNorm, ...
+        meta = self._stage(
+            "qat", lambda: self._qat_module(model, dm, distiller), c.quant.epochs, dm, model, frag
+        )["meta"]
+        frag["quant/rounding"] = c.quant.rounding
+        for k in ("rounding_seconds", "rounding_changed"):
+            if k in meta:
+                frag[f"quant/{k}"] = meta[k]
+        frag.update(oneshot_keys("quant", meta))
+        frag["final/quant_mode"] = "qat" if c.quant.epochs > 0 else "ptq"
+        return frag
 
-            pr = self._stage("prune", make_prune, epochs, dm, model, record)
-            for k in ("stopped_at_step", "stop_reason", "steps_planned", "targets", "realized_ratio"):
-                if k in pr["meta"]:
-                    record[f"prune/{k}"] = pr["meta"][k]
-            record["prune/target_ratio"] = c.prune.ratio
-            record["prune/method"] = c.prune.method
-            record["prune/criterion"] = c.prune.criterion
-            record["prune/mode"] = "oneshot" if c.prune.finetune_epochs == 0 else "finetune"
-            record.update(oneshot_keys("prune", pr["meta"]))
-            for point in pr["meta"].get("curve", []):  # every step's candidate: the sparsity curve
-                for k in ("sparsity", "val_acc", "test_acc"):
-                    record[f"prune/curve/{point['step']}/{k}"] = point[k]
-        if c.analysis is not None:  # on the model before QAT (baseline or pruned, from the cache)
-            pc = prune_config(c.prune)
-            pc.seed = c.seed
-            a = c.analysis
-            record.update(
-                sensitivity(
-                    model,
-                    dm,
-                    quant_config(c.quant),
-                    pc,
-                    list(a.widths),
-                    list(a.ratios),
-                    example,
-                    pc.structure,
-                )
-            )
-            plot_sensitivity(record, self.run_dir / "sensitivity.png")
-        if self.quant_on:
-            qcfg = quant_config(c.quant)
-            if c.quant.bits_w == "auto":  # per-layer widths within the size budget, then QAT
-                assignment, mp = mixed_precision(model, dm, qcfg, c.quant, self.dense_bits, example)
-                record.update(mp)
-                qcfg.overrides = dict(assignment)
-            quantize_(model, qcfg, example=self.example)
-            record["quant/float_ops"] = ",".join(
-                float_ops(model)
-            )  # what stays float: softmax, LayerNorm, ...
-            qat = self._stage(
-                "qat",
-                lambda: QATStage(
-                    model,
-                    dm.num_classes,
-                    lr=c.quant.lr,
-                    epochs=max(c.quant.epochs, 1),
-                    weight_decay=c.quant.weight_decay,
-                    label_smoothing=c.quant.label_smoothing,
-                    calib_batches=c.quant.calib_batches,
-                    distiller=distiller,
-                    rounding=c.quant.rounding,
-                    rounding_batches=c.quant.rounding_batches,
-                    rounding_iters=c.quant.rounding_iters,
-                    gptq={
-                        "damp": c.quant.gptq_damp,
-                        "block": c.quant.gptq_block,
-                        "act_order": c.quant.gptq_act_order,
-                        "sequential": c.quant.calib_sequential,
-                    },
-                ),
-                c.quant.epochs,
-                dm,
-                model,
-                record,
-            )
-            record["quant/rounding"] = c.quant.rounding
-            for k in ("rounding_seconds", "rounding_changed"):
-                if k in qat["meta"]:
-                    record[f"quant/{k}"] = qat["meta"][k]
-            record.update(oneshot_keys("quant", qat["meta"]))
-            record["final/quant_mode"] = "qat" if c.quant.epochs > 0 else "ptq"
+    def _qat_module(self, model, dm, distiller):
+        q = self.cfg.quant
+        return QATStage(
+            model,
+            dm.num_classes,
+            lr=q.lr,
+            epochs=max(q.epochs, 1),
+            weight_decay=q.weight_decay,
+            label_smoothing=q.label_smoothing,
+            calib_batches=q.calib_batches,
+            distiller=distiller,
+            rounding=q.rounding,
+            rounding_batches=q.rounding_batches,
+            rounding_iters=q.rounding_iters,
+            gptq={
+                "damp": q.gptq_damp,
+                "block": q.gptq_block,
+                "act_order": q.gptq_act_order,
+                "sequential": q.calib_sequential,
+            },
+        )
+
+    def _final(self, model, record: dict) -> dict:
+        """The final model's keys: the last stage's accuracy and counts, the N:M size, the budget."""
+        c = self.cfg
         last = "qat" if self.quant_on else "prune" if self.prune_on else "baseline"
-        record["final/val_acc"] = record[f"{last}/val_acc"]
-        record["final/test_acc"] = record[f"{last}/test_acc"]
-        record.update(self.last_measure)
+        frag = {"final/val_acc": record[f"{last}/val_acc"], "final/test_acc": record[f"{last}/test_acc"]}
+        frag.update(self.last_measure)
         if self.prune_on and c.prune.structure == "nm":  # the N:M layout's size, beside the stored one
-            record["final/size_bits_nm"] = size_bits(model, nm=(c.prune.n, c.prune.m))
-            record["final/compression_ratio_nm"] = self.dense_bits / record["final/size_bits_nm"]
+            frag["final/size_bits_nm"] = size_bits(model, nm=(c.prune.n, c.prune.m))
+            frag["final/compression_ratio_nm"] = self.dense_bits / frag["final/size_bits_nm"]
         # bits_w=auto: the final honest size against the budget the widths were chosen for
         if "quant/budget_bits" in record:
-            record["quant/budget_met"] = record["final/size_bits"] <= record["quant/budget_bits"]
-        status = self.deploy(model, dm, record)
-        record["seconds/total"] = time.perf_counter() - t0
-        record["status"] = status
-        return record
+            frag["quant/budget_met"] = frag["final/size_bits"] <= record["quant/budget_bits"]
+        return frag
 
     def deploy(self, model, dm, record: dict) -> str:
         """The deployment check of the final model (integer file, ONNX) and the point's status:

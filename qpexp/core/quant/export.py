@@ -42,8 +42,6 @@ format flag in the header rather than as 2 bits. :func:`package_stats` breaks th
 from __future__ import annotations
 
 import json
-import math
-import zlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -52,16 +50,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qpexp.core.accounting import FLAG_BITS, INDEX_BITS, layout_bits, relative_entries
 from qpexp.core.modules import CONV, CONV_LINEAR
+from qpexp.core.quant import graph_export
 from qpexp.core.quant.layers import is_quant_layer
-from qpexp.core.quant.linear import LinearQuantizer
-from qpexp.core.quant.log import CompandingQuantizer, Pow2Quantizer, _bcast
-from qpexp.core.quant.spec import QuantSpec
+from qpexp.core.quant.log import _bcast
+from qpexp.core.quant.package import (  # noqa: F401 (the file's shared pieces, importable from here as before)
+    EXACT_INT,
+    LOG_SCHEMES,
+    _act_ir,
+    _Blob,
+    _decode_segment,
+    _decode_weight,
+    _encode_weight,
+    _log_quantizer,
+    _np,
+    _weight_ir,
+    dequantize_linear,
+    pack_bits,
+    package_stats,
+    read_package,
+    save_package,
+    unpack_bits,
+)
 
 FORMAT = "qpexp.intmodel/1"
-LOG_SCHEMES = {"log": Pow2Quantizer, "companding": CompandingQuantizer}
-EXACT_INT = 2**53  # float64 holds every integer below this exactly
 
 
 # -- walking the model ----------------------------------------------------------------------------
@@ -81,80 +93,6 @@ def _flat_children(model: nn.Module, prefix: str = ""):
 
 def _tuple(v) -> list[int]:
     return list(v) if isinstance(v, (tuple, list)) else [v]
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().contiguous().numpy().copy()
-
-
-def _weight_ir(layer: nn.Module, wq: nn.Module | None) -> dict:
-    """A layer's weight: integer codes and qparams (quantized) or float values, and its mask."""
-    w = layer.weight.detach()
-    mask = getattr(layer, "weight_mask", None)
-    mask = None if mask is None or bool((mask != 0).all()) else _np(mask != 0)
-    if wq is None:
-        return {"scheme": "float", "shape": list(w.shape), "values": _np(w.float()), "mask": mask}
-    per_channel = bool(getattr(wq, "per_channel", False))
-    ir = {
-        "bits": int(wq.bits),
-        "shape": list(w.shape),
-        "per_channel": per_channel,
-        "ch_axis": int(wq.ch_axis),
-        "mask": mask,
-    }
-    with torch.no_grad():
-        codes = wq.int_repr(w)
-        if isinstance(wq, LinearQuantizer):
-            scale, zero = wq.qparams(w)
-            ir.update(
-                scheme="linear",
-                symmetric=bool(wq.symmetric),
-                qmin=wq.qmin,
-                qmax=wq.qmax,
-                scale=_np(scale.float()),
-            )
-            ir["zero_point"] = None if wq.symmetric else _np(zero.to(torch.int32))
-        elif isinstance(wq, (Pow2Quantizer, CompandingQuantizer)):
-            a = 2 ** (wq.bits - 1) - 1
-            scheme = "log" if isinstance(wq, Pow2Quantizer) else "companding"
-            ir.update(scheme=scheme, symmetric=True, qmin=-a, qmax=a, max_abs=_np(wq.scale_max(w).float()))
-        else:
-            raise NotImplementedError(f"convert: weight quantizer {type(wq).__name__} has no integer export")
-    ir["codes"] = _np(codes.to(torch.int32))
-    return ir
-
-
-def _act_ir(aq: nn.Module | None) -> dict | None:
-    if aq is None:
-        return None
-    if isinstance(aq, LinearQuantizer):
-        if aq.range != "lsq" and not aq.is_initialized():
-            raise RuntimeError(
-                "convert: an activation quantizer was never calibrated (run a batch in train mode)"
-            )
-        scale, zero = aq.qparams()
-        return {
-            "scheme": "linear",
-            "bits": int(aq.bits),
-            "symmetric": bool(aq.symmetric),
-            "qmin": aq.qmin,
-            "qmax": aq.qmax,
-            "scale": _np(scale.float().reshape(-1)),
-            "zero_point": None if aq.symmetric else _np(zero.to(torch.int32).reshape(-1)),
-        }
-    if isinstance(aq, (Pow2Quantizer, CompandingQuantizer)):
-        a = 2 ** (aq.bits - 1) - 1
-        scheme = "log" if isinstance(aq, Pow2Quantizer) else "companding"
-        return {
-            "scheme": scheme,
-            "bits": int(aq.bits),
-            "symmetric": True,
-            "qmin": -a,
-            "qmax": a,
-            "per_channel": bool(aq.per_channel),
-            "max_abs": _np(aq.scale_max().float()),
-        }
-    raise NotImplementedError(f"convert: activation quantizer {type(aq).__name__} has no integer export")
 
 
 def model_ir(model: nn.Module, quantized: bool = True) -> list[dict]:
@@ -234,188 +172,9 @@ def model_ir(model: nn.Module, quantized: bool = True) -> list[dict]:
 
 
 # -- bit packing and sparse layouts ---------------------------------------------------------------
-def pack_bits(u: np.ndarray, bits: int) -> np.ndarray:
-    """Non-negative integers below ``2^bits`` packed into bytes, ``bits`` each, little-endian."""
-    u = np.asarray(u, dtype=np.int64).reshape(-1)
-    if u.size and (u.min() < 0 or u.max() >= 2**bits):
-        raise ValueError(f"pack_bits: values outside [0, 2^{bits})")
-    if bits == 8:
-        return u.astype(np.uint8)
-    planes = ((u.astype(np.uint32)[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
-    return np.packbits(planes.reshape(-1), bitorder="little")
-
-
-def unpack_bits(buf: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """Inverse of :func:`pack_bits` (int64)."""
-    buf = np.asarray(buf, dtype=np.uint8)
-    if bits == 8:
-        return buf[:count].astype(np.int64)
-    planes = np.unpackbits(buf, count=count * bits, bitorder="little").reshape(count, bits).astype(np.int64)
-    return (planes << np.arange(bits)).sum(1)
-
-
-def dequantize_linear(w: dict) -> np.ndarray:
-    """A linear-quantized weight's values from its IR (:func:`model_ir`): ``(q - Z) * S`` in float32,
-    per tensor or per output channel; the fake-quantize kernel's arithmetic, so bit for bit the
-    weight the fake-quantized model computes with."""
-    shape = [1] * len(w["shape"])
-    shape[w.get("ch_axis", 0)] = -1
-    bshape = shape if w["per_channel"] else []
-    scale = np.asarray(w["scale"], np.float32).reshape(bshape)
-    zp = w.get("zero_point")
-    zero = np.float32(0) if zp is None else np.asarray(zp).astype(np.float32).reshape(bshape)
-    return ((np.asarray(w["codes"]).astype(np.float32) - zero) * scale).astype(np.float32)
-
-
-def _zero_codes(ir: dict) -> np.ndarray:
-    """The code that means 0.0 at every position (``Z`` of the position's channel; 0 if symmetric)."""
-    shape = ir["shape"]
-    if ir["scheme"] == "float":
-        return np.zeros(shape, np.float32)
-    zero = ir.get("zero_point")
-    if zero is None:
-        return np.zeros(shape, np.int64)
-    zero = zero.astype(np.int64)
-    if ir["per_channel"]:
-        bshape = [1] * len(shape)
-        bshape[ir["ch_axis"]] = -1
-        return np.broadcast_to(zero.reshape(bshape), shape).copy()
-    return np.full(shape, int(zero.reshape(-1)[0]), np.int64)
 
 
 # -- the file -------------------------------------------------------------------------------------
-class _Blob:
-    def __init__(self):
-        self.parts: list[bytes] = []
-        self.offset = 0
-
-    def add(self, arr: np.ndarray, **meta) -> dict:
-        data = np.ascontiguousarray(arr).tobytes()
-        seg = {"offset": self.offset, "nbytes": len(data), **meta}
-        self.parts.append(data)
-        self.offset += len(data)
-        return seg
-
-    def add_array(self, arr: np.ndarray | None) -> dict | None:
-        if arr is None:
-            return None
-        return self.add(arr, dtype=str(arr.dtype), shape=list(arr.shape))
-
-    def add_codes(self, codes: np.ndarray, bits: int, low: int, int8: bool = False) -> dict:
-        """Codes as int8 (``int8``) or bit-packed ``code - low`` in ``bits`` bits."""
-        codes = np.asarray(codes, np.int64).reshape(-1)
-        if int8:
-            return self.add(codes.astype(np.int8), dtype="int8", count=int(codes.size))
-        return self.add(
-            pack_bits(codes - low, bits), dtype="packed", bits=bits, offset_by=low, count=int(codes.size)
-        )
-
-
-def _filler_code(ir: dict) -> int | float | None:
-    """The value a relative-layout filler of a *pruned* layer carries, so that the mask comes back
-    exactly: a code outside the quantizer's range (symmetric and log codes leave one of the
-    ``2^b`` patterns free), NaN for float weights; None where every pattern is taken (asymmetric)."""
-    if ir["scheme"] == "float":
-        return float("nan")
-    if not ir["symmetric"]:
-        return None
-    return ir["qmin"] - 1 if _int8_codes(ir) else ir["qmax"] + 1
-
-
-def _int8_codes(ir: dict) -> bool:
-    return ir["bits"] == 8 and ir["qmin"] < 0
-
-
-def _encode_weight(ir: dict, blob: _Blob) -> dict:
-    scheme = ir["scheme"]
-    bits = 32 if scheme == "float" else ir["bits"]
-    flat = ir["values" if scheme == "float" else "codes"].reshape(-1)
-    zero = _zero_codes(ir).reshape(-1)
-    pruned = ir["mask"] is not None
-    if pruned:  # the layout is the pruning mask
-        keep = ir["mask"].reshape(-1)
-        candidates = ("bitmask", "relative") if _filler_code(ir) is not None else ("bitmask",)
-    else:  # unpruned: store the nonzero codes if that is cheaper (a float weight stays dense, as counted)
-        keep = flat != zero
-        candidates = ("dense",) if scheme == "float" else ("dense", "bitmask", "relative")
-    entry_d, entry_pos = relative_entries(keep)
-    costs = layout_bits(flat.size, int(keep.sum()), entry_d.size, bits)
-    layout = min(candidates, key=costs.get)
-    out = {
-        k: v for k, v in ir.items() if k not in ("codes", "values", "mask", "scale", "zero_point", "max_abs")
-    }
-    out.update(layout=layout, pruned=pruned, payload_bits=costs[layout] + FLAG_BITS)
-    out["positions"] = None
-    if layout == "dense":
-        stored = flat
-    elif layout == "bitmask":
-        stored = flat[keep]
-        bitmask = np.packbits(keep.astype(np.uint8), bitorder="little")
-        out["positions"] = blob.add(bitmask, dtype="bitmask", count=int(keep.size))
-    else:
-        stored = flat[entry_pos]
-        if pruned:
-            stored = stored.astype(np.float32 if scheme == "float" else np.int64)
-            stored[~keep[entry_pos]] = _filler_code(ir)
-        gaps = pack_bits(entry_d, INDEX_BITS)
-        out["positions"] = blob.add(
-            gaps, dtype="packed", bits=INDEX_BITS, offset_by=0, count=int(entry_d.size)
-        )
-    if scheme == "float":
-        out["values"] = blob.add_array(np.asarray(stored, np.float32))
-    else:
-        out["values"] = blob.add_codes(stored, bits, ir["qmin"], int8=_int8_codes(ir))
-    for k in ("scale", "zero_point", "max_abs"):
-        if k in ir:
-            out[k] = blob.add_array(ir[k])
-    return out
-
-
-SEGMENT_DTYPES = frozenset(
-    "bool int8 int16 int32 int64 uint8 uint16 uint32 uint64 float16 float32 float64".split()
-)
-
-
-def _decode_segment(blob: np.ndarray, seg: dict | None) -> np.ndarray | None:
-    if seg is None:
-        return None
-    raw = blob[seg["offset"] : seg["offset"] + seg["nbytes"]]
-    if seg["dtype"] == "packed":
-        return unpack_bits(raw, seg["bits"], seg["count"]) + seg["offset_by"]
-    if seg["dtype"] == "bitmask":
-        return np.unpackbits(raw, count=seg["count"], bitorder="little").astype(bool)
-    if seg["dtype"] == "int8":
-        return raw.view(np.int8)[: seg["count"]].astype(np.int64)
-    if seg["dtype"] not in SEGMENT_DTYPES:  # numeric arrays only: never object or structured dtypes
-        raise ValueError(f"the file stores an array of dtype {seg['dtype']!r}, which is not allowed")
-    return raw.view(np.dtype(seg["dtype"])).reshape(seg["shape"]).copy()
-
-
-def _decode_weight(w: dict, blob: np.ndarray) -> dict:
-    ir = {k: v for k, v in w.items() if k not in ("values", "positions", "scale", "zero_point", "max_abs")}
-    for k in ("scale", "zero_point", "max_abs"):
-        if k in w:
-            ir[k] = _decode_segment(blob, w[k])
-    values = _decode_segment(blob, w["values"])
-    flat = _zero_codes(ir).reshape(-1)
-    keep = None
-    if w["layout"] == "dense":
-        flat = values.astype(flat.dtype)
-    elif w["layout"] == "bitmask":
-        keep = _decode_segment(blob, w["positions"])
-        flat[keep] = values
-    else:
-        pos = np.cumsum(_decode_segment(blob, w["positions"]) + 1) - 1
-        real = np.ones(pos.size, bool)
-        if w["pruned"]:
-            marker = _filler_code(ir)
-            real = ~np.isnan(values) if w["scheme"] == "float" else values != marker
-        flat[pos[real]] = values[real]
-        keep = np.zeros(flat.size, bool)
-        keep[pos[real]] = True
-    ir["values" if w["scheme"] == "float" else "codes"] = flat.reshape(w["shape"])
-    ir["mask"] = keep.reshape(w["shape"]) if w["pruned"] else None
-    return ir
 
 
 def encode(ops: list[dict]) -> tuple[str, np.ndarray]:
@@ -464,68 +223,6 @@ def decode(header: str, blob: np.ndarray) -> list[dict]:
     return ops
 
 
-def save_package(header: str, blob: np.ndarray, path: str | Path) -> Path:
-    """Write ``.pt`` (``torch.load(weights_only=True)``) or ``.npz`` (no pickle) by suffix."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    head = np.frombuffer(zlib.compress(header.encode(), 9), np.uint8)
-    if path.suffix == ".npz":
-        with open(path, "wb") as f:
-            np.savez(f, header=head, blob=blob)
-    elif path.suffix in (".pt", ".pth"):
-        torch.save(
-            {"format": FORMAT, "header": torch.from_numpy(head.copy()), "blob": torch.from_numpy(blob)}, path
-        )
-    else:
-        raise ValueError(f"convert: unknown file type {path.suffix!r}: use .pt or .npz")
-    return path
-
-
-def read_package(path: str | Path) -> tuple[str, np.ndarray]:
-    """(header, blob) of a file written by :func:`convert` (no pickle is executed)."""
-    path = Path(path)
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            head, blob = z["header"], z["blob"].copy()
-    else:
-        pkg = torch.load(path, weights_only=True)
-        if not isinstance(pkg, dict) or pkg.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a {FORMAT} file")
-        head, blob = pkg["header"].numpy(), pkg["blob"].numpy().copy()
-    return zlib.decompress(head.tobytes()).decode(), blob
-
-
-def package_stats(path: str | Path) -> dict:
-    """Where the bytes of a converted file go: payload (the blob), JSON header, container, and the
-    payload the accounting formulas predict (codes in their layout, format flags, qparams, floats)."""
-    path = Path(path)
-    header, blob = read_package(path)
-    meta = json.loads(header)
-    predicted = 0
-    for op in meta["ops"]:
-        if "weight" in op:
-            w = op["weight"]
-            predicted += (
-                w["payload_bits"] if w["scheme"] != "float" or w["pruned"] else math.prod(w["shape"]) * 32
-            )
-            for k in ("scale", "zero_point", "max_abs"):
-                if w.get(k):
-                    predicted += 8 * w[k]["nbytes"]
-        for k, v in op.items():
-            if k == "act" and v:
-                predicted += sum(8 * s["nbytes"] for s in v.values() if isinstance(s, dict))
-            elif k != "weight" and isinstance(v, dict) and "offset" in v:
-                predicted += 8 * v["nbytes"]
-    size = path.stat().st_size
-    return {
-        "file_bytes": size,
-        "payload_bytes": int(blob.size),
-        "header_bytes": len(zlib.compress(header.encode(), 9)),
-        "container_bytes": size - int(blob.size) - len(zlib.compress(header.encode(), 9)),
-        "accounted_payload_bits": int(predicted),
-    }
-
-
 # -- the runnable integer model -------------------------------------------------------------------
 class _Reshape(nn.Module):
     def __init__(self, shape):
@@ -534,17 +231,6 @@ class _Reshape(nn.Module):
 
     def forward(self, x):
         return x.reshape(x.shape[0], *self.shape)
-
-
-def _log_quantizer(spec: dict, is_weight: bool, channels: int) -> nn.Module:
-    cls = LOG_SCHEMES[spec["scheme"]]
-    gran = "channel" if spec.get("per_channel") else "tensor"
-    return cls(
-        QuantSpec(bits=spec["bits"], scheme=spec["scheme"], granularity=gran),
-        is_weight=is_weight,
-        channels=channels,
-        ch_axis=spec.get("ch_axis", 0),
-    )
 
 
 class IntegerLayer(nn.Module):
@@ -732,9 +418,7 @@ def convert(
     (:mod:`qpexp.core.quant.graph_export`); ``graph=True`` forces the graph format.
     """
     if graph or (graph is None and uses_graph_format(model)):
-        from qpexp.core.quant.graph_export import convert_graph
-
-        return convert_graph(model, path, arithmetic)
+        return graph_export.convert_graph(model, path, arithmetic)
     was = model.training
     model.eval()
     try:
@@ -751,9 +435,7 @@ def load(path: str | Path, arithmetic: str = "integer"):
     """Rebuild the runnable integer model from a file written by :func:`convert` (either format)."""
     header, blob = read_package(path)
     if json.loads(header).get("format") != FORMAT:
-        from qpexp.core.quant.graph_export import decode_graph, load_graph_model
-
-        return load_graph_model(decode_graph(header, blob), arithmetic)
+        return graph_export.load_graph_model(graph_export.decode_graph(header, blob), arithmetic)
     return build(decode(header, blob), arithmetic)
 
 

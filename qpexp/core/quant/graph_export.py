@@ -30,7 +30,7 @@ and reproduces the prepared model's logits bit for bit; ``arithmetic="integer"``
 ``F.linear``/``F.conv*``/``matmul`` whose operands are linear-quantized as an exact integer
 accumulation (float64, checked below 2^53) rescaled by ``S_x S_w`` (or ``S_a S_b``).
 
-**ONNX** (:func:`onnx_graph_model`): the loaded graph exported with ``torch.onnx.export(...,
+**ONNX** (:func:`qpexp.deploy.emit.onnx_graph_model`; the ONNX side lives in :mod:`qpexp.deploy`): the loaded graph exported with ``torch.onnx.export(...,
 dynamo=False)`` (TorchScript exporter: every torch op it knows, Softmax, LayerNormalization, Gelu,
 Reshape, ...), where each ``quant`` node emits ``QuantizeLinear``/``DequantizeLinear`` (a ``Clip``
 first when the range is narrower than the container) and each ``qweight`` emits its codes as an
@@ -54,13 +54,12 @@ import torch.fx as fx
 from torch import nn
 
 from qpexp.core.quant import allowlist as A
-from qpexp.core.quant import export as E
+from qpexp.core.quant import package as P
 from qpexp.core.quant.graph import TraceFailure, _trace_with_retries, is_quantizer, prepare_info, root_site
 from qpexp.core.quant.linear import LinearQuantizer, fake_quant_scalar
 from qpexp.core.quant.log import _bcast
 
 FORMAT = "qpexp.intgraph/1"
-EXACT_INT = 2**53
 
 # -- what a file may call: the table of :mod:`qpexp.core.quant.allowlist` (writer and reader) -----
 GETATTR_OK = A.GETATTR_OK
@@ -163,7 +162,7 @@ def graph_ir(model: nn.Module, quantized: bool = True) -> list[dict]:
                 if weight_only and quantized:
                     continue  # stored as the qweight of its quantizer
                 t = _attr(model, n.target).detach()
-                arr = E._np(t.float() if t.is_floating_point() else t)
+                arr = P._np(t.float() if t.is_floating_point() else t)
                 entry = {"op": "const", "name": n.target, "value": arr}
             elif n.op == "placeholder":
                 entry = {"op": "input", "name": n.target}
@@ -191,10 +190,10 @@ def graph_ir(model: nn.Module, quantized: bool = True) -> list[dict]:
                         "op": "qweight",
                         "name": src.target,
                         "quantizer": n.target,
-                        "weight": E._weight_ir(shim, q),
+                        "weight": P._weight_ir(shim, q),
                     }
                 else:
-                    entry = {"op": "quant", "name": n.target, "input": index[src], "act": E._act_ir(q)}
+                    entry = {"op": "quant", "name": n.target, "input": index[src], "act": P._act_ir(q)}
             elif n.op == "call_function":
                 if n.target is getattr and n.args[1] not in GETATTR_OK:
                     raise NotImplementedError(f"convert: {where}: getattr {n.args[1]!r}")
@@ -232,13 +231,13 @@ def graph_ir(model: nn.Module, quantized: bool = True) -> list[dict]:
 
 
 def encode_graph(nodes: list[dict]) -> tuple[str, np.ndarray]:
-    blob = E._Blob()
+    blob = P._Blob()
     out = []
     for node in nodes:
         o = {}
         for k, v in node.items():
             if k == "weight":
-                o[k] = E._encode_weight(v, blob)
+                o[k] = P._encode_weight(v, blob)
             elif k == "act":
                 o[k] = {
                     kk: (blob.add_array(vv) if isinstance(vv, np.ndarray) else vv) for kk, vv in v.items()
@@ -262,13 +261,13 @@ def decode_graph(header: str, blob: np.ndarray) -> list[dict]:
         node = {}
         for k, v in o.items():
             if k == "weight":
-                node[k] = E._decode_weight(v, blob)
+                node[k] = P._decode_weight(v, blob)
             elif k == "act":
                 node[k] = {
-                    kk: (E._decode_segment(blob, vv) if isinstance(vv, dict) else vv) for kk, vv in v.items()
+                    kk: (P._decode_segment(blob, vv) if isinstance(vv, dict) else vv) for kk, vv in v.items()
                 }
             elif isinstance(v, dict) and "offset" in v and k == "value":
-                node[k] = E._decode_segment(blob, v)
+                node[k] = P._decode_segment(blob, v)
             else:
                 node[k] = v
         nodes.append(node)
@@ -276,18 +275,6 @@ def decode_graph(header: str, blob: np.ndarray) -> list[dict]:
 
 
 # -- the runnable model ---------------------------------------------------------------------------
-def _container(bits: int, signed: bool) -> tuple[str, int, int]:
-    """(ONNX element type name, its width, code shift) of the QDQ type holding ``bits``-bit codes.
-
-    8-bit codes always travel as uint8, signed ones shifted by +128 with their zero point (the
-    same values; onnxruntime's u8s8 kernels saturate int16 on CPUs without VNNI, u8u8 is exact)."""
-    if bits <= 4:
-        return ("INT4" if signed else "UINT4"), 4, 0
-    if bits <= 8:
-        return "UINT8", 8, 128 if signed else 0
-    return ("INT16" if signed else "UINT16"), 16, 0
-
-
 class _QDQ(torch.autograd.Function):
     """In ONNX export: ``[Clip] -> QuantizeLinear -> DequantizeLinear`` (container marked for the post-pass)."""
 
@@ -344,12 +331,11 @@ class IntQuant(nn.Module):
             self.scale = float(np.float32(act["scale"].reshape(-1)[0]))
             self.zero = 0 if act.get("zero_point") is None else int(act["zero_point"].reshape(-1)[0])
             self.qmin, self.qmax = int(act["qmin"]), int(act["qmax"])
-            self.elem, cbits, self.shift = _container(act["bits"], self.qmin < 0)
-            signed = self.elem.startswith("INT")
-            lo, hi = (-(2 ** (cbits - 1)), 2 ** (cbits - 1) - 1) if signed else (0, 2**cbits - 1)
+            self.elem, _, self.shift = P.container(act["bits"], self.qmin < 0)
+            lo, hi = P.CONTAINER_RANGE[self.elem]
             self.lo, self.hi = lo - self.shift, hi - self.shift  # the container's range, unshifted
         else:
-            self.alog = E._log_quantizer(act, False, 1)
+            self.alog = P._log_quantizer(act, False, 1)
             self.register_buffer("a_max", torch.from_numpy(act["max_abs"]).float())
 
     def forward(self, x):
@@ -406,7 +392,7 @@ class IntWeight(nn.Module):
             self.register_buffer("w_zero", zero)
             self.register_buffer("w_hat", (codes.float() - zero) * scale)
             # the ONNX container: codes - qmin fit; 8-bit signed codes go as uint8 + 128 (u8u8)
-            self.elem, _, shift = _container(w["bits"], w["qmin"] < 0)
+            self.elem, _, shift = P.container(w["bits"], w["qmin"] < 0)
             self.register_buffer("onnx_codes", (codes + shift).to(torch.int32))
             n = int(scale.numel())
             zero_i = zero.reshape(-1).round().to(torch.int32).expand(n).clone() + shift
@@ -416,7 +402,7 @@ class IntWeight(nn.Module):
                 "onnx_scale", scale.reshape(-1).clone() if per else scale.reshape([]).clone()
             )
         else:
-            self.wlog = E._log_quantizer(w, True, shape[0])
+            self.wlog = P._log_quantizer(w, True, shape[0])
             m = t(w["max_abs"]).float()
             self.register_buffer("w_max", m)
             with torch.no_grad():
@@ -470,7 +456,7 @@ class IntAccum(nn.Module):
             y = acc * (sa * sb.reshape(-1)).reshape(shape)
         else:
             y = acc * (sa * sb.reshape([]))
-        if float(acc.abs().max()) >= EXACT_INT:
+        if float(acc.abs().max()) >= P.EXACT_INT:
             raise OverflowError("integer accumulation above 2^53")
         y = y.float()
         if bias is not None:
@@ -556,163 +542,24 @@ def set_quantized(gm: nn.Module, quantized: bool) -> None:
             m.quantized = quantized
 
 
-# -- ONNX -----------------------------------------------------------------------------------------
-def onnx_graph_model(gm: nn.Module, example: torch.Tensor, quantized: bool = True, opset: int = 21):
-    """The ONNX model of a loaded graph (see the module doc). Returns ``(ModelProto, info)``; info
-    lists the containers and what runs at a wider width than its codes."""
-    import io
-    import warnings
-
-    import onnx
-    from onnx import TensorProto as TP
-    from onnx import helper, numpy_helper
-
-    info = {"weight_containers": [], "act_containers": [], "simulated": []}
-    for m in gm.modules():
-        if isinstance(m, IntQuant) and quantized:
-            if m.scheme != "linear":
-                raise NotImplementedError(f"ONNX QDQ cannot express {m.scheme} activation codes")
-            info["act_containers"].append(m.elem.lower())
-            if _container(m.spec["bits"], m.qmin < 0)[1] != m.spec["bits"]:
-                info["simulated"].append(f"{m.spec['bits']}-bit activations run in {m.elem.lower()}")
-        if isinstance(m, IntWeight) and quantized and m.scheme != "float":
-            if m.scheme != "linear":
-                raise NotImplementedError(f"ONNX QDQ cannot express {m.scheme} weight codes")
-            elem, cbits, _ = _container(m.spec["bits"], m.spec["qmin"] < 0)
-            info["weight_containers"].append(elem.lower())
-            if cbits != m.spec["bits"]:
-                info["simulated"].append(f"{m.spec['bits']}-bit weights run in {elem.lower()}")
-    set_quantized(gm, quantized)
-    buf = io.BytesIO()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                gm,
-                (example,),
-                buf,
-                dynamo=False,
-                opset_version=min(opset, 20),
-                input_names=["input"],
-                output_names=["logits"],
-                dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
-                do_constant_folding=False,
-            )
-    finally:
-        set_quantized(gm, True)
-    model = onnx.load_from_string(buf.getvalue())
-    # containers: the post-pass the symbolic functions marked
-    inits = {t.name: t for t in model.graph.initializer}
-    consts = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
-
-    def retype(name: str, elem: int, shift: int = 0):
-        if name in inits:
-            arr = numpy_helper.to_array(inits[name]).astype(np.int64) + shift
-            new = helper.make_tensor(name, elem, list(arr.shape), arr.reshape(-1).tolist())
-            inits[name].CopyFrom(new)
-        elif name in consts:
-            node = consts[name]
-            attr = next(a for a in node.attribute if a.name == "value")
-            arr = numpy_helper.to_array(attr.t).astype(np.int64) + shift
-            attr.t.CopyFrom(helper.make_tensor(name, elem, list(arr.shape), arr.reshape(-1).tolist()))
-        else:
-            raise RuntimeError(f"ONNX post-pass: {name} is neither an initializer nor a constant")
-
-    identity = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Identity"}
-
-    def own(name: str, suffix: str) -> str:
-        """The node's own copy of an initializer the exporter deduplicated behind Identity nodes."""
-        src = name
-        while src in identity:
-            src = identity[src]
-        if src == name or src not in inits:
-            return name
-        copy = onnx.TensorProto()
-        copy.CopyFrom(inits[src])
-        copy.name = f"{name}__{suffix}"
-        model.graph.initializer.append(copy)
-        inits[copy.name] = model.graph.initializer[-1]
-        return copy.name
-
-    done = set()
-    for k, n in enumerate(model.graph.node):
-        marks = {a.name: a for a in n.attribute if a.name.startswith("qpexp_")}
-        if not marks:
-            continue
-        elem = getattr(TP, marks["qpexp_elem"].s.decode())
-        for a in marks.values():
-            n.attribute.remove(a)
-        slots = [2] + ([0] if n.op_type == "DequantizeLinear" and n.input[0] not in consts else [])
-        for slot in slots:
-            if slot == 0 and not (n.input[0] in inits or n.input[0] in identity):
-                continue  # an activation's DQ: its input is the Q's output
-            n.input[slot] = own(n.input[slot], str(k))
-            if n.input[slot] not in done:
-                retype(n.input[slot], elem)
-                done.add(n.input[slot])
-    # the deduplication Identity nodes nothing reads any more (their initializers were copied)
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    dead = [n for n in model.graph.node if n.op_type == "Identity" and n.output[0] not in used]
-    for n in dead:
-        model.graph.node.remove(n)
-    del model.opset_import[:]
-    model.opset_import.extend([helper.make_opsetid("", opset)])
-    model.ir_version = 10
-    model.producer_name = "qpexp"
-    onnx.checker.check_model(model)
-    return model, info
-
-
 # -- the file -------------------------------------------------------------------------------------
 def convert_graph(model: nn.Module, path: str | Path | None = None, arithmetic: str = "float"):
     """Write the prepared model as a graph file (``.npz``/``.pt``) and return the loaded model."""
     header, blob = encode_graph(graph_ir(model))
     if path is None:
         return load_graph_model(decode_graph(header, blob), arithmetic)
-    E.save_package(header, blob, path)
+    P.save_package(header, blob, path)
     return load_graph(path, arithmetic)
 
 
 def load_graph(path: str | Path, arithmetic: str = "float") -> fx.GraphModule:
-    header, blob = E.read_package(path)
+    header, blob = P.read_package(path)
     return load_graph_model(decode_graph(header, blob), arithmetic)
 
 
 def is_graph_file(path: str | Path) -> bool:
-    header, _ = E.read_package(path)
+    header, _ = P.read_package(path)
     return json.loads(header).get("format") == FORMAT
-
-
-def graph_package_stats(path: str | Path) -> dict:
-    """Where the bytes of a graph file go (as :func:`qpexp.core.quant.export.package_stats`)."""
-    import zlib
-
-    path = Path(path)
-    header, blob = E.read_package(path)
-    meta = json.loads(header)
-    predicted = 0
-    for node in meta["nodes"]:
-        if "weight" in node:
-            w = node["weight"]
-            predicted += (
-                w["payload_bits"] if w["scheme"] != "float" or w["pruned"] else math.prod(w["shape"]) * 32
-            )
-            for k in ("scale", "zero_point", "max_abs"):
-                if w.get(k):
-                    predicted += 8 * w[k]["nbytes"]
-        if node.get("act"):
-            predicted += sum(8 * s["nbytes"] for s in node["act"].values() if isinstance(s, dict))
-        if isinstance(node.get("value"), dict):
-            predicted += 8 * node["value"]["nbytes"]
-    head = len(zlib.compress(header.encode(), 9))
-    size = path.stat().st_size
-    return {
-        "file_bytes": size,
-        "payload_bytes": int(blob.size),
-        "header_bytes": head,
-        "container_bytes": size - int(blob.size) - head,
-        "accounted_payload_bits": int(predicted),
-    }
 
 
 def act_quantizer_of(model: nn.Module):
