@@ -29,7 +29,7 @@ SELECTS = (fr.VAL, fr.ACC)
 
 def _shown(path: Path) -> str:
     """``path`` relative to the checkout (so the page reads the same wherever it is generated)."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # qpexp/sweep/results.py -> the checkout
     try:
         return Path(path).resolve().relative_to(root).as_posix()
     except ValueError:
@@ -83,16 +83,28 @@ def front_table(sweep: Path) -> list[str]:
     """Every config (seed means), Pareto on validation marked; test accuracy reported beside."""
     _, gs = frontier_numbers(sweep, fr.VAL)
     lines = [
-        "| config | seeds | val acc % | test acc % (± std) | ratio | Pareto (val) |",
-        "|---|---|---|---|---|---|",
+        "| config | seeds | val acc % | test acc % (± std) | ratio | Pareto (val) | deployment |",
+        "|---|---|---|---|---|---|---|",
     ]
     for g in sorted(gs, key=lambda g: (-(g["ratio"] or 0), -g["sel"])):
         std = f" ± {100 * g['acc_std']:.2f}" if g["n"] > 1 else ""
         lines.append(
             f"| {fr._describe(g)} | {g['n']} | {_pct(g['val_acc'])} | {_pct(g['acc'])}{std} "
-            f"| {_ratio(g['ratio'])} | {'yes' if g['pareto'] else ''} |"
+            f"| {_ratio(g['ratio'])} | {'yes' if g['pareto'] else ''} | {_deployment(g)} |"
         )
     return lines
+
+
+def _deployment(g: dict) -> str:
+    """The statuses of a config's seeds: ``ok``, ``not deployed``, or the failed checks (off the front)."""
+    if g.get("point") == "dense":
+        return "-"
+    statuses = g.get("statuses") or []
+    if statuses == ["ok"]:
+        return "ok"
+    if statuses == ["not_deployed"]:
+        return "not deployed"
+    return ", ".join(statuses) + ("" if g.get("eligible", True) else " (off the front)")
 
 
 def budget(sweep: Path) -> str:
@@ -125,8 +137,9 @@ def section(sweep: Path) -> list[str]:
     return [
         f"### `{sweep.name}`",
         "",
-        f"Command: `{command(sweep)}`; {s['points']} points, {s['points_failed']} failed; records: "
-        f"`{_shown(sweep)}`.",
+        f"Command: `{command(sweep)}`; {s['points']} points, {s['points_failed']} failed, "
+        f"{s.get('points_deploy_mismatch', 0) + s.get('points_deploy_error', 0)} whose deployment check "
+        f"failed, {s.get('points_not_deployed', 0)} not deployed; records: `{_shown(sweep)}`.",
         "",
         budget(sweep),
         "",
