@@ -239,3 +239,14 @@ def test_record_says_which_deployment_check_ran(tmp_path, overrides, checks, sta
     else:
         assert rec["deploy/simulated_only"] is True and "deploy/onnx_test_acc" not in rec
         assert abs(rec["deploy/int_test_acc"] - rec["final/test_acc"]) <= 0.002
+
+
+def test_clear_argmax_agreement_by_hand():
+    """Samples 0 and 2 have a clear argmax (leads by 2 of a range of 3, and by 5 of 5); sample 1's
+    lead (0.05 of 1) is under a tenth of its range. ``got`` disagrees on sample 0, agrees on 2."""
+    from qpexp.deploy.common import clear_agreement
+
+    ref = torch.tensor([[3.0, 1.0, 0.0], [1.0, 0.95, 0.0], [0.0, 0.0, 5.0]])
+    got = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    frac, agree = clear_agreement(got, ref)
+    assert frac == pytest.approx(2 / 3) and agree == 0.5

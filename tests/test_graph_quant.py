@@ -580,12 +580,22 @@ def test_every_model_quantizes_and_exports_end_to_end(tmp_path_factory, cifar, a
     assert rec["deploy/simulated_only"] is False
     assert rec["deploy/onnx_weight_container"] == ("int4" if mode == "qat_w4a8" else "uint8")
     # one epoch on tiny widths: logits sit near ties, and onnxruntime's QuantizeLinear divides by S
-    # where the fake quantizer multiplies by 1/S, so a value on a rounding edge takes the next code;
-    # deep 2-channel ResNets amplify that. The integer file itself is exact (above); the 0.2-point
-    # criterion is met on trained models (README) and on random models with a clear argmax (above).
-    assert rec["deploy/onnx_argmax_agree"] >= 0.75
-    assert abs(rec["deploy/onnx_test_acc"] - rec["final/test_acc"]) <= 0.1
-    assert rec["deploy/int_test_acc"] == pytest.approx(rec["final/test_acc"], abs=0.02)
+    # where the fake quantizer multiplies by 1/S, so a value on a rounding edge takes the next code.
+    # So the runtime is compared where that cannot matter: on every test sample whose argmax is clear
+    # (top-1 ahead of the runner-up by a tenth of the logit range), ORT must agree with the
+    # fake-quantized model; the integer file's own accuracy is the fake-quantized model's exactly.
+    clear = rec["deploy/onnx_clear_fraction"]
+    info = (
+        clear,
+        rec["deploy/onnx_argmax_agree_clear"],
+        rec["deploy/onnx_logit_rel_err"],
+        rec["deploy/onnx_argmax_agree"],
+    )
+    assert rec["deploy/onnx_argmax_agree_clear"] == 1.0, info
+    # a one-epoch model whose logits barely separate the classes has few clear samples: its logits
+    # themselves must then match, within 5% of the largest logit
+    assert clear >= 0.2 or rec["deploy/onnx_logit_rel_err"] <= 0.05, info
+    assert rec["deploy/int_test_acc"] == rec["final/test_acc"]
     floats = set(filter(None, rec["quant/float_ops"].split(",")))
     assert floats == ({"GELU", "LayerNorm", "softmax"} if arch == "transformer" else set())
 

@@ -51,7 +51,7 @@ from qpexp.core.quant.package import package_stats
 from qpexp.deploy.common import (  # noqa: F401 (qpexp.deploy's names, as before)
     INTEGER_OPS,
     _latency,
-    _predictions,
+    clear_agreement,
     integer_kernels,
     onnx_results,
     ort_session,

@@ -51,9 +51,27 @@ def integer_kernels(optimized_path: Path) -> list[str]:
     return [n.op_type for n in onnx.load(str(optimized_path)).graph.node if n.op_type in INTEGER_OPS]
 
 
-def _predictions(run, x: torch.Tensor, batch: int) -> torch.Tensor:
-    out = [torch.as_tensor(np.asarray(run(x[i : i + batch]))).argmax(1) for i in range(0, len(x), batch)]
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+def _logits(run, x: torch.Tensor, batch: int) -> torch.Tensor:
+    out = [torch.as_tensor(np.asarray(run(x[i : i + batch]))).float() for i in range(0, len(x), batch)]
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+# a sample's argmax is "clear" when its top-1 logit leads the runner-up by at least this fraction of
+# the sample's logit range: a value on a rounding edge cannot flip it
+CLEAR_MARGIN = 0.1
+
+
+def clear_agreement(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(fraction of samples with a clear argmax in ``ref``, argmax agreement of ``got`` on them)."""
+    if ref.numel() == 0 or ref.shape[1] < 2:
+        return 0.0, 1.0
+    top2 = ref.topk(2, dim=1).values
+    spread = (ref.max(1).values - ref.min(1).values).clamp_min(1e-12)
+    clear = (top2[:, 0] - top2[:, 1]) >= CLEAR_MARGIN * spread
+    if not clear.any():
+        return 0.0, 1.0
+    agree = (got.argmax(1)[clear] == ref.argmax(1)[clear]).float().mean()
+    return float(clear.float().mean()), float(agree)
 
 
 def _latency(sessions: dict, xb: np.ndarray, n: int) -> dict[str, float]:
@@ -75,9 +93,11 @@ def onnx_results(model, qs, fs, x, y, dm, cfg, record, info, qpath, kernels, bia
     against the float session ``fs``: the ``deploy/onnx_*`` record keys (per-layer and graph formats)."""
     batch = min(len(y), getattr(dm, "batch_size", 100))
     eval_batch = getattr(dm, "eval_batch_size", 1000)
-    pred = _predictions(lambda xb: qs.run(None, {"input": xb.numpy()})[0], x, eval_batch)
+    got = _logits(lambda xb: qs.run(None, {"input": xb.numpy()})[0], x, eval_batch)
     with torch.no_grad():
-        ref = _predictions(model, x, eval_batch)
+        ref_logits = _logits(model, x, eval_batch)
+    pred, ref = got.argmax(1), ref_logits.argmax(1)
+    clear, agree_clear = clear_agreement(got, ref_logits)
     acc = int((pred == y).sum()) / max(len(y), 1)
     lat = _latency({"q": qs, "f": fs}, x[:batch].numpy(), max(int(getattr(cfg, "latency_batches", 50)), 1))
     simulated = info["simulated"]
@@ -85,6 +105,14 @@ def onnx_results(model, qs, fs, x, y, dm, cfg, record, info, qpath, kernels, bia
         "deploy/onnx_path": str(qpath),
         "deploy/onnx_test_acc": acc,
         "deploy/onnx_argmax_agree": int((pred == ref).sum()) / max(len(y), 1),
+        "deploy/onnx_clear_fraction": clear,  # samples whose argmax no rounding edge can flip
+        "deploy/onnx_argmax_agree_clear": agree_clear,
+        # the largest logit difference, in units of the fake-quantized model's largest |logit|
+        "deploy/onnx_logit_rel_err": float(
+            (got - ref_logits).abs().max() / ref_logits.abs().max().clamp_min(1e-12)
+        )
+        if ref_logits.numel()
+        else 0.0,
         "deploy/onnx_latency_ms": lat["q"],
         "deploy/fp32_onnx_latency_ms": lat["f"],
         "deploy/latency_batch_size": batch,
