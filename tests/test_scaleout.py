@@ -634,9 +634,12 @@ def test_ddp_pipeline_two_cpu_ranks_match_single_process(tmp_path):
     for k in a:
         if k.endswith(("_acc", "/val_acc", "/test_acc")):
             assert abs(a[k] - b[k]) <= 0.02, (k, a[k], b[k])
+        elif "huffman" in k:  # entropy-coded sizes follow the codes' frequencies: a few codes differ
+            if isinstance(a[k], float):  # (the chosen layout, a string, may differ with them)
+                assert a[k] == pytest.approx(b[k], rel=5e-2), k
         elif k.endswith(
-            ("size_bits", "compression_ratio", "zero_fraction", "nonzero_params")
-        ) or k.startswith("size/"):
+            ("size_bits", "compression_ratio", "zero_fraction", "nonzero_params", "paper_ratio")
+        ) or k.startswith(("size/", "final/paper_")):
             assert a[k] == pytest.approx(b[k], rel=1e-3), k
         elif isinstance(a[k], (int, float)) and not isinstance(a[k], bool):
             assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), k

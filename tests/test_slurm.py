@@ -85,7 +85,7 @@ def _when(stamp: str) -> float:
 
 
 # -- a sweep as a job array -----------------------------------------------------------------------
-POINTS = {"a": (4, 16), "b": (8, 32)}  # experiment -> (bits_w, QAT epochs): b's QAT outlasts a signal
+POINTS = {"a": (4, 16), "b": (8, 96)}  # experiment -> (bits_w, QAT epochs): b's QAT outlasts a signal
 
 
 def _sweep_conf(root: Path) -> Path:
