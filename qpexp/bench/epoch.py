@@ -5,7 +5,7 @@ Both sides train the same initial model on the same tensors (the 55,000 training
 ``data=mnist``, batch 100, shuffled per epoch) with the same optimizer (the stages' AdamW, lr 1e-2)
 and then evaluate the 5,000 validation images once, as a baseline epoch does:
 
-- ``qpexp``: :class:`qpexp.stages.BaselineStage` through :func:`qpexp.pipeline.fit` (Lightning's
+- ``qpexp``: :class:`qpexp.train.stages.BaselineStage` through :func:`qpexp.run.pipeline.fit` (Lightning's
   loop, the epoch checkpoint, the mask keeper, the best-epoch copy: everything a run pays);
 - ``plain``: ``for x, y in batches: loss.backward(); opt.step()`` then one ``no_grad`` pass.
 
@@ -25,23 +25,24 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from qpexp import models
 from qpexp.bench import emit
+from qpexp.data import ArrayDataModule
+from qpexp.data.mnist import mnist
+from qpexp.run.pipeline import fit
+from qpexp.train.optim import adamw
+from qpexp.train.stages import BaselineStage
 
 LR = 1e-2
 
 
 def _data():
-    from qpexp.data import ArrayDataModule
-    from qpexp.mnist import mnist
-
     dm = ArrayDataModule(source=mnist, name="mnist", val_fraction=1 / 12, seed=0)
     dm.setup()
     return dm
 
 
 def plain_epoch(model: torch.nn.Module, dm) -> float:
-    from qpexp.optim import adamw
-
     start = time.perf_counter()
     opt = adamw(model.parameters(), lr=LR)
     model.train()
@@ -57,17 +58,12 @@ def plain_epoch(model: torch.nn.Module, dm) -> float:
 
 
 def qpexp_epoch(model: torch.nn.Module, dm) -> float:
-    from qpexp.pipeline import fit
-    from qpexp.stages import BaselineStage
-
     stage = BaselineStage(model, num_classes=10, lr=LR, epochs=1)
     with tempfile.TemporaryDirectory() as work:
         return fit(stage, dm, 1, Path(work), None, {})
 
 
 def bench_model(name: str, dm, rounds: int) -> dict:
-    from qpexp import models
-
     torch.manual_seed(0)
     init = getattr(models, name)((1, 28, 28), 10)
     times = {"plain": [], "qpexp": []}

@@ -28,6 +28,7 @@ from torch import nn
 
 from qpexp.core.modules import CONV_LINEAR
 from qpexp.core.prune.masks import get_mask, is_raw_weight
+from qpexp.core.prune.nm import nm_bits
 from qpexp.core.quant.layers import is_quant_layer
 
 FLOAT_BITS = 32
@@ -159,8 +160,6 @@ def tensor_bits(w: torch.Tensor, bits: int, nm: tuple[int, int] | None = None) -
     nnz = int(torch.count_nonzero(w))
     options = layout_bits(n, nnz, nnz + relative_index_padding(w), bits)
     if nm is not None and w.dim() >= 2:
-        from qpexp.core.prune.nm import nm_bits
-
         b = nm_bits(w, nm[0], nm[1], bits)
         if b is not None:
             options["nm"] = b

@@ -22,6 +22,8 @@ import subprocess
 from functools import cache
 from pathlib import Path
 
+from qpexp import __version__
+
 PACKAGE = Path(__file__).resolve().parents[1]  # the qpexp package (this file is qpexp/run/codeprint.py)
 
 # what every training stage runs: the pipeline and stage loops, data, models, optimizer, DDP, distillation
@@ -91,7 +93,6 @@ def sources_digest(files: list[Path], root: Path | None = None) -> str:
 @cache
 def stage_fingerprint(stage: str) -> str:
     """``<qpexp version>+<first 16 hex digits of the stage's sources digest>`` (once per process)."""
-    from qpexp import __version__
 
     return f"{__version__}+{sources_digest(source_files(stage, PACKAGE), PACKAGE)[:16]}"
 

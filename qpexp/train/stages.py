@@ -20,6 +20,7 @@ from qpexp.core.prune import MaskKeeper, PruneConfig, ensure_masks, make_criteri
 from qpexp.core.prune.channel import physically_prune
 from qpexp.core.prune.masks import strip_masks
 from qpexp.core.quant.adaround import adaround_
+from qpexp.core.quant.gptq import gptq_
 from qpexp.core.quant.layers import warn_symmetric_nonnegative
 from qpexp.train.ddp import rank_batches, reduce_weight_grads, sync_masks, sync_quant_state
 from qpexp.train.optim import adamw
@@ -505,7 +506,6 @@ class QATStage(Stage):
     def gptq(self, loader) -> None:
         """GPTQ rounding of every weight (PTQ) from ``quant.calib_batches`` unlabeled training batches
         (the same first ones on every DDP rank: deterministic)."""
-        from qpexp.core.quant.gptq import gptq_
 
         batches = [x for _, (x, _) in zip(range(self.calib_batches), loader)]
         info = gptq_(self.model, batches, **self.gptq_options)

@@ -19,6 +19,7 @@ from qpexp.core.prune.masks import (
     set_mask,
     strip_masks,
 )
+from qpexp.core.prune.nm import nm_mask
 from qpexp.core.prune.schedules import schedule
 from qpexp.core.prune.spec import CRITERIA, PruneConfig
 from qpexp.core.prune.unstructured import global_masks, layer_masks
@@ -82,8 +83,6 @@ def prune_step(
         scores[name] = s
     # layers with their own ratio first; the pool then removes what makes the total ``target``
     if cfg.structure == "nm":  # n of every m in every layer (a layer with its own ratio 0 stays dense)
-        from qpexp.core.prune.nm import nm_mask
-
         for name, m, pname in layers:
             if own[name] != 0:
                 keep = nm_mask(scores[name], cfg.n, cfg.m)

@@ -21,7 +21,9 @@ import math
 import torch
 from torch import nn
 
+from qpexp.core.prune.masks import get_mask, prunable_weights, set_mask
 from qpexp.core.prune.nm import check_nm, nm_mask
+from qpexp.core.prune.unstructured import layer_masks
 from qpexp.core.quant.calibrate import LayerStats, Site, calibrate_, sites
 from qpexp.core.quant.gptq import inverse_hessian_upper
 
@@ -80,7 +82,6 @@ def sparsegpt_columns(w: torch.Tensor, h: torch.Tensor, sparsity: float = 0.5, n
 def sparsegpt_layer_(site: Site, stats: LayerStats, sparsity: float, nm=None, block: int = 128,
                      damp: float = 0.01) -> dict:  # fmt: skip
     """SparseGPT on ``site``'s weight, in place: the weight updated, its mask buffer set."""
-    from qpexp.core.prune.masks import get_mask, set_mask
 
     weight = site.weight
     rows = weight.shape[0]
@@ -105,8 +106,6 @@ def sparsegpt_prune_(model: nn.Module, batches: list[torch.Tensor], ratios: dict
     ``ratios`` (layer name -> fraction to prune; ignored with ``nm``), in place; every other named
     weight is pruned by magnitude. Returns :func:`~qpexp.core.quant.calibrate.calibrate_`'s record, with
     ``"magnitude"``: the names pruned by magnitude instead."""
-    from qpexp.core.prune.masks import get_mask, prunable_weights, set_mask
-    from qpexp.core.prune.unstructured import layer_masks
 
     def compress(site: Site, stats: LayerStats):
         return sparsegpt_layer_(site, stats, ratios[site.name], nm, block, damp)
@@ -132,7 +131,6 @@ def sparsegpt_step(model: nn.Module, cfg, target: float, criterion=None, grads=N
     selects by its own OBS saliency). Returns each layer's realized sparsity; the calibration record
     is kept on the function's ``last`` attribute."""
     from qpexp.core.prune import layer_ratios
-    from qpexp.core.prune.masks import prunable_weights
 
     if not calib:
         raise ValueError("prune.method=sparsegpt needs calibration batches (prune.calib_batches)")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qpexp.core.prune.nm import check_nm
+
 CRITERIA = {
     "l1": "qpexp.core.prune.criteria.magnitude.L1",
     "l2": "qpexp.core.prune.criteria.magnitude.L2",
@@ -103,8 +105,6 @@ class PruneConfig:
         if self.method not in METHODS:
             raise ValueError(f"prune.method={self.method!r} is unknown: use one of {METHODS}")
         if self.structure == "nm":
-            from qpexp.core.prune.nm import check_nm
-
             check_nm(self.n, self.m)
             if abs(self.ratio - (1 - self.n / self.m)) > 1e-9:
                 raise ValueError(

@@ -32,7 +32,9 @@ import time
 import torch
 from torch import nn
 
-from qpexp.core.quant.calibrate import LayerStats, Site, calibrate_
+from qpexp.core.quant.adaround import _qparams, _range_setters
+from qpexp.core.quant.calibrate import LayerStats, Site, calibrate_, sites
+from qpexp.core.quant.graph import graph_quantizers
 from qpexp.core.quant.linear import LinearQuantizer
 
 
@@ -83,7 +85,6 @@ def output_error(dw: torch.Tensor, h: torch.Tensor) -> float:
 
 def _grid(wq: LinearQuantizer, w: torch.Tensor):
     """Scale and zero point as ``(out, 1)`` or ``(1, 1)`` float64 columns, and the nearest codes."""
-    from qpexp.core.quant.adaround import _qparams
 
     wq(w)  # an LSQ quantizer takes its initial step from the first weight it sees
     scale, zero = _qparams(wq, w)
@@ -121,7 +122,6 @@ def _write_back(wq: LinearQuantizer, weight: torch.Tensor, w: torch.Tensor, code
 def gptq_layer_(site: Site, stats: LayerStats, block: int = 128, damp: float = 0.01,
                 act_order: bool = False) -> dict:  # fmt: skip
     """Quantize ``site``'s weight with GPTQ onto its quantizer's grid, in place (see the module doc)."""
-    from qpexp.core.quant.adaround import _range_setters
 
     wq = site.wq
     if not isinstance(wq, LinearQuantizer):
@@ -186,7 +186,6 @@ def gptq_(model: nn.Module, batches: list[torch.Tensor], block: int = 128, damp:
     earlier layers are already quantized when ``sequential``). Weights quantized in the graph (raw
     parameters such as attention's ``in_proj_weight``) keep nearest rounding; they are listed under
     ``"nearest_only"``. Returns :func:`~qpexp.core.quant.calibrate.calibrate_`'s record."""
-    from qpexp.core.quant.graph import graph_quantizers
 
     raw = [n for n, q in graph_quantizers(model) if getattr(q, "is_weight", False)]
 
@@ -197,8 +196,6 @@ def gptq_(model: nn.Module, batches: list[torch.Tensor], block: int = 128, damp:
 
     def quantized(s: Site) -> bool:
         return s.wq is not None
-
-    from qpexp.core.quant.calibrate import sites
 
     names = {s.name for s in sites(model) if quantized(s)}
     out = calibrate_(model, batches, compress, sequential=sequential, names=names)

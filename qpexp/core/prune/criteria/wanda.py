@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from qpexp.core.prune.criteria import Target
+from qpexp.core.quant.calibrate import calibrate_
 
 
 def wanda_scores(w: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
@@ -43,7 +44,6 @@ class Wanda:
 
     def calibrate(self, model, batches) -> dict:
         """Measure every weight's input norms on ``batches`` in one pass (the model is not changed)."""
-        from qpexp.core.quant.calibrate import calibrate_
 
         def keep(site, stats):
             self.norms[site.name] = stats.input_norms()
