@@ -332,6 +332,20 @@ def plot(gs: list[dict], summary: dict, path: Path, ref: dict | None = None, tit
 def _draw(ax, gs: list[dict], summary: dict, ref: dict | None) -> None:
     from matplotlib.ticker import FuncFormatter
 
+    _draw_groups(ax, gs)
+    _draw_dense(ax, summary)
+    if ref is not None:
+        _draw_reference(ax, ref)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    ax.set_xlabel("compression ratio (dense fp32 bits / compressed bits, log)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(True, which="both", alpha=0.25)
+
+
+def _draw_groups(ax, gs: list[dict]) -> None:
+    """The config means (error bars over seeds) by bits and scope, and their Pareto front as a step."""
     by_legend: dict[tuple, list[dict]] = OrderedDict()
     for g in sorted(gs, key=lambda g: (_num(g.get("quant.bits_w")) or 0, str(g.get("prune.scope")))):
         by_legend.setdefault((g.get("quant.bits_w"), g.get("prune.scope"), g.get("point")), []).append(g)
@@ -363,6 +377,10 @@ def _draw(ax, gs: list[dict], summary: dict, ref: dict | None) -> None:
             alpha=0.7,
             label="qpexp Pareto front (config means)",
         )
+
+
+def _draw_dense(ax, summary: dict) -> None:
+    """The dense reference line, the 1- and 2-point lines below it and the best ratio within each."""
     dense = summary.get("dense_acc")
     if dense is not None:
         ax.axhline(100 * dense, color="black", ls="--", lw=1, label=f"dense reference {100 * dense:.2f}%")
@@ -377,43 +395,40 @@ def _draw(ax, gs: list[dict], summary: dict, ref: dict | None) -> None:
                     xytext=(4, -10 if k == 2 else 3),
                     fontsize=8,
                 )
-    if ref is not None:
-        pts = ref["points"]
-        ax.errorbar(
-            [p["ratio"] for p in pts],
-            [100 * p["acc"] for p in pts],
-            yerr=[100 * p["std"] for p in pts],
-            fmt="x",
+
+
+def _draw_reference(ax, ref: dict) -> None:
+    """A reference front (``--reference``) in grey: its points, its Pareto step and its dense line."""
+    pts = ref["points"]
+    ax.errorbar(
+        [p["ratio"] for p in pts],
+        [100 * p["acc"] for p in pts],
+        yerr=[100 * p["std"] for p in pts],
+        fmt="x",
+        color="tab:gray",
+        alpha=0.45,
+        capsize=2,
+        linestyle="none",
+        label=f"reference: {ref['name']} (n={max(p['n'] for p in pts)})",
+    )
+    rfront = sorted((p for p in pts if p["pareto"]), key=lambda p: p["ratio"])
+    ax.step(
+        [p["ratio"] for p in rfront],
+        [100 * p["acc"] for p in rfront],
+        where="pre",
+        color="tab:gray",
+        ls="--",
+        lw=1,
+        label="reference Pareto front",
+    )
+    if ref.get("dense_acc") is not None:
+        ax.axhline(
+            100 * ref["dense_acc"],
             color="tab:gray",
-            alpha=0.45,
-            capsize=2,
-            linestyle="none",
-            label=f"reference: {ref['name']} (n={max(p['n'] for p in pts)})",
+            ls="-.",
+            lw=0.8,
+            label=f"reference dense {100 * ref['dense_acc']:.2f}%",
         )
-        rfront = sorted((p for p in pts if p["pareto"]), key=lambda p: p["ratio"])
-        ax.step(
-            [p["ratio"] for p in rfront],
-            [100 * p["acc"] for p in rfront],
-            where="pre",
-            color="tab:gray",
-            ls="--",
-            lw=1,
-            label="reference Pareto front",
-        )
-        if ref.get("dense_acc") is not None:
-            ax.axhline(
-                100 * ref["dense_acc"],
-                color="tab:gray",
-                ls="-.",
-                lw=0.8,
-                label=f"reference dense {100 * ref['dense_acc']:.2f}%",
-            )
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
-    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
-    ax.set_xlabel("compression ratio (dense fp32 bits / compressed bits, log)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(True, which="both", alpha=0.25)
 
 
 def log_wandb(rows, cols, summary, png: Path, out_dir: Path, wb: dict) -> str | None:
@@ -510,6 +525,44 @@ def write_frontier(
         raise ValueError(
             f"frontier.select={select!r}: no finished point's record holds this key (e.g. {VAL!r} or {ACC!r})"
         )
+    _flag_pareto(rows, select, include_failed_deploy, suffix)
+    gs = groups(rows, axes, select, include_failed_deploy, suffix)
+    on_front = {g["key"] for g in gs if g["pareto"]}
+    for r in rows:
+        r["pareto_config"] = _ok(r, select) and group_key(r, axes) in on_front
+        r["not_deployed"] = r.get("status") == "not_deployed"
+    summary = summarize(rows, gs, hv_window, select)
+    summary["include_failed_deploy"] = include_failed_deploy
+    summary["size"] = size
+    ref = _add_reference(summary, reference, hv_window) if reference else None
+    summary.update(_absolute_hypervolume(gs, summary, ref, hv_window, hv_reference_acc))
+    cols = write_csv(rows, axes, out / "frontier.csv")
+    title = "qpexp frontier: " + ", ".join(d.name for d in dirs) + f" (front chosen on {select})"
+    png = out / "frontier.png"
+    plot(gs, summary, png, ref, title)
+    summary["front"] = _front_list(gs)
+    summary["failed"] = [
+        {"run_dir": r["run_dir"], "status": r["status"], "error": r["error"]}
+        for r in rows
+        if r["point"] == "run" and r["status"] not in ("ok", "not_deployed")
+    ]
+    summary["files"] = {"csv": str(out / "frontier.csv"), "png": str(png)}
+    view = write_html(out, summary, reference, title)  # frontier.html (interactive, self-contained)
+    wb = _wandb_settings(rows, out, wandb)
+    if wb is not None:
+        wb["dirs"] = [str(d) for d in dirs]
+        wb["view"] = view  # the fronts drawn on the page, logged as native W&B charts too
+        _try_wandb(rows, cols, summary, png, out, wb)
+    tmp = out / "frontier.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=str))
+    os.replace(tmp, out / "frontier.json")
+    if not quiet:
+        print(report(summary), flush=True)
+    return summary
+
+
+def _flag_pareto(rows: list[dict], select: str, include_failed_deploy: bool, suffix: str) -> None:
+    """Set each row's ``pareto`` (select vs ratio, higher better) and ``pareto_bops`` (fewer better)."""
     for flag, x, higher in (("pareto", RATIO + suffix, True), ("pareto_bops", BOPS, False)):
         vals = [
             (_num(r.get(select)), _num(r.get(x)))
@@ -519,28 +572,22 @@ def write_frontier(
         ]
         for r, f in zip(rows, pareto_flags(vals, higher)):
             r[flag] = f
-    gs = groups(rows, axes, select, include_failed_deploy, suffix)
-    on_front = {g["key"] for g in gs if g["pareto"]}
-    for r in rows:
-        r["pareto_config"] = _ok(r, select) and group_key(r, axes) in on_front
-        r["not_deployed"] = r.get("status") == "not_deployed"
-    summary = summarize(rows, gs, hv_window, select)
-    summary["include_failed_deploy"] = include_failed_deploy
-    summary["size"] = size
-    ref = None
-    if reference:
-        ref = read_reference(reference)
-        summary["reference/name"] = ref["name"]
-        if ref["dense_acc"] is not None:
-            summary["reference/dense_acc"] = ref["dense_acc"]
-            rn = _front_numbers([(p["acc"], p["ratio"]) for p in ref["points"]], ref["dense_acc"], hv_window)
-            summary.update({f"reference/{k}": v for k, v in rn.items() if k != "hv_window"})
-    summary.update(_absolute_hypervolume(gs, summary, ref, hv_window, hv_reference_acc))
-    cols = write_csv(rows, axes, out / "frontier.csv")
-    title = "qpexp frontier: " + ", ".join(d.name for d in dirs) + f" (front chosen on {select})"
-    png = out / "frontier.png"
-    plot(gs, summary, png, ref, title)
-    summary["front"] = [
+
+
+def _add_reference(summary: dict, reference, hv_window: float) -> dict:
+    """Read the reference front; its name and (with a dense accuracy) its numbers go under ``reference/``."""
+    ref = read_reference(reference)
+    summary["reference/name"] = ref["name"]
+    if ref["dense_acc"] is not None:
+        summary["reference/dense_acc"] = ref["dense_acc"]
+        rn = _front_numbers([(p["acc"], p["ratio"]) for p in ref["points"]], ref["dense_acc"], hv_window)
+        summary.update({f"reference/{k}": v for k, v in rn.items() if k != "hv_window"})
+    return ref
+
+
+def _front_list(gs: list[dict]) -> list[dict]:
+    """The Pareto configs (seed means), by ratio, as listed in ``frontier.json``'s ``front``."""
+    return [
         {
             "config": _describe(g),
             "acc": g["acc"],
@@ -556,28 +603,15 @@ def write_frontier(
         }
         for g in sorted((g for g in gs if g["pareto"]), key=lambda g: g["ratio"])
     ]
-    summary["failed"] = [
-        {"run_dir": r["run_dir"], "status": r["status"], "error": r["error"]}
-        for r in rows
-        if r["point"] == "run" and r["status"] not in ("ok", "not_deployed")
-    ]
-    summary["files"] = {"csv": str(out / "frontier.csv"), "png": str(png)}
-    view = write_html(out, summary, reference, title)  # frontier.html (interactive, self-contained)
-    wb = _wandb_settings(rows, out, wandb)
-    if wb is not None:
-        wb["dirs"] = [str(d) for d in dirs]
-        wb["view"] = view  # the fronts drawn on the page, logged as native W&B charts too
-        try:
-            wb_summary = {**_scalars(summary), "hv_reference_point": summary.get("hv_reference_point")}
-            summary["files"]["wandb"] = log_wandb(rows, cols, wb_summary, png, out, wb)
-        except Exception as e:  # the local files are the record; never lose them over W&B
-            warnings.warn(f"frontier W&B run failed: {e}", stacklevel=2)
-    tmp = out / "frontier.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    os.replace(tmp, out / "frontier.json")
-    if not quiet:
-        print(report(summary), flush=True)
-    return summary
+
+
+def _try_wandb(rows, cols, summary: dict, png: Path, out: Path, wb: dict) -> None:
+    """Log the frontier W&B run; a failure warns (the local files are the record), never raises."""
+    try:
+        wb_summary = {**_scalars(summary), "hv_reference_point": summary.get("hv_reference_point")}
+        summary["files"]["wandb"] = log_wandb(rows, cols, wb_summary, png, out, wb)
+    except Exception as e:  # the local files are the record; never lose them over W&B
+        warnings.warn(f"frontier W&B run failed: {e}", stacklevel=3)
 
 
 def _scalars(summary: dict) -> dict:
