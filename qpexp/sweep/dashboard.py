@@ -212,9 +212,26 @@ def _numbers(
 def _reference_front(reference, summary: dict, color_start: int) -> dict | None:
     """The ``--reference`` CSV as a front: one group per row (its seed mean), methods kept apart."""
     ref = fr.read_reference(reference)
+    kept = _reference_rows(reference, len(ref["points"]))
+    groups = [_reference_group(p, r) for p, r in zip(ref["points"], kept)]
+    numbers = _reference_numbers(groups, summary, ref)
+    return {
+        "name": f"reference: {ref['name']}",
+        "kind": "reference",
+        "path": str(reference),
+        "color": REF_COLORS[color_start % len(REF_COLORS)],
+        "dense_acc": numbers["dense_acc"],
+        "groups": groups,
+        "points": [],
+        "numbers": numbers,
+    }
+
+
+def _reference_rows(reference, n_points: int) -> list[dict]:
+    """The rows read_reference kept, in order (the same test), for their extra columns; empty dicts
+    when they do not line up with its ``n_points`` points."""
     header, raw = read_csv(Path(reference))
     raw_rows = [dict(zip(header, r)) for r in raw]
-    # the rows read_reference kept, in order (the same test), for their extra columns
     kept = []
     for r in raw_rows:
         if r.get("point") is not None:
@@ -225,40 +242,45 @@ def _reference_front(reference, summary: dict, color_start: int) -> dict | None:
             acc, ratio = fr._num(r.get("test_acc")), fr._num(r.get("compression_ratio"))
         if acc is not None and ratio is not None:
             kept.append(r)
-    if len(kept) != len(ref["points"]):
-        kept = [{} for _ in ref["points"]]
-    groups = []
-    for p, r in zip(ref["points"], kept):
-        bits = fr._num(r.get("bits_w", r.get("quant.bits_w")))
-        sp = fr._num(r.get("target_sparsity", r.get("prune.ratio")))
-        ax = {k: typed(r[k]) for k in ("method", "scope", "bits_w", "bits_a", "target_sparsity") if k in r}
-        size = fr._num(r.get("size_bits", r.get("final/size_bits")))
-        label = p["label"] or "reference"
-        desc = f"{label} w{fr._fmt(bits)}" + (f" {fr._fmt(sp)}" if sp else "") if bits is not None else label
-        groups.append(
-            {
-                "label": desc,
-                "axes": ax,
-                "seeds": [],
-                "acc": p["acc"],
-                "acc_std": p["std"],
-                "n": p["n"],
-                "ratio": p["ratio"],
-                "bops": None,
-                "latency_ms": None,
-                "size_bits": size,
-                "sparsity": fr._num(r.get("realized_sparsity")),
-                "bits": int(bits) if bits is not None and bits == int(bits) else bits,
-                "scope": r.get("scope"),
-                "method": label,
-                "dense": p["dense"],
-                "pareto": p["pareto"],
-                "pareto_bops": False,
-                "pareto_latency": False,
-                "statuses": ["ok"],
-                "members": [],
-            }
-        )
+    if len(kept) != n_points:
+        kept = [{} for _ in range(n_points)]
+    return kept
+
+
+def _reference_group(p: dict, r: dict) -> dict:
+    """One reference point ``p`` (with its CSV row ``r``) as a page group."""
+    bits = fr._num(r.get("bits_w", r.get("quant.bits_w")))
+    sp = fr._num(r.get("target_sparsity", r.get("prune.ratio")))
+    ax = {k: typed(r[k]) for k in ("method", "scope", "bits_w", "bits_a", "target_sparsity") if k in r}
+    size = fr._num(r.get("size_bits", r.get("final/size_bits")))
+    label = p["label"] or "reference"
+    desc = f"{label} w{fr._fmt(bits)}" + (f" {fr._fmt(sp)}" if sp else "") if bits is not None else label
+    return {
+        "label": desc,
+        "axes": ax,
+        "seeds": [],
+        "acc": p["acc"],
+        "acc_std": p["std"],
+        "n": p["n"],
+        "ratio": p["ratio"],
+        "bops": None,
+        "latency_ms": None,
+        "size_bits": size,
+        "sparsity": fr._num(r.get("realized_sparsity")),
+        "bits": int(bits) if bits is not None and bits == int(bits) else bits,
+        "scope": r.get("scope"),
+        "method": label,
+        "dense": p["dense"],
+        "pareto": p["pareto"],
+        "pareto_bops": False,
+        "pareto_latency": False,
+        "statuses": ["ok"],
+        "members": [],
+    }
+
+
+def _reference_numbers(groups: list[dict], summary: dict, ref: dict) -> dict:
+    """The reference front's numbers (from the summary's ``reference/`` keys) and its best rows."""
     numbers = {
         "configs": len(groups),
         "points": len(groups),
@@ -280,16 +302,7 @@ def _reference_front(reference, summary: dict, color_start: int) -> dict | None:
         cands = [g for g in groups if dense is not None and g["acc"] >= dense - k / 100 - 1e-12]
         if best is not None and cands:
             numbers[f"best_within_{k}pt/config"] = max(cands, key=lambda g: (g["ratio"], g["acc"]))["label"]
-    return {
-        "name": f"reference: {ref['name']}",
-        "kind": "reference",
-        "path": str(reference),
-        "color": REF_COLORS[color_start % len(REF_COLORS)],
-        "dense_acc": dense,
-        "groups": groups,
-        "points": [],
-        "numbers": numbers,
-    }
+    return numbers
 
 
 def build_view(out_dir, summary: dict | None = None, reference=None, title: str | None = None) -> dict:
@@ -306,45 +319,12 @@ def build_view(out_dir, summary: dict | None = None, reference=None, title: str 
     ref_acc = summary.get("hv_reference_acc")
     select, include = summary.get("select", fr.SELECT), bool(summary.get("include_failed_deploy", False))
     labels = _front_labels(rows)
-    order: list[str] = []
-    for lab, r in zip(labels, rows):
-        if r.get("point") == "run" and lab not in order:
-            order.append(lab)
-    for lab in labels:  # a sweep with only dense rows (every point failed: no baseline row then)
-        if lab not in order and not any(o.split(" · ")[0] == lab for o in order):
-            order.append(lab)
     # a dense row is the baseline of every front with an ok point of the same baseline (the merged
     # CSV has one dense row per distinct baseline, named after the first point that trained it)
     base_axes = [a for a in axes if a == "seed" or a.split(".")[0] in fr.BASELINE_KEYS]
-
-    def base_id(r):
-        return tuple(json.dumps(r.get(a), default=str) for a in base_axes)
-
     fronts = []
-    for fi, name in enumerate(order):
-        sweep = name.split(" · ")[0]
-        own = {base_id(r) for lab, r in zip(labels, rows) if lab == name and fr._ok(r, select)}
-        idx = [
-            i
-            for i, (lab, r) in enumerate(zip(labels, rows))
-            if (lab == name and r.get("point") == "run")
-            or (r.get("point") == "dense" and (base_id(r) in own or (not own and lab == sweep)))
-        ]
-        groups = _group_points(rows, idx, axes, select, include)
-        points = [
-            {
-                "row": i,
-                "run_dir": rows[i].get("run_dir"),
-                "seed": rows[i].get("seed"),
-                "acc": fr._num(rows[i].get(fr.ACC)),
-                "ratio": fr._num(rows[i].get(fr.RATIO)),
-                "bops": fr._num(rows[i].get(fr.BOPS)),
-                "latency_ms": fr._num(rows[i].get(LATENCY)),
-                "status": rows[i].get("status"),
-            }
-            for i in idx
-            if fr._ok(rows[i])
-        ]
+    for fi, name in enumerate(_front_order(labels, rows)):
+        idx = _front_rows(name, labels, rows, base_axes, select)
         numbers = _numbers(rows, idx, axes, hv_window, ref_acc, select, include)
         fronts.append(
             {
@@ -352,37 +332,14 @@ def build_view(out_dir, summary: dict | None = None, reference=None, title: str 
                 "kind": "sweep",
                 "color": FRONT_COLORS[fi % len(FRONT_COLORS)],
                 "dense_acc": numbers["dense_acc"],
-                "groups": groups,
-                "points": points,
+                "groups": _group_points(rows, idx, axes, select, include),
+                "points": _front_points(rows, idx),
                 "numbers": numbers,
             }
         )
     if reference:
         fronts.append(_reference_front(reference, summary, 0))
-    table = []
-    for f in fronts:
-        table.append({"front": f["name"], "kind": f["kind"], **f["numbers"]})
-    n_sweeps = sum(f["kind"] == "sweep" for f in fronts)
-    if n_sweeps > 1 and "points" in summary:  # the merged set, as frontier.json has it
-        table.append(
-            {
-                "front": "all sweeps merged (frontier.json)",
-                "kind": "merged",
-                "configs": summary.get("configs"),
-                "points": summary.get("points"),
-                "points_ok": summary.get("points_ok"),
-                "points_failed": summary.get("points_failed"),
-                "dense_acc": summary.get("dense_acc"),
-                "best_ratio_within_1pt": summary.get("best_ratio_within_1pt"),
-                "best_ratio_within_1pt_test_acc": summary.get("best_ratio_within_1pt_test_acc"),
-                "best_within_1pt/config": summary.get("best_within_1pt/config"),
-                "best_ratio_within_2pt": summary.get("best_ratio_within_2pt"),
-                "best_ratio_within_2pt_test_acc": summary.get("best_ratio_within_2pt_test_acc"),
-                "best_within_2pt/config": summary.get("best_within_2pt/config"),
-                "hypervolume_relative": summary.get("hypervolume_relative", summary.get("hypervolume")),
-                "hypervolume_absolute": summary.get("hypervolume_absolute"),
-            }
-        )
+    table = _numbers_table(fronts, summary)
     failed = [
         {"row": i, "run_dir": r.get("run_dir"), "status": r.get("status"), "error": r.get("error")}
         for i, r in enumerate(rows)
@@ -409,6 +366,81 @@ def build_view(out_dir, summary: dict | None = None, reference=None, title: str 
             "bit_colors": {str(k): v for k, v in BIT_COLORS.items()},
         }
     )
+
+
+def _front_order(labels: list[str], rows: list[dict]) -> list[str]:
+    """The fronts' names in the order their first run row appears; a label with only dense rows
+    (a sweep whose every point failed: no baseline row then) after them unless a front covers it."""
+    order: list[str] = []
+    for lab, r in zip(labels, rows):
+        if r.get("point") == "run" and lab not in order:
+            order.append(lab)
+    for lab in labels:
+        if lab not in order and not any(o.split(" · ")[0] == lab for o in order):
+            order.append(lab)
+    return order
+
+
+def _base_id(r: dict, base_axes: list[str]) -> tuple:
+    return tuple(json.dumps(r.get(a), default=str) for a in base_axes)
+
+
+def _front_rows(name: str, labels, rows, base_axes: list[str], select: str) -> list[int]:
+    """The rows of front ``name``: its run rows and the dense rows of the baselines its ok points
+    share (the sweep's own dense rows when none is ok)."""
+    sweep = name.split(" · ")[0]
+    own = {_base_id(r, base_axes) for lab, r in zip(labels, rows) if lab == name and fr._ok(r, select)}
+    return [
+        i
+        for i, (lab, r) in enumerate(zip(labels, rows))
+        if (lab == name and r.get("point") == "run")
+        or (r.get("point") == "dense" and (_base_id(r, base_axes) in own or (not own and lab == sweep)))
+    ]
+
+
+def _front_points(rows: list[dict], idx: list[int]) -> list[dict]:
+    """The ok rows among ``idx`` as the page's single points (one per seed)."""
+    return [
+        {
+            "row": i,
+            "run_dir": rows[i].get("run_dir"),
+            "seed": rows[i].get("seed"),
+            "acc": fr._num(rows[i].get(fr.ACC)),
+            "ratio": fr._num(rows[i].get(fr.RATIO)),
+            "bops": fr._num(rows[i].get(fr.BOPS)),
+            "latency_ms": fr._num(rows[i].get(LATENCY)),
+            "status": rows[i].get("status"),
+        }
+        for i in idx
+        if fr._ok(rows[i])
+    ]
+
+
+def _numbers_table(fronts: list[dict], summary: dict) -> list[dict]:
+    """One row of numbers per front, and the merged set (as frontier.json has it) when several sweeps."""
+    table = [{"front": f["name"], "kind": f["kind"], **f["numbers"]} for f in fronts]
+    n_sweeps = sum(f["kind"] == "sweep" for f in fronts)
+    if n_sweeps > 1 and "points" in summary:
+        table.append(
+            {
+                "front": "all sweeps merged (frontier.json)",
+                "kind": "merged",
+                "configs": summary.get("configs"),
+                "points": summary.get("points"),
+                "points_ok": summary.get("points_ok"),
+                "points_failed": summary.get("points_failed"),
+                "dense_acc": summary.get("dense_acc"),
+                "best_ratio_within_1pt": summary.get("best_ratio_within_1pt"),
+                "best_ratio_within_1pt_test_acc": summary.get("best_ratio_within_1pt_test_acc"),
+                "best_within_1pt/config": summary.get("best_within_1pt/config"),
+                "best_ratio_within_2pt": summary.get("best_ratio_within_2pt"),
+                "best_ratio_within_2pt_test_acc": summary.get("best_ratio_within_2pt_test_acc"),
+                "best_within_2pt/config": summary.get("best_within_2pt/config"),
+                "hypervolume_relative": summary.get("hypervolume_relative", summary.get("hypervolume")),
+                "hypervolume_absolute": summary.get("hypervolume_absolute"),
+            }
+        )
+    return table
 
 
 # -- the page --------------------------------------------------------------------------------------
