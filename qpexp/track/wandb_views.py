@@ -197,16 +197,35 @@ def build_workspace(
     import wandb_workspaces.workspaces as ws
     from wandb_workspaces import expr
 
-    def table_chart(title, table_key, preset, fields, strings=None):
-        return wr.CustomChart(
-            query={"summaryTable": {"tableKey": table_key}},
-            chart_name=preset,
-            chart_fields=fields,
-            chart_strings={"title": title, **(strings or {})},
-        )
+    sections = [_frontier_section(wr, ws), _tradeoffs_section(wr, ws), _layer_section(wr, ws, layers)]
+    if sensitivity:
+        sections.append(_sensitivity_section(wr, ws, sensitivity))
+    filters = [expr.Metric("Group").isin(list(groups))] if groups else ""
+    return ws.Workspace(
+        entity=entity,
+        project=project,
+        name=name,
+        sections=sections,
+        runset_settings=ws.RunsetSettings(
+            filters=filters, pinned_columns=[f"summary:{ACC}", f"summary:{RATIO}"]
+        ),
+    )
 
+
+def _table_chart(wr, title, table_key, preset, fields, strings=None):
+    """A custom chart (Vega ``preset``) over the logged table ``table_key``."""
+    return wr.CustomChart(
+        query={"summaryTable": {"tableKey": table_key}},
+        chart_name=preset,
+        chart_fields=fields,
+        chart_strings={"title": title, **(strings or {})},
+    )
+
+
+def _frontier_section(wr, ws):
+    """Every point's accuracy against its ratio, the fronts' config means and the Pareto fronts."""
     axis = {"x-axis-title": "compression ratio", "y-axis-title": "test accuracy"}
-    frontier = ws.Section(
+    return ws.Section(
         name="Frontier across sweeps",
         is_open=True,
         panels=[
@@ -216,21 +235,24 @@ def build_workspace(
                 y=wr.SummaryMetric(ACC),
                 log_x=True,
             ),
-            table_chart(
+            _table_chart(
+                wr,
                 "config means of every front, by front (frontier runs)",
                 POINTS_TABLE,
                 "wandb/area-under-curve/v0",
                 {"x": "compression_ratio", "y": "test_acc", "groupKeys": "front"},
                 axis,
             ),
-            table_chart(
+            _table_chart(
+                wr,
                 "config means, by weight bits (frontier runs)",
                 POINTS_TABLE,
                 "wandb/area-under-curve/v0",
                 {"x": "compression_ratio", "y": "test_acc", "groupKeys": "bits"},
                 axis,
             ),
-            table_chart(
+            _table_chart(
+                wr,
                 "Pareto fronts",
                 f"{FRONTS_CHART}_table",
                 "wandb/lineseries/v0",
@@ -239,7 +261,11 @@ def build_workspace(
             ),
         ],
     )
-    tradeoffs = ws.Section(
+
+
+def _tradeoffs_section(wr, ws):
+    """The config axes against accuracy and compression, and accuracy against BOPs."""
+    return ws.Section(
         name="Trade-offs",
         is_open=True,
         panels=[
@@ -263,6 +289,10 @@ def build_workspace(
             ),
         ],
     )
+
+
+def _layer_section(wr, ws, layers):
+    """The pruned fraction per layer of every point run (when ``layers`` are named) and the table's."""
     layer_panels = []
     if layers:
         layer_panels.append(
@@ -273,38 +303,31 @@ def build_workspace(
             )
         )
     layer_panels.append(
-        table_chart(
+        _table_chart(
+            wr,
             "realized sparsity per layer",
             LAYERS_TABLE,
             "wandb/bar/v0",
             {"label": "layer", "value": "sparsity"},
         )
     )
-    sections = [frontier, tradeoffs, ws.Section(name="Per-layer sparsity", is_open=True, panels=layer_panels)]
-    if sensitivity:
-        sections.append(
-            ws.Section(
-                name="Sensitivity",
-                is_open=True,
-                panels=[
-                    table_chart(
-                        "accuracy drop per layer and setting",
-                        sensitivity,
-                        "wandb/confusion_matrix/v1",
-                        {"Actual": "layer", "Predicted": "setting", "nPredictions": "acc_drop"},
-                    )
-                ],
+    return ws.Section(name="Per-layer sparsity", is_open=True, panels=layer_panels)
+
+
+def _sensitivity_section(wr, ws, sensitivity: str):
+    """The accuracy drop per layer and setting, from the table ``sensitivity``."""
+    return ws.Section(
+        name="Sensitivity",
+        is_open=True,
+        panels=[
+            _table_chart(
+                wr,
+                "accuracy drop per layer and setting",
+                sensitivity,
+                "wandb/confusion_matrix/v1",
+                {"Actual": "layer", "Predicted": "setting", "nPredictions": "acc_drop"},
             )
-        )
-    filters = [expr.Metric("Group").isin(list(groups))] if groups else ""
-    return ws.Workspace(
-        entity=entity,
-        project=project,
-        name=name,
-        sections=sections,
-        runset_settings=ws.RunsetSettings(
-            filters=filters, pinned_columns=[f"summary:{ACC}", f"summary:{RATIO}"]
-        ),
+        ],
     )
 
 
