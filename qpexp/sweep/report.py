@@ -308,10 +308,6 @@ def build(dirs, out: Path, table: Path = TABLE, figures: Path | None = None) -> 
     out = Path(out)
     figures = Path(figures) if figures else out.parent / "docs" / "reproduction"
     figures.mkdir(parents=True, exist_ok=True)
-
-    def link(p: Path) -> str:
-        return Path(os.path.relpath(p, out.parent)).as_posix()
-
     lines = [
         "# Reproduction: published numbers against qpexp's",
         "",
@@ -324,27 +320,42 @@ def build(dirs, out: Path, table: Path = TABLE, figures: Path | None = None) -> 
         "| paper | setting | published | qpexp (mean +- std) | seeds | device | experiment | note |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    used = []
-    for row in spec["rows"]:
-        exp = row["experiment"]
-        recs = by_exp.get(exp, [])
-        vals, seeds, note = row_values(recs, row["metric"]) if recs else ([], [], "")
-        pub = row.get("published_text") or (
-            _fmt(row["published"]) if row.get("published") is not None else "-"
-        )
-        if vals:
-            m, s = mean_std(vals)
-            ours = f"{_fmt(m)} +- {_fmt(s)}"
-            used.append(exp)
-        else:
-            ours = "not run here" if not recs else "-"  # run, but no record has the value: the note says why
-        seed_txt = ", ".join(str(x) for x in seeds) if seeds else "-"
-        lines.append(
-            f"| {row['paper']} | {row['setting']} | {pub} | {ours} | {seed_txt} | {row['device']} | "
-            f"[`{exp}`](#{exp}) | {note} |"
-        )
+    lines += [_table_line(row, by_exp.get(row["experiment"], [])) for row in spec["rows"]]
     lines += ["", "## Plots", ""]
-    plots = spec.get("plots", {})
+    lines += _plot_lines(spec.get("plots", {}), by_exp, figures, out)
+    lines += ["## Experiments", ""]
+    for exp in dict.fromkeys(r["experiment"] for r in spec["rows"]):
+        gpu = any(r["device"] == "gpu" for r in spec["rows"] if r["experiment"] == exp)
+        lines += _experiment_lines(exp, by_exp.get(exp, []), gpu)
+    text = "\n".join(lines) + "\n"
+    out.write_text(text)
+    return text
+
+
+def _table_line(row: dict, recs: list[dict]) -> str:
+    """One published row against qpexp's mean +- std over ``recs`` (its experiment's records)."""
+    exp = row["experiment"]
+    vals, seeds, note = row_values(recs, row["metric"]) if recs else ([], [], "")
+    pub = row.get("published_text") or (_fmt(row["published"]) if row.get("published") is not None else "-")
+    if vals:
+        m, s = mean_std(vals)
+        ours = f"{_fmt(m)} +- {_fmt(s)}"
+    else:
+        ours = "not run here" if not recs else "-"  # run, but no record has the value: the note says why
+    seed_txt = ", ".join(str(x) for x in seeds) if seeds else "-"
+    return (
+        f"| {row['paper']} | {row['setting']} | {pub} | {ours} | {seed_txt} | {row['device']} | "
+        f"[`{exp}`](#{exp}) | {note} |"
+    )
+
+
+def _plot_lines(plots: dict, by_exp: dict, figures: Path, out: Path) -> list[str]:
+    """The lottery and fronts figures (drawn into ``figures``), linked relative to ``out``."""
+
+    def link(p: Path) -> str:
+        return Path(os.path.relpath(p, out.parent)).as_posix()
+
+    lines: list[str] = []
     if "lottery" in plots:
         p = figures / "lottery_mnist1d.png"
         if plot_lottery(by_exp.get(plots["lottery"]["experiment"], []), plots["lottery"], p):
@@ -365,36 +376,32 @@ def build(dirs, out: Path, table: Path = TABLE, figures: Path | None = None) -> 
                 f"![fronts]({link(p)})",
                 "",
             ]
-    lines += ["## Experiments", ""]
-    for exp in dict.fromkeys(r["experiment"] for r in spec["rows"]):
-        recs = by_exp.get(exp, [])
-        lines.append(f"### {exp}")
-        lines.append("")
-        if describe(exp):
-            lines += [describe(exp), ""]
-        if not recs:
-            gpu = any(r["device"] == "gpu" for r in spec["rows"] if r["experiment"] == exp)
-            extra = " data.path=ROOT trainer=gpu" if gpu else ""
-            lines += [
-                f"Not run here. Command: `qpexp experiment={exp}{extra}` (`conf/experiment/{exp}.yaml`).",
-                "",
-            ]
-            continue
-        cmds = sorted({r["_command"] for r in recs})
-        secs = [r.get("seconds/total", 0.0) for r in recs]
-        seeds = sorted({r.get("seed") for r in recs})
-        lines += [
-            f"- command: {', '.join(f'`{c}`' for c in cmds)}",
-            f"- records: {len(recs)}, seeds {', '.join(str(s) for s in seeds)}",
-            f"- budget: {budget(recs)}",
-            f"- wall time: {sum(secs):.0f} s in all, {sum(secs) / len(secs):.0f} s per run "
-            "(`seconds/total`; stages reused from the cache count their loading time only)",
-            f"- versions: {_versions(recs)}",
+    return lines
+
+
+def _experiment_lines(exp: str, recs: list[dict], gpu: bool) -> list[str]:
+    """An experiment's section: its commands, records, budget, wall time and versions, or how to run it."""
+    lines = [f"### {exp}", ""]
+    if describe(exp):
+        lines += [describe(exp), ""]
+    if not recs:
+        extra = " data.path=ROOT trainer=gpu" if gpu else ""
+        return lines + [
+            f"Not run here. Command: `qpexp experiment={exp}{extra}` (`conf/experiment/{exp}.yaml`).",
             "",
         ]
-    text = "\n".join(lines) + "\n"
-    out.write_text(text)
-    return text
+    cmds = sorted({r["_command"] for r in recs})
+    secs = [r.get("seconds/total", 0.0) for r in recs]
+    seeds = sorted({r.get("seed") for r in recs})
+    return lines + [
+        f"- command: {', '.join(f'`{c}`' for c in cmds)}",
+        f"- records: {len(recs)}, seeds {', '.join(str(s) for s in seeds)}",
+        f"- budget: {budget(recs)}",
+        f"- wall time: {sum(secs):.0f} s in all, {sum(secs) / len(secs):.0f} s per run "
+        "(`seconds/total`; stages reused from the cache count their loading time only)",
+        f"- versions: {_versions(recs)}",
+        "",
+    ]
 
 
 def cli(argv=None) -> int:
