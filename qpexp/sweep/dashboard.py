@@ -340,16 +340,7 @@ def build_view(out_dir, summary: dict | None = None, reference=None, title: str 
     if reference:
         fronts.append(_reference_front(reference, summary, 0))
     table = _numbers_table(fronts, summary)
-    failed = [
-        {"row": i, "run_dir": r.get("run_dir"), "status": r.get("status"), "error": r.get("error")}
-        for i, r in enumerate(rows)
-        if r.get("point") == "run" and r.get("status") not in ("ok", "not_deployed")
-    ]
-    details = {
-        str(i): {"run_dir": r.get("run_dir"), "seed": r.get("seed"), **_layer_detail(r)}
-        for i, r in enumerate(rows)
-        if fr._ok(r) and r.get("point") == "run"
-    }
+    failed, details = _failed_and_details(rows)
     scalars = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None}
     return _clean(
         {
@@ -366,6 +357,21 @@ def build_view(out_dir, summary: dict | None = None, reference=None, title: str 
             "bit_colors": {str(k): v for k, v in BIT_COLORS.items()},
         }
     )
+
+
+def _failed_and_details(rows: list[dict]) -> tuple[list[dict], dict]:
+    """The failed or missing run rows, and each ok run row's per-layer detail by row index."""
+    failed = [
+        {"row": i, "run_dir": r.get("run_dir"), "status": r.get("status"), "error": r.get("error")}
+        for i, r in enumerate(rows)
+        if r.get("point") == "run" and r.get("status") not in ("ok", "not_deployed")
+    ]
+    details = {
+        str(i): {"run_dir": r.get("run_dir"), "seed": r.get("seed"), **_layer_detail(r)}
+        for i, r in enumerate(rows)
+        if fr._ok(r) and r.get("point") == "run"
+    }
+    return failed, details
 
 
 def _front_order(labels: list[str], rows: list[dict]) -> list[str]:

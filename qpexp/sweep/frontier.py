@@ -520,17 +520,10 @@ def write_frontier(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows, axes = collect(dirs)
-    runs = [r for r in rows if r["point"] == "run" and r.get("status") in ACCURACY_STANDS]
-    if runs and not any(_num(r.get(select)) is not None for r in runs):
-        raise ValueError(
-            f"frontier.select={select!r}: no finished point's record holds this key (e.g. {VAL!r} or {ACC!r})"
-        )
+    _check_select(rows, select)
     _flag_pareto(rows, select, include_failed_deploy, suffix)
     gs = groups(rows, axes, select, include_failed_deploy, suffix)
-    on_front = {g["key"] for g in gs if g["pareto"]}
-    for r in rows:
-        r["pareto_config"] = _ok(r, select) and group_key(r, axes) in on_front
-        r["not_deployed"] = r.get("status") == "not_deployed"
+    _flag_configs(rows, gs, axes, select)
     summary = summarize(rows, gs, hv_window, select)
     summary["include_failed_deploy"] = include_failed_deploy
     summary["size"] = size
@@ -541,11 +534,7 @@ def write_frontier(
     png = out / "frontier.png"
     plot(gs, summary, png, ref, title)
     summary["front"] = _front_list(gs)
-    summary["failed"] = [
-        {"run_dir": r["run_dir"], "status": r["status"], "error": r["error"]}
-        for r in rows
-        if r["point"] == "run" and r["status"] not in ("ok", "not_deployed")
-    ]
+    summary["failed"] = _failed_list(rows)
     summary["files"] = {"csv": str(out / "frontier.csv"), "png": str(png)}
     view = write_html(out, summary, reference, title)  # frontier.html (interactive, self-contained)
     wb = _wandb_settings(rows, out, wandb)
@@ -559,6 +548,23 @@ def write_frontier(
     if not quiet:
         print(report(summary), flush=True)
     return summary
+
+
+def _check_select(rows: list[dict], select: str) -> None:
+    """Refuse a selection metric that no finished point's record holds."""
+    runs = [r for r in rows if r["point"] == "run" and r.get("status") in ACCURACY_STANDS]
+    if runs and not any(_num(r.get(select)) is not None for r in runs):
+        raise ValueError(
+            f"frontier.select={select!r}: no finished point's record holds this key (e.g. {VAL!r} or {ACC!r})"
+        )
+
+
+def _flag_configs(rows: list[dict], gs: list[dict], axes, select: str) -> None:
+    """Set each row's ``pareto_config`` (its config's seed mean is on the front) and ``not_deployed``."""
+    on_front = {g["key"] for g in gs if g["pareto"]}
+    for r in rows:
+        r["pareto_config"] = _ok(r, select) and group_key(r, axes) in on_front
+        r["not_deployed"] = r.get("status") == "not_deployed"
 
 
 def _flag_pareto(rows: list[dict], select: str, include_failed_deploy: bool, suffix: str) -> None:
@@ -583,6 +589,15 @@ def _add_reference(summary: dict, reference, hv_window: float) -> dict:
         rn = _front_numbers([(p["acc"], p["ratio"]) for p in ref["points"]], ref["dense_acc"], hv_window)
         summary.update({f"reference/{k}": v for k, v in rn.items() if k != "hv_window"})
     return ref
+
+
+def _failed_list(rows: list[dict]) -> list[dict]:
+    """The run rows that failed or are missing, as listed in ``frontier.json``'s ``failed``."""
+    return [
+        {"run_dir": r["run_dir"], "status": r["status"], "error": r["error"]}
+        for r in rows
+        if r["point"] == "run" and r["status"] not in ("ok", "not_deployed")
+    ]
 
 
 def _front_list(gs: list[dict]) -> list[dict]:
