@@ -472,6 +472,25 @@ def channel_prune_step(
 
     # groups with their own ratio (first/last layer): a channel count of their own
     own = _own_ratios(grps, model, cfg, target)
+    _remove_own(grps, own, scores, state, try_remove)
+
+    # the shared pool fills the remaining parameter budget, in the scope's order
+    pool = [g for g in grps if g.name not in own]
+    planned = None
+    if cfg.scope == "auto" and pool:
+        planned = _auto_plan(model, pool, scores, state, masks, try_remove, total, goal, batches)
+    order = _pool_order(pool, scores, state, cfg.scope, planned)
+    if total - masks.kept() < goal:
+        for _, _, _, g, u in order:
+            if try_remove(g, u, goal) == "stop":
+                break
+    masks.write()
+    return {name: (layer_n[name] - masks.alive[name]) / layer_n[name] for name, _ in masks.layers}
+
+
+def _remove_own(grps, own: dict, scores, state, try_remove) -> None:
+    """Groups with their own ratio (first/last layer): remove their lowest-scored units up to
+    their own channel count."""
     for g in grps:
         if g.name not in own:
             continue
@@ -481,15 +500,15 @@ def channel_prune_step(
                 break
             try_remove(g, u, None)
 
-    # the shared pool fills the remaining parameter budget, in the scope's order
-    pool = [g for g in grps if g.name not in own]
-    planned = None
-    if cfg.scope == "auto" and pool:
-        planned = _auto_plan(model, pool, scores, state, masks, try_remove, total, goal, batches)
+
+def _pool_order(pool, scores, state, scope: str, planned) -> list[tuple]:
+    """The shared pool's units in removal order: ``(key, group index, rank, group, unit)`` sorted on
+    the first three. ``global``: score over the group's mean score; otherwise the group's removed
+    fraction once the unit goes (its middle), mapped through the ``auto`` plan when there is one."""
     order = []
     for gi, g in enumerate(pool):
         ranked = _ranked_units(g, scores[g.name], state[g.name])
-        if cfg.scope == "global":
+        if scope == "global":
             mean = sum(s for s, _ in ranked) / len(ranked) if ranked else 0.0
             keys = [s / mean if mean > 0 else s for s, _ in ranked]
         else:  # layer: the group's removed fraction once this unit goes (its middle, round to nearest)
@@ -501,12 +520,7 @@ def channel_prune_step(
                 p += len(u)
         order += [(k, gi, j, g, u) for j, (k, (_, u)) in enumerate(zip(keys, ranked))]
     order.sort(key=lambda t: t[:3])
-    if total - masks.kept() < goal:
-        for _, _, _, g, u in order:
-            if try_remove(g, u, goal) == "stop":
-                break
-    masks.write()
-    return {name: (layer_n[name] - masks.alive[name]) / layer_n[name] for name, _ in masks.layers}
+    return order
 
 
 def _auto_plan(model, pool, scores, state, masks: _Masks, try_remove, total: int, goal: int, batches):
