@@ -41,6 +41,7 @@ def _config(bits, ratio, scope, seed, group="g", kind="wandb"):
 def _record(bits, ratio, scope, seed, acc, cr, base_acc, bops=None, **kw):
     return {
         "status": "ok",
+        "deploy/checks": "int+onnx",  # deployed and checked: the status stands as ok
         "seed": seed,
         "config": _config(bits, ratio, scope, seed, **kw),
         "baseline/val_acc": base_acc,

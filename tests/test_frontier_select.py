@@ -40,6 +40,7 @@ def _record(bits, scope, ratio, val, test, status):
     }
     return {
         "status": status,
+        "deploy/checks": "none" if status == "not_deployed" else "int+onnx",
         "seed": 0,
         "config": cfg,
         "baseline/val_acc": DENSE_VAL,
@@ -153,3 +154,13 @@ def test_dashboard_labels_not_deployed_and_reports_chosen_test_acc(sweep):
     # the front's table row carries the chosen config's test accuracy (E: 0.93 at 12x)
     assert '"best_ratio_within_1pt_test_acc":0.93' in html.replace(" ", "")
     assert s["points_not_deployed"] == 1
+
+
+def test_legacy_ok_without_any_deployment_reads_as_not_deployed():
+    from qpexp.sweep.frontier import legacy_status
+
+    old = {"status": "ok", "final/test_acc": 0.9}  # written before deploy/checks: nothing was deployed
+    assert legacy_status(old)["status"] == "not_deployed" and old["status"] == "ok"
+    deployed = {"status": "ok", "deploy/checks": "int+onnx"}
+    assert legacy_status(deployed)["status"] == "ok"
+    assert legacy_status({"status": "failed"})["status"] == "failed"

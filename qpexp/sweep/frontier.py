@@ -157,7 +157,15 @@ def _load_point(path: Path, root: Path) -> dict:
                 rec["config"] = OmegaConf.to_container(cfg, resolve=True)
             except Exception:  # an interpolation that needs Hydra's runtime: keep it unresolved
                 rec["config"] = OmegaConf.to_container(cfg, resolve=False)
-    return {"rec": rec, "run_dir": rel}
+    return {"rec": legacy_status(rec), "run_dir": rel}
+
+
+def legacy_status(rec: dict) -> dict:
+    """Records written before ``deploy/checks`` existed said ``ok`` whether or not anything was
+    deployed: such a record without any ``deploy/`` key is read as ``not_deployed``."""
+    if rec.get("status") == "ok" and not any(k.startswith("deploy/") for k in rec):
+        return {**rec, "status": "not_deployed"}
+    return rec
 
 
 def _identity(config: dict, keys) -> str:
