@@ -637,9 +637,11 @@ def test_ddp_pipeline_two_cpu_ranks_match_single_process(tmp_path):
         elif "huffman" in k:  # entropy-coded sizes follow the codes' frequencies: a few codes differ
             if isinstance(a[k], float):  # (the chosen layout, a string, may differ with them)
                 assert a[k] == pytest.approx(b[k], rel=5e-2), k
+        elif k.startswith("size/"):  # one small layer: a weight rounded to zero or not moves it by an entry
+            assert a[k] == pytest.approx(b[k], rel=1e-2), k
         elif k.endswith(
             ("size_bits", "compression_ratio", "zero_fraction", "nonzero_params", "paper_ratio")
-        ) or k.startswith(("size/", "final/paper_")):
+        ) or k.startswith("final/paper_"):
             assert a[k] == pytest.approx(b[k], rel=1e-3), k
         elif isinstance(a[k], (int, float)) and not isinstance(a[k], bool):
             assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), k
