@@ -309,7 +309,11 @@ def test_page_in_headless_chromium(two_sweeps):
         assert rep["plots"]["plot-bops"]["rows"] and rep["plots"]["plot-latency"]["rows"]
         assert rep["csvRows"] == len(rows) and len(rep["table"]) == 4
         # the table sorts by a clicked header (descending, then ascending; empty cells last)
-        col = 9  # hypervolume against the shared point
+        col = b.evaluate(  # the hypervolume against the shared point, found by its header
+            "[...document.querySelectorAll('#fronts th')]"
+            ".findIndex(th => th.textContent.startsWith('hypervolume (shared point)'))"
+        )
+        assert col >= 0
         b.evaluate(f"document.querySelectorAll('#fronts th')[{col}].click()")
         down = [float(r[col]) for r in b.evaluate("qpexpReport()")["table"] if r[col] != ""]
         b.evaluate(f"document.querySelectorAll('#fronts th')[{col}].click()")
