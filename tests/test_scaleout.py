@@ -101,6 +101,23 @@ def test_rank_shard_splits_batches_evenly_in_lockstep():
 
 
 # -- progress -------------------------------------------------------------------------------------
+def test_started_ranks_import_this_qpexp_past_a_qpexp_folder_in_the_working_directory(tmp_path, monkeypatch):
+    """A rank qpexp starts runs ``python -m qpexp.run.ranks`` in the working directory. A folder named
+    ``qpexp`` there (a run directory) is found as a namespace package before an editable install's
+    finder is asked (CI failed so: the rank died at import, rank 0 waited for it). The rank's
+    environment puts the folder holding the qpexp that started it first."""
+    from qpexp.run.ranks import rank_env
+
+    (tmp_path / "qpexp").mkdir()  # the decoy: a run directory
+    monkeypatch.delenv("PYTHONPATH", raising=False)  # as an installed (editable or not) qpexp runs
+    env = rank_env({"RANK": "1"})
+    code = "import qpexp, qpexp.run.ranks; print(qpexp.__file__)"
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert Path(p.stdout.strip()) == ROOT / "qpexp" / "__init__.py"
+    assert env["RANK"] == "1" and env["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT)
+
+
 def test_progress_counts_done_failed_running(tmp_path, monkeypatch):
     from qpexp.callbacks import progress_bar_enabled, progress_line, set_sweep_total, sweep_counts
 
@@ -594,6 +611,26 @@ DDP_ARGS = [
     "prune.taylor_batches=2",
     "data.val_fraction=0.15",
 ]
+
+
+def test_a_started_rank_that_dies_before_joining_fails_the_run_at_once(tmp_path):
+    """Rank 0 does not wait out the collective timeout (6 h by default) for a rank that died at start:
+    the run fails within seconds, its record says so, and nothing was trained."""
+    hook = tmp_path / "hook"
+    hook.mkdir()  # Python runs sitecustomize at start: rank 1 exits 7 before importing qpexp
+    (hook / "sitecustomize.py").write_text("import os\nif os.environ.get('RANK') == '1':\n    os._exit(7)\n")
+    path = os.pathsep.join([str(ROOT), str(hook)])
+    t0 = time.monotonic()
+    p = run_cli(
+        [*DDP_ARGS, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+         f"cache_dir={tmp_path / 'c'}", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, env={"PYTHONPATH": path, "QPEXP_DDP_TIMEOUT_S": "900"}, check=False, timeout=300,
+    )  # fmt: skip
+    assert time.monotonic() - t0 < 240, "rank 0 waited for a dead rank"
+    rec = read_record(tmp_path / "run")
+    assert p.returncode != 0 and rec["status"] == "failed"
+    assert "rank(s) [(1, 7)]" in rec["error"] and "exited before joining" in rec["error"], rec["error"]
+    assert "baseline/test_acc" not in rec and not list((tmp_path / "c").glob("*/meta.json"))
 
 
 def test_ddp_pipeline_two_cpu_ranks_match_single_process(tmp_path):

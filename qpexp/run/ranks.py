@@ -21,8 +21,10 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -36,6 +38,7 @@ from qpexp.train.ddp import set_shard_data
 log = logging.getLogger("qpexp")
 
 ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "OMP_NUM_THREADS")
+STARTED_ENV, JOINED_KEY = "QPEXP_STARTED_RANK", "qpexp/joined"  # ranks qpexp started, and who joined
 TIMEOUT_ENV = "QPEXP_DDP_TIMEOUT_S"  # collective timeout (rank 0 may wait on a cache lock meanwhile)
 
 
@@ -95,6 +98,7 @@ class Session:
 
     def __init__(self, world: int = 1, procs=None, saved_env=None):
         self.world, self.procs, self.saved_env = world, procs or [], saved_env or {}
+        self.store = None  # rank 0's rendezvous store while the ranks it started join
 
     def record(self) -> dict:
         return {"ddp/world_size": self.world} if self.world > 1 else {}
@@ -137,9 +141,11 @@ def ddp_session(pipeline):
         warnings.filterwarnings("ignore", ".*sync_dist=True.*")  # epoch losses are each rank's own
         if backend == "nccl":
             torch.cuda.set_device(local)
+        _rendezvous(session, addr, int(port))
         dist.init_process_group(
             backend, init_method=f"tcp://{addr}:{port}", rank=r, world_size=world, timeout=_timeout()
         )
+        session.store = None
         log.info("DDP: rank %d of %d (%s)", r, world, backend)
         yield session
         dist.barrier()
@@ -166,11 +172,45 @@ def _check_local_world(trainer_cfg: dict, world: int, backend: str) -> None:
         raise ConfigError(f"trainer.devices={world}: this node has {torch.cuda.device_count()} GPU(s)")
 
 
+def rank_env(env: dict) -> dict:
+    """The environment of a rank qpexp starts: ``env`` over this process's, with the folder that holds
+    the ``qpexp`` this process imported first on ``PYTHONPATH``. Without it, a folder named ``qpexp``
+    in the working directory (a run directory, say) shadows an editable install: Python finds it as a
+    namespace package before the editable install's finder is asked, and the rank dies at import
+    while rank 0 waits for it."""
+    root = str(Path(__file__).resolve().parents[2])
+    path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+    return {**os.environ, **env, "PYTHONPATH": os.pathsep.join([root, *path])}
+
+
+def _store(addr: str, port: int, master: bool) -> dist.TCPStore:
+    """The rendezvous store (one server per process and port: ``init_process_group`` reuses it)."""
+    return dist.TCPStore(
+        addr, port, is_master=master, wait_for_workers=False, multi_tenant=True, timeout=_timeout()
+    )
+
+
+def _rendezvous(session: Session, addr: str, port: int) -> None:
+    """Before the group's rendezvous, between rank 0 and the ranks it started: rank 0 waits until each
+    has reached the store, and a rank that dies first (an import error, memory) is an error here, not
+    a wait of ``QPEXP_DDP_TIMEOUT_S``. The store stays open (``session.store``) until the group is up."""
+    if os.environ.pop(STARTED_ENV, None):  # a rank qpexp started: say it lives
+        _store(addr, port, master=False).add(JOINED_KEY, 1)
+    if not session.procs:
+        return
+    session.store = _store(addr, port, master=True)
+    while session.store.add(JOINED_KEY, 0) < len(session.procs):
+        dead = [(i + 1, p.returncode) for i, p in enumerate(session.procs) if p.poll() is not None]
+        if dead:
+            raise RuntimeError(f"DDP: rank(s) {dead} (rank, exit status) exited before joining")
+        time.sleep(0.1)
+
+
 def _start_ranks(pipeline, world: int, env: dict) -> list[subprocess.Popen]:
     spec = json.dumps({"config": plain_config(pipeline.raw), "run_dir": str(pipeline.run_dir)})
     procs = []
     for r in range(1, world):
-        e = {**os.environ, **env, "RANK": str(r), "LOCAL_RANK": str(r)}
+        e = {**rank_env(env), "RANK": str(r), "LOCAL_RANK": str(r), STARTED_ENV: "1"}
         p = subprocess.Popen([sys.executable, "-m", "qpexp.run.ranks"], stdin=subprocess.PIPE, env=e)
         p.stdin.write(spec.encode())
         p.stdin.close()
