@@ -134,7 +134,8 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def config_means(recs: list[dict]) -> list[dict]:
-    """The sweep's configs (records equal in everything but the seed): seed means of test acc and ratio."""
+    """The sweep's configs (records equal in everything but the seed): seed means of validation acc
+    (what picks a config), test acc (what is reported for it) and ratio."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in recs:
         ident = {k: v for k, v in r["_flat"].items() if k not in ("seed", "data.seed")}
@@ -142,8 +143,9 @@ def config_means(recs: list[dict]) -> list[dict]:
     out = []
     for rs in groups.values():
         accs = [100 * r["final/test_acc"] for r in rs]
+        vals = [100 * r.get("final/val_acc", math.nan) for r in rs]
         out.append({
-            "records": rs, "acc": mean_std(accs), "accs": accs,
+            "records": rs, "acc": mean_std(accs), "accs": accs, "val": mean_std(vals)[0],
             "ratio": mean_std([r["final/compression_ratio"] for r in rs])[0],
             "size_bits": mean_std([r["final/size_bits"] for r in rs]),
         })  # fmt: skip
@@ -157,10 +159,14 @@ def row_values(recs: list[dict], metric: dict) -> tuple[list[float], list[int], 
         ok = [g for g in config_means(recs) if g["ratio"] >= metric["best_at_ratio"]]
         if not ok:
             return [], [], f"no config reaches {metric['best_at_ratio']}x"
-        g = max(ok, key=lambda g: g["acc"][0])
+        ok = [g for g in ok if not math.isnan(g["val"])]  # picked on validation, never on test
+        if not ok:
+            return [], [], "no final/val_acc in the records to choose a config by"
+        g = max(ok, key=lambda g: g["val"])
         r0 = g["records"][0]["_flat"]
         what = ", ".join(f"{k}={r0.get(k)}" for k in ("prune.ratio", "quant.bits_w") if k in r0)
-        return g["accs"], [r["seed"] for r in g["records"]], f"{what}, {g['ratio']:.1f}x"
+        note = f"{what}, {g['ratio']:.1f}x, chosen on validation ({g['val']:.2f}%)"
+        return g["accs"], [r["seed"] for r in g["records"]], note
     vals, seeds = [], []
     for r in sorted(recs, key=lambda r: r.get("seed", 0)):
         v = value(r, metric)
