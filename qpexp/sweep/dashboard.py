@@ -319,6 +319,15 @@ def build_view(out_dir, summary: dict | None = None, reference=None, title: str 
     rows = [{k: typed(v) for k, v in zip(header, r)} for r in raw]
     status_at = header.index("status") if "status" in header else len(header)
     axes = header[2:status_at]
+    fronts = _sweep_fronts(rows, axes, summary)
+    if reference:
+        fronts.append(_reference_front(reference, summary, 0))
+    return _clean(_view(fronts, rows, axes, summary, title))
+
+
+def _sweep_fronts(rows: list[dict], axes: list[str], summary: dict) -> list[dict]:
+    """One front per sweep folder (or sweep and ``config.name``): its groups, single points and numbers,
+    chosen as the summary says (``select``, ``include_failed_deploy``, ``hv_window``)."""
     hv_window = summary.get("hv_window", fr.HV_WINDOW)
     ref_acc = summary.get("hv_reference_acc")
     select, include = summary.get("select", fr.SELECT), bool(summary.get("include_failed_deploy", False))
@@ -341,26 +350,27 @@ def build_view(out_dir, summary: dict | None = None, reference=None, title: str 
                 "numbers": numbers,
             }
         )
-    if reference:
-        fronts.append(_reference_front(reference, summary, 0))
+    return fronts
+
+
+def _view(fronts: list[dict], rows: list[dict], axes: list[str], summary: dict, title: str | None) -> dict:
+    """The view of ``fronts`` (not yet JSON-cleaned): its title, the summary's scalars, the numbers
+    table, the points not ok and every ok run row's per-layer detail."""
     table = _numbers_table(fronts, summary)
     failed, details = _failed_and_details(rows)
     scalars = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None}
-    return _clean(
-        {
-            "title": title
-            or "qpexp frontier: " + ", ".join(f["name"] for f in fronts if f["kind"] == "sweep"),
-            "axes": axes,
-            "summary": scalars,
-            "hv_window": hv_window,
-            "hv_reference_acc": ref_acc,
-            "fronts": fronts,
-            "table": table,
-            "failed": failed,
-            "details": details,
-            "bit_colors": {str(k): v for k, v in BIT_COLORS.items()},
-        }
-    )
+    return {
+        "title": title or "qpexp frontier: " + ", ".join(f["name"] for f in fronts if f["kind"] == "sweep"),
+        "axes": axes,
+        "summary": scalars,
+        "hv_window": summary.get("hv_window", fr.HV_WINDOW),
+        "hv_reference_acc": summary.get("hv_reference_acc"),
+        "fronts": fronts,
+        "table": table,
+        "failed": failed,
+        "details": details,
+        "bit_colors": {str(k): v for k, v in BIT_COLORS.items()},
+    }
 
 
 def _failed_and_details(rows: list[dict]) -> tuple[list[dict], dict]:
