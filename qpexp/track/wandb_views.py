@@ -374,7 +374,8 @@ def _remote_hints(api, path: str) -> tuple[list[str], bool]:
     return layers, sens
 
 
-def cli(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """The ``qpexp-wandb-workspace`` command line."""
     p = argparse.ArgumentParser(
         prog="qpexp-wandb-workspace",
         description="Create a saved W&B workspace for a qpexp project (needs W&B online: WANDB_MODE=online "
@@ -395,7 +396,13 @@ def cli(argv=None) -> int:
         help=f"add the sensitivity heatmap of this table key (default {SENSITIVITY_TABLE}; discovered online)",
     )
     p.add_argument("--dry-run", action="store_true", help="print the workspace spec (JSON); save nothing")
-    a = p.parse_args(argv)
+    return p
+
+
+def cli(argv=None) -> int:
+    """``qpexp-wandb-workspace``: print the workspace's spec (``--dry-run``) or save it online; 0, or 2
+    when W&B is not online or refuses."""
+    a = _parser().parse_args(argv)
     layers = [x for x in (a.layers or "").split(",") if x]
     groups = list(a.group)
     sensitivity = a.sensitivity
@@ -417,6 +424,12 @@ def cli(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
+    return _save(a, groups, layers, sensitivity)
+
+
+def _save(a: argparse.Namespace, groups: list[str], layers: list[str], sensitivity: str | None) -> int:
+    """Build the workspace (layers and the sensitivity table found in the project's runs when not given),
+    save it and print its URL; 2 and one line on stderr when W&B refuses."""
     try:
         import wandb
 
