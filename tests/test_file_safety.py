@@ -340,6 +340,23 @@ def test_dashboard_data_cannot_leave_its_script_element():
     assert "<" not in data["frontier-view"] and "<" not in data["frontier-csv"]  # no tag, no <!--
 
 
+def test_dashboard_placeholders_inside_the_data_stay_as_written():
+    """The template is filled in one pass: a CSV cell or a title that spells a placeholder
+    (``%%VIEW%%``, ``%%PLOTLYJS%%``) is data, not an instruction to paste more into the page."""
+    pytest.importorskip("plotly")
+    from qpexp.dashboard import render
+
+    cell = "%%VIEW%% %%PLOTLYJS%% %%STYLE%%"
+    page = render({"title": "%%CSV%%", "note": "a"}, ["run_dir", "x"], [[cell, "1"]])
+    parsed = _Scripts()
+    parsed.feed(page)
+    data = {i: s for i, s in parsed.scripts if i}
+    assert json.loads(data["frontier-csv"]) == {"columns": ["run_dir", "x"], "rows": [[cell, "1"]]}
+    assert json.loads(data["frontier-view"])["title"] == "%%CSV%%"
+    assert "<title>%%CSV%%</title>" in page
+    assert page.count("Plotly") == render({"title": "t"}, ["x"], [["1"]]).count("Plotly")  # one plotly.js
+
+
 def _yaml_bomb(sentinel) -> str:
     return f"a: !!python/object/apply:os.system ['touch {sentinel}']\n"
 

@@ -499,17 +499,17 @@ def render(view: dict, header: list[str], raw: list[list[str]]) -> str:
     from plotly import __version__ as plotly_version
     from plotly.offline import get_plotlyjs
 
-    csv_json = _script_json({"columns": header, "rows": raw})
-    return (
-        asset(ASSETS["PAGE"])
-        .replace("%%TITLE%%", html.escape(view["title"]))
-        .replace("%%PLOTLY_VERSION%%", html.escape(plotly_version))
-        .replace("%%STYLE%%", asset(ASSETS["STYLE"]))
-        .replace("%%APP%%", asset(ASSETS["APP"]))
-        .replace("%%CSV%%", csv_json)
-        .replace("%%VIEW%%", _script_json(view))
-        .replace("%%PLOTLYJS%%", get_plotlyjs())
-    )
+    fill = {
+        "TITLE": html.escape(view["title"]),
+        "PLOTLY_VERSION": html.escape(plotly_version),
+        "STYLE": asset(ASSETS["STYLE"]),
+        "APP": asset(ASSETS["APP"]),
+        "CSV": _script_json({"columns": header, "rows": raw}),
+        "VIEW": _script_json(view),
+        "PLOTLYJS": get_plotlyjs(),
+    }
+    # one pass over the template: a placeholder inside the data (a CSV cell, a title) stays as written
+    return re.sub(r"%%([A-Z_]+)%%", lambda m: fill[m.group(1)], asset(ASSETS["PAGE"]))
 
 
 def write_dashboard(out_dir, summary: dict | None = None, reference=None, title: str | None = None) -> dict:
