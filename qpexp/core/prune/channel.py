@@ -163,26 +163,78 @@ class _Units:
         return sorted(out.values())
 
 
+class _GroupSlices:
+    """Collects the parameter slices of a Torch-Pruning group into ``grp``, per root channel, and the
+    channels that must go together (``uf``)."""
+
+    def __init__(self, grp: Group, wnames: dict):
+        self.grp, self.wnames = grp, wnames
+        self.uf = _Units(grp.n)
+
+    def add(self, module, pname, dim, idxs, roots, layer_idxs=None, conv_groups=1) -> None:
+        """The slices ``layer_idxs`` (default ``idxs``) of ``module.<pname>`` along ``dim``, each under
+        its root channel; a prunable weight also scores the group."""
+        grp = self.grp
+        layer_idxs = idxs if layer_idxs is None else layer_idxs
+        order = torch.argsort(roots, stable=True)
+        uniq, counts = torch.unique_consecutive(roots[order], return_counts=True)
+        for c, part in zip(uniq.tolist(), torch.split(layer_idxs[order], counts.tolist())):
+            grp.slices[c].append((module, pname, dim, part))
+        w = self.wnames.get((id(module), pname))
+        if w is not None:
+            grp.touched.add(w)
+            grp.scored.append((w, module, pname, dim, idxs, roots, conv_groups))
+
+    def conv_linear(self, module: nn.Module, idxs, roots, out: bool) -> None:
+        """A conv/linear layer's output (weight rows, bias) or input (weight columns) channels."""
+        if _is_grouped(module):
+            size = (module.out_channels if out else module.in_channels) // module.groups
+            for pos in torch.unique(idxs % size).tolist():  # one channel per conv group goes together
+                self.uf.union(torch.unique(roots[idxs % size == pos]).tolist())
+        if out:
+            self.add(module, "weight", 0, idxs, roots)
+            if module.bias is not None:
+                self.add(module, "bias", 0, idxs, roots)
+        elif _is_grouped(module):
+            size = module.in_channels // module.groups
+            self.add(module, "weight", 1, idxs, roots, layer_idxs=idxs % size, conv_groups=module.groups)
+        else:
+            self.add(module, "weight", 1, idxs, roots)
+
+    def other(self, module, idxs, roots, label: str) -> str | None:
+        """Any other member of the group: its per-channel parameters, or the reason the group is left
+        unpruned; raises for parameters it does not know how to slice."""
+        if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+            for p in ("weight", "bias"):
+                if getattr(module, p, None) is not None:
+                    self.add(module, p, 0, idxs, roots)
+            return None
+        if isinstance(module, NORMS_ACROSS_CHANNELS):
+            return f"its channels are normalised together by {type(module).__name__} '{label}'"
+        if isinstance(module, nn.MultiheadAttention):
+            return f"they are the embedding dimension of attention '{label}' (its heads are pruned instead)"
+        if isinstance(module, nn.PReLU):
+            if module.num_parameters > 1:
+                self.add(module, "weight", 0, idxs, roots)
+            return None
+        if isinstance(module, nn.Embedding):
+            self.add(module, "weight", 1, idxs, roots)
+            return None
+        if isinstance(module, nn.Module) and any(True for _ in module.parameters(recurse=False)):
+            raise ChannelPruningError(
+                f"module '{label}' ({type(module).__name__}) holds parameters coupled to the channels of "
+                f"'{self.grp.name}' and channel pruning does not know how to slice them"
+            )
+        return None
+
+
 def _channel_group(dg, g, names, wnames, params, pdims) -> Group | str:
     """A Torch-Pruning group as a :class:`Group`, or the reason it is left unpruned."""
     tp = _tp()
     op = tp.ops.OPTYPE
     root = g[0].dep.target.module
     n = dg.get_out_channels(root)
-    grp = Group(names[root], root, n, [[] for _ in range(n)])
-    uf = _Units(n)
-
-    def add(module, pname, dim, idxs, roots, layer_idxs=None, conv_groups=1):
-        layer_idxs = idxs if layer_idxs is None else layer_idxs
-        order = torch.argsort(roots, stable=True)
-        uniq, counts = torch.unique_consecutive(roots[order], return_counts=True)
-        for c, part in zip(uniq.tolist(), torch.split(layer_idxs[order], counts.tolist())):
-            grp.slices[c].append((module, pname, dim, part))
-        w = wnames.get((id(module), pname))
-        if w is not None:
-            grp.touched.add(w)
-            grp.scored.append((w, module, pname, dim, idxs, roots, conv_groups))
-
+    sl = _GroupSlices(Group(names[root], root, n, [[] for _ in range(n)]), wnames)
     for it in g:
         t = it.dep.target
         module = t.module
@@ -194,46 +246,15 @@ def _channel_group(dg, g, names, wnames, params, pdims) -> Group | str:
             return "its channels are read through a fixed channel slice or split (x[:, a:b], torch.split, torch.chunk)"
         if t.type == op.PARAMETER:
             owner, pname, pfull = params[id(module)]
-            add(owner, pname, pdims.get(id(module), module.dim() - 1), idxs, roots)
-            continue
-        if isinstance(module, CONV_LINEAR):
-            if _is_grouped(module):
-                size = (module.out_channels if out else module.in_channels) // module.groups
-                for pos in torch.unique(idxs % size).tolist():  # one channel per conv group goes together
-                    uf.union(torch.unique(roots[idxs % size == pos]).tolist())
-            if out:
-                add(module, "weight", 0, idxs, roots)
-                if module.bias is not None:
-                    add(module, "bias", 0, idxs, roots)
-            elif _is_grouped(module):
-                size = module.in_channels // module.groups
-                add(module, "weight", 1, idxs, roots, layer_idxs=idxs % size, conv_groups=module.groups)
-            else:
-                add(module, "weight", 1, idxs, roots)
-            continue
-        if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
-            for p in ("weight", "bias"):
-                if getattr(module, p, None) is not None:
-                    add(module, p, 0, idxs, roots)
-            continue
-        if isinstance(module, NORMS_ACROSS_CHANNELS):
-            return f"its channels are normalised together by {type(module).__name__} '{label}'"
-        if isinstance(module, nn.MultiheadAttention):
-            return f"they are the embedding dimension of attention '{label}' (its heads are pruned instead)"
-        if isinstance(module, nn.PReLU):
-            if module.num_parameters > 1:
-                add(module, "weight", 0, idxs, roots)
-            continue
-        if isinstance(module, nn.Embedding):
-            add(module, "weight", 1, idxs, roots)
-            continue
-        if isinstance(module, nn.Module) and any(True for _ in module.parameters(recurse=False)):
-            raise ChannelPruningError(
-                f"module '{label}' ({type(module).__name__}) holds parameters coupled to the channels of "
-                f"'{grp.name}' and channel pruning does not know how to slice them"
-            )
-    grp.units = uf.units()
-    return grp
+            sl.add(owner, pname, pdims.get(id(module), module.dim() - 1), idxs, roots)
+        elif isinstance(module, CONV_LINEAR):
+            sl.conv_linear(module, idxs, roots, out)
+        else:
+            why = sl.other(module, idxs, roots, label)
+            if why is not None:
+                return why
+    sl.grp.units = sl.uf.units()
+    return sl.grp
 
 
 def _head_group(name: str, m: nn.Module, wnames) -> Group | str:

@@ -54,15 +54,127 @@ def _qparams(wq: LinearQuantizer, w: torch.Tensor):
     return scale.detach().reshape(shape).clone(), zero.reshape(shape).to(w.dtype)
 
 
+def _reduce_dims(wq: LinearQuantizer, w: torch.Tensor) -> tuple[int, ...]:
+    """The dimensions a weight quantizer's range is taken over (all but the channel axis per channel)."""
+    return tuple(d for d in range(w.dim()) if d != wq.ch_axis) if wq.per_channel else tuple(range(w.dim()))
+
+
 def _range_setters(wq: LinearQuantizer, w: torch.Tensor) -> torch.Tensor | None:
     """Elements whose value sets a min/max weight quantizer's range (None for LSQ: its scale is learned)."""
     if wq.range == "lsq":
         return None
-    dims = tuple(d for d in range(w.dim()) if d != wq.ch_axis) if wq.per_channel else tuple(range(w.dim()))
+    dims = _reduce_dims(wq, w)
     if wq.symmetric:
         a = w.abs()
         return a == a.amax(dims, keepdim=True)
     return (w == w.amin(dims, keepdim=True)) | (w == w.amax(dims, keepdim=True))
+
+
+class _Grid:
+    """A layer's float weight ``w`` on its quantizer's grid: scale, zero point, code range, the
+    nearest codes, ``floor(w / S)`` and the pruning mask."""
+
+    def __init__(self, layer: nn.Module, wq: LinearQuantizer):
+        w = layer.weight.detach().clone()
+        wq(w)  # an LSQ quantizer takes its initial step from the first weight it sees
+        self.w = w
+        self.scale, self.zero = _qparams(wq, w)
+        self.qmin, self.qmax = wq.qmin, wq.qmax
+        self.mask = getattr(layer, "weight_mask", None)
+        self.nearest = wq.int_repr(w)
+        self.base = torch.floor(w * (1.0 / self.scale))
+
+    def initial_v(self) -> nn.Parameter:
+        """``V`` with ``h(V) = rest``: the float weight's own position between its two grid points."""
+        rest = (self.w * (1.0 / self.scale) - self.base).clamp(0.0, 1.0)
+        return nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1).clamp(-20, 20))
+
+    def soft(self, h: torch.Tensor) -> torch.Tensor:
+        """The weight rounded up by ``h`` (in [0, 1]) from ``floor(w / S)``; pruned weights zero."""
+        ws = (torch.clamp(self.base + h + self.zero, self.qmin, self.qmax) - self.zero) * self.scale
+        return ws if self.mask is None else ws * self.mask
+
+    def weight(self, codes: torch.Tensor) -> torch.Tensor:
+        return (codes - self.zero) * self.scale
+
+
+def _beta_at(t: float, beta: tuple[float, float], warmup: float) -> float | None:
+    """The regulariser's exponent at training progress ``t`` (cosine from ``beta[0]`` to
+    ``beta[1]`` after the warm-up; None during the warm-up: no regulariser)."""
+    if t < warmup:
+        return None
+    return beta[1] + 0.5 * (beta[0] - beta[1]) * (1 + math.cos(math.pi * (t - warmup) / (1 - warmup)))
+
+
+def _learn(layer, x, target, grid: _Grid, v: nn.Parameter, iters, lr, reg, beta, warmup, batch_size, seed):
+    """Adam on ``V``: the squared output error on random batches of ``x`` plus the annealed
+    rounding regulariser."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam([v], lr=lr)
+    n = len(x)
+    with torch.enable_grad():  # callers may run under no_grad (calibration)
+        for i in range(iters):
+            idx = torch.randperm(n, generator=g)[:batch_size] if n > batch_size else slice(None)
+            h = rectified_sigmoid(v)
+            out = _layer_out(layer, x[idx], grid.soft(h))
+            loss = (out - target[idx]).pow(2).flatten(1).sum(1).mean()
+            b = _beta_at(i / iters, beta, warmup)
+            if b is not None:
+                loss = loss + reg * (1 - (2 * h - 1).abs().pow(b)).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+@torch.no_grad()
+def _hard_codes(layer, wq, x, target, grid: _Grid, v: nn.Parameter):
+    """The learned codes (``floor(w / S) + [V >= 0]``; pruned weights the code of zero, range setters
+    their nearest code), or the nearest codes where those reconstruct better. Returns the codes
+    (float), the range setters, the output errors ``{"nearest", "adaround"}`` and whether nearest
+    rounding was kept."""
+    w, zero, nearest = grid.w, grid.zero, grid.nearest
+    codes = torch.clamp(grid.base + (v >= 0).to(w.dtype) + zero, grid.qmin, grid.qmax)
+    if grid.mask is not None:  # pruned weights: the code of zero
+        codes = torch.where(grid.mask.bool(), codes, zero.expand_as(codes))
+    keep = _range_setters(wq, w)
+    if keep is not None:
+        codes = torch.where(keep, nearest.to(w.dtype), codes)
+    # hard rounding can land worse than nearest when the soft variables did not settle (too few
+    # iterations): then the layer keeps nearest rounding
+    err = {
+        name: float((_layer_out(layer, x, grid.weight(c)) - target).pow(2).mean())
+        for name, c in (("nearest", nearest.to(w.dtype)), ("adaround", codes))
+    }
+    kept_nearest = err["adaround"] > err["nearest"]
+    if kept_nearest:
+        codes = nearest.to(w.dtype)
+    return codes, keep, err, kept_nearest
+
+
+@torch.no_grad()
+def _write_back(layer, wq, grid: _Grid, codes: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """Write ``S (codes - Z)`` into the layer's weight (kept inside the original range, so that a
+    min/max quantizer recomputes the same scale) and check that its quantizer gives exactly
+    ``codes``; returns them as int32."""
+    w, mask = grid.w, grid.mask
+    new = grid.weight(codes)
+    if keep is not None:  # inside the original range: the same min/max, the same scale
+        dims = _reduce_dims(wq, w)
+        lo = w.amin(dims, keepdim=True).clamp(max=0)
+        hi = w.amax(dims, keepdim=True).clamp(min=0)
+        if wq.symmetric:
+            hi = torch.maximum(lo.abs(), hi)
+            lo = -hi
+        new = torch.where(keep, w, torch.minimum(torch.maximum(new, lo), hi))
+    if mask is not None:
+        new = new * mask
+    layer.weight.copy_(new)
+    codes = codes.to(torch.int32)
+    got = wq.int_repr(layer.weight)
+    if not torch.equal(got, codes):
+        bad = int((got != codes).sum())
+        raise RuntimeError(f"adaround: the weight quantizer gives {bad} codes other than the learned ones")
+    return codes
 
 
 def round_layer(
@@ -84,83 +196,16 @@ def round_layer(
         raise ValueError(
             f"quant.rounding=adaround supports the linear weight scheme only; got {type(wq).__name__}"
         )
-    w = layer.weight.detach().clone()
-    wq(w)  # an LSQ quantizer takes its initial step from the first weight it sees
-    scale, zero = _qparams(wq, w)
-    qmin, qmax = wq.qmin, wq.qmax
-    mask = getattr(layer, "weight_mask", None)
-    nearest = wq.int_repr(w)
-    base = torch.floor(w * (1.0 / scale))
-    rest = (w * (1.0 / scale) - base).clamp(0.0, 1.0)
-    # h(V0) = rest: start from the float weight's own position between the two grid points
-    v = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1).clamp(-20, 20))
+    grid = _Grid(layer, wq)
+    v = grid.initial_v()
     with torch.no_grad():
-        target = _layer_out(layer, x, w)
-
-    def soft(h):
-        ws = (torch.clamp(base + h + zero, qmin, qmax) - zero) * scale
-        return ws if mask is None else ws * mask
-
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam([v], lr=lr)
-    n = len(x)
-    with torch.enable_grad():  # callers may run under no_grad (calibration)
-        for i in range(iters):
-            idx = torch.randperm(n, generator=g)[:batch_size] if n > batch_size else slice(None)
-            h = rectified_sigmoid(v)
-            out = _layer_out(layer, x[idx], soft(h))
-            loss = (out - target[idx]).pow(2).flatten(1).sum(1).mean()
-            t = i / iters
-            if t >= warmup:
-                b = beta[1] + 0.5 * (beta[0] - beta[1]) * (
-                    1 + math.cos(math.pi * (t - warmup) / (1 - warmup))
-                )
-                loss = loss + reg * (1 - (2 * h - 1).abs().pow(b)).sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    with torch.no_grad():
-        codes = torch.clamp(base + (v >= 0).to(w.dtype) + zero, qmin, qmax)
-        if mask is not None:  # pruned weights: the code of zero
-            codes = torch.where(mask.bool(), codes, zero.expand_as(codes))
-        keep = _range_setters(wq, w)
-        if keep is not None:
-            codes = torch.where(keep, nearest.to(w.dtype), codes)
-        # hard rounding can land worse than nearest when the soft variables did not settle (too few
-        # iterations): then the layer keeps nearest rounding
-        err = {
-            name: float((_layer_out(layer, x, (c - zero) * scale) - target).pow(2).mean())
-            for name, c in (("nearest", nearest.to(w.dtype)), ("adaround", codes))
-        }
-        kept_nearest = err["adaround"] > err["nearest"]
-        if kept_nearest:
-            codes = nearest.to(w.dtype)
-        new = (codes - zero) * scale
-        if keep is not None:  # inside the original range: the same min/max, the same scale
-            dims = (
-                tuple(d for d in range(w.dim()) if d != wq.ch_axis)
-                if wq.per_channel
-                else tuple(range(w.dim()))
-            )
-            lo = w.amin(dims, keepdim=True).clamp(max=0)
-            hi = w.amax(dims, keepdim=True).clamp(min=0)
-            if wq.symmetric:
-                hi = torch.maximum(lo.abs(), hi)
-                lo = -hi
-            new = torch.where(keep, w, torch.minimum(torch.maximum(new, lo), hi))
-        if mask is not None:
-            new = new * mask
-        layer.weight.copy_(new)
-        codes = codes.to(torch.int32)
-        got = wq.int_repr(layer.weight)
-        if not torch.equal(got, codes):
-            bad = int((got != codes).sum())
-            raise RuntimeError(
-                f"adaround: the weight quantizer gives {bad} codes other than the learned ones"
-            )
+        target = _layer_out(layer, x, grid.w)
+    _learn(layer, x, target, grid, v, iters, lr, reg, beta, warmup, batch_size, seed)
+    codes, keep, err, kept_nearest = _hard_codes(layer, wq, x, target, grid, v)
+    codes = _write_back(layer, wq, grid, codes, keep)
     return {
         "codes": codes,
-        "nearest": nearest,
+        "nearest": grid.nearest,
         "mse_nearest": err["nearest"],
         "mse_adaround": min(err["nearest"], err["adaround"]),
         "kept_nearest": kept_nearest,

@@ -95,6 +95,76 @@ def _tuple(v) -> list[int]:
     return list(v) if isinstance(v, (tuple, list)) else [v]
 
 
+def _conv_linear_op(name: str, layer: nn.Module, wq, aq) -> dict:
+    """A conv/linear layer: its geometry, weight (codes under ``wq``, else float), bias, input quantizer."""
+    op = {"name": name, "op": type(layer).__name__}
+    if isinstance(layer, CONV):
+        if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+            raise NotImplementedError(f"convert: {name}: only numeric zero padding is supported")
+        op.update(
+            stride=_tuple(layer.stride),
+            padding=_tuple(layer.padding),
+            dilation=_tuple(layer.dilation),
+            groups=int(layer.groups),
+        )
+    op["weight"] = _weight_ir(layer, wq)
+    op["bias"] = None if layer.bias is None else _np(layer.bias.float())
+    op["act"] = _act_ir(aq)
+    return op
+
+
+def _max_pool_op(name: str, layer: nn.Module) -> dict:
+    if layer.return_indices:
+        raise NotImplementedError(f"convert: {name}: max pooling with return_indices")
+    nd = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}[type(layer)]
+
+    def rep(v, nd=nd):
+        return list(v) if isinstance(v, (tuple, list)) else [v] * nd
+
+    return {
+        "name": name,
+        "op": type(layer).__name__,
+        "kernel_size": rep(layer.kernel_size),
+        "stride": rep(layer.stride or layer.kernel_size),
+        "padding": rep(layer.padding),
+        "dilation": rep(layer.dilation),
+        "ceil_mode": bool(layer.ceil_mode),
+    }
+
+
+def _batch_norm_op(name: str, layer: nn.Module) -> dict:
+    if not layer.track_running_stats:
+        raise NotImplementedError(f"convert: {name}: BatchNorm without running statistics")
+    return {
+        "name": name,
+        "op": "BatchNorm",
+        "eps": float(layer.eps),
+        "mean": _np(layer.running_mean.float()),
+        "var": _np(layer.running_var.float()),
+        "gamma": None if layer.weight is None else _np(layer.weight.float()),
+        "beta": None if layer.bias is None else _np(layer.bias.float()),
+    }
+
+
+def _layer_op(name: str, layer: nn.Module, wq, aq) -> dict | None:
+    """One leaf module's op description (None: Identity and Dropout, which compute nothing)."""
+    if isinstance(layer, CONV_LINEAR):
+        return _conv_linear_op(name, layer, wq, aq)
+    if isinstance(layer, nn.ReLU):
+        return {"name": name, "op": "ReLU"}
+    if isinstance(layer, (nn.Identity, nn.Dropout)):
+        return None
+    if isinstance(layer, nn.Flatten):
+        return {"name": name, "op": "Flatten", "start_dim": layer.start_dim, "end_dim": layer.end_dim}
+    if type(layer).__name__ == "Reshape" and hasattr(layer, "shape"):
+        return {"name": name, "op": "Reshape", "shape": [int(s) for s in layer.shape]}
+    if isinstance(layer, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
+        return _max_pool_op(name, layer)
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+        return _batch_norm_op(name, layer)
+    raise NotImplementedError(f"convert: {name}: module type {type(layer).__name__} is not supported")
+
+
 def model_ir(model: nn.Module, quantized: bool = True) -> list[dict]:
     """The model as a list of op descriptions with numpy tensors (what the file stores, decoded).
 
@@ -108,66 +178,9 @@ def model_ir(model: nn.Module, quantized: bool = True) -> list[dict]:
             layer, wq, aq = m.layer, m.wq, m.aq
             if not quantized:
                 wq = aq = None
-        if isinstance(layer, CONV_LINEAR):
-            op = {"name": name, "op": type(layer).__name__}
-            if isinstance(layer, CONV):
-                if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-                    raise NotImplementedError(f"convert: {name}: only numeric zero padding is supported")
-                op.update(
-                    stride=_tuple(layer.stride),
-                    padding=_tuple(layer.padding),
-                    dilation=_tuple(layer.dilation),
-                    groups=int(layer.groups),
-                )
-            op["weight"] = _weight_ir(layer, wq)
-            op["bias"] = None if layer.bias is None else _np(layer.bias.float())
-            op["act"] = _act_ir(aq)
+        op = _layer_op(name, layer, wq, aq)
+        if op is not None:
             ops.append(op)
-        elif isinstance(layer, nn.ReLU):
-            ops.append({"name": name, "op": "ReLU"})
-        elif isinstance(layer, (nn.Identity, nn.Dropout)):
-            continue
-        elif isinstance(layer, nn.Flatten):
-            ops.append(
-                {"name": name, "op": "Flatten", "start_dim": layer.start_dim, "end_dim": layer.end_dim}
-            )
-        elif type(layer).__name__ == "Reshape" and hasattr(layer, "shape"):
-            ops.append({"name": name, "op": "Reshape", "shape": [int(s) for s in layer.shape]})
-        elif isinstance(layer, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
-            if layer.return_indices:
-                raise NotImplementedError(f"convert: {name}: max pooling with return_indices")
-            nd = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}[type(layer)]
-
-            def rep(v, nd=nd):
-                return list(v) if isinstance(v, (tuple, list)) else [v] * nd
-
-            ops.append(
-                {
-                    "name": name,
-                    "op": type(layer).__name__,
-                    "kernel_size": rep(layer.kernel_size),
-                    "stride": rep(layer.stride or layer.kernel_size),
-                    "padding": rep(layer.padding),
-                    "dilation": rep(layer.dilation),
-                    "ceil_mode": bool(layer.ceil_mode),
-                }
-            )
-        elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
-            if not layer.track_running_stats:
-                raise NotImplementedError(f"convert: {name}: BatchNorm without running statistics")
-            ops.append(
-                {
-                    "name": name,
-                    "op": "BatchNorm",
-                    "eps": float(layer.eps),
-                    "mean": _np(layer.running_mean.float()),
-                    "var": _np(layer.running_var.float()),
-                    "gamma": None if layer.weight is None else _np(layer.weight.float()),
-                    "beta": None if layer.bias is None else _np(layer.bias.float()),
-                }
-            )
-        else:
-            raise NotImplementedError(f"convert: {name}: module type {type(layer).__name__} is not supported")
     return ops
 
 

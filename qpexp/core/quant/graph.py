@@ -903,108 +903,128 @@ class _Instrumenter:
 
     def run(self, graph: fx.Graph) -> bool:
         """Instrument ``graph`` in place; True if a quantizer node was inserted."""
-        cfg = self.cfg
-        kinds = _placeholder_kinds(graph, self.site)
-        counters: dict[tuple[str, str], int] = {}
-        qver: dict[fx.Node, fx.Node] = {}
-        weightish: dict[fx.Node, nn.Module] = {}  # node -> the raw weight's quantizer it derives from
-        inserted = []
-
-        def kind(n) -> Kind:
-            return static_kind(n, self.module, kinds)
-
-        def base(owner, name):
-            k = counters.get((owner, name), 0)
-            counters[(owner, name)] = k + 1
-            return name if k == 0 else f"{name}_{k}"
-
-        def insert(src: fx.Node, path: str, meta_from: fx.Node) -> fx.Node:
-            with graph.inserting_after(src):
-                q = graph.call_module(path, (src,))
-            q.meta["nn_module_stack"] = dict(meta_from.meta.get("nn_module_stack") or {})
-            q.meta["qpexp_quantizer"] = True
-            inserted.append(q)
-            return q
-
-        if cfg.weight.enabled:  # raw weights: a weight quantizer right after each get_attr
-            for n in list(graph.nodes):
-                r = self.raw.get(self.full(n.target)) if n.op == "get_attr" else None
-                if r is None:
-                    continue
-                spec = QuantSpec(**{**cfg.weight.__dict__, "bits": self.bits[r.name]})
-                if not spec.enabled:
-                    continue
-                p = _attr(self.model, r.name)
-                owner_rel = n.target.rpartition(".")[0]
-                path = self.quantizer(
-                    owner_rel,
-                    f"{r.param}_wq",
-                    lambda p=p, r=r, spec=spec: _weight_quantizer(spec, p.shape[r.ch_axis], r.ch_axis),
-                )
-                users = list(n.users)
-                q = insert(n, path, n)
-                for u in users:
-                    u.replace_input_with(n, q)
-                weightish[q] = self.registry[self.full(path)]
-            for n in graph.nodes:  # what a quantized weight flows into through view ops is a weight
-                roots = [weightish[a] for a in n.all_input_nodes if a in weightish]
-                if roots and op_name(n, self.modules) in VIEW:
-                    weightish[n] = roots[0]
-        if not cfg.act.enabled:
-            return bool(inserted)
-
-        def act(src: fx.Node, consumer: fx.Node, qname: str, owner: str | None = None) -> None:
-            if not isinstance(src, fx.Node) or src in weightish or src.meta.get("qpexp_quantizer"):
-                return
-            k = kind(src)
-            if not (k.tensor and k.floating):
-                return
-            if src not in qver:
-                owner = self.owner(consumer) if owner is None else owner
-                path = self.quantizer(owner, qname, lambda: _act_quantizer(cfg.act))
-                qver[src] = insert(src, path, consumer)
-            consumer.replace_input_with(src, qver[src])
-
+        self.graph = graph
+        self.kinds = _placeholder_kinds(graph, self.site)
+        self.counters: dict[tuple[str, str], int] = {}
+        self.qver: dict[fx.Node, fx.Node] = {}  # tensor -> its activation-quantized version
+        self.weightish: dict[fx.Node, nn.Module] = {}  # node -> the raw weight's quantizer it derives from
+        self.inserted: list[fx.Node] = []
+        if self.cfg.weight.enabled:  # raw weights: a weight quantizer right after each get_attr
+            self._quantize_raw_weights()
+        if not self.cfg.act.enabled:
+            return bool(self.inserted)
         for node in list(graph.nodes):
-            if node.op not in ("call_function", "call_method", "call_module") or node.meta.get(
+            if node.op in ("call_function", "call_method", "call_module") and not node.meta.get(
                 "qpexp_quantizer"
             ):
+                self._instrument_op(node)
+        return bool(self.inserted)
+
+    def _kind(self, n) -> Kind:
+        return static_kind(n, self.module, self.kinds)
+
+    def _base(self, owner: str, name: str) -> str:
+        """``name``, then ``name_1``, ``name_2``, ... for the same op again in the same owner."""
+        k = self.counters.get((owner, name), 0)
+        self.counters[(owner, name)] = k + 1
+        return name if k == 0 else f"{name}_{k}"
+
+    def _insert(self, src: fx.Node, path: str, meta_from: fx.Node) -> fx.Node:
+        """A call of the quantizer ``path`` on ``src``, right after it (its users are not rewired)."""
+        with self.graph.inserting_after(src):
+            q = self.graph.call_module(path, (src,))
+        q.meta["nn_module_stack"] = dict(meta_from.meta.get("nn_module_stack") or {})
+        q.meta["qpexp_quantizer"] = True
+        self.inserted.append(q)
+        return q
+
+    def _quantize_raw_weights(self) -> None:
+        """A weight quantizer after each raw weight's ``get_attr``; what the quantized weight flows
+        into through view ops is a weight too (``weightish``: no activation quantizer on it)."""
+        graph, weightish = self.graph, self.weightish
+        for n in list(graph.nodes):
+            r = self.raw.get(self.full(n.target)) if n.op == "get_attr" else None
+            if r is None:
                 continue
-            name = op_name(node, self.modules)
-            if node.op == "call_module":
-                if isinstance(self.modules[node.target], POOL_MODULES) and node.args:
-                    # on the pooling module itself: a container (a Sequential model) gains no child
-                    act(node.args[0], node, "input_q", owner=node.target)
+            spec = QuantSpec(**{**self.cfg.weight.__dict__, "bits": self.bits[r.name]})
+            if not spec.enabled:
                 continue
-            ins = list(dict.fromkeys(node.all_input_nodes))
-            floats = [a for a in ins if kind(a).tensor and kind(a).floating]
-            integer = (
-                name in ADD
-                or name in MATMUL
-                or (name in POOL and node.args and isinstance(node.args[0], fx.Node))
-                or (name in MUL and len(floats) >= 2)
-                or (name in FLINEAR and node.op == "call_function")
+            p = _attr(self.model, r.name)
+            owner_rel = n.target.rpartition(".")[0]
+            path = self.quantizer(
+                owner_rel,
+                f"{r.param}_wq",
+                lambda p=p, r=r, spec=spec: _weight_quantizer(spec, p.shape[r.ch_axis], r.ch_axis),
             )
-            if integer and floats:
-                owner = self.owner(node)
-                b = base(owner, name.strip("_"))
-                operands = floats
-                if name in POOL or name in FLINEAR:
-                    operands = [node.args[0]]
-                    if name in FLINEAR and len(node.args) > 1 and isinstance(node.args[1], fx.Node):
-                        operands.append(node.args[1])  # the weight: skipped when it is a quantized weight
-                for i, src in enumerate(operands):
-                    act(src, node, f"{b}_q{i}")
-                self._link_input(node, weightish, qver)
-            elif name in CAT and kind(node).floating:
-                owner = self.owner(node)
-                b = base(owner, name)
-                users = list(node.users)
-                q = insert(node, self.quantizer(owner, f"{b}_q", lambda: _act_quantizer(cfg.act)), node)
-                for u in users:
-                    u.replace_input_with(node, q)
-                qver[node] = q
-        return bool(inserted)
+            users = list(n.users)
+            q = self._insert(n, path, n)
+            for u in users:
+                u.replace_input_with(n, q)
+            weightish[q] = self.registry[self.full(path)]
+        for n in graph.nodes:  # what a quantized weight flows into through view ops is a weight
+            roots = [weightish[a] for a in n.all_input_nodes if a in weightish]
+            if roots and op_name(n, self.modules) in VIEW:
+                weightish[n] = roots[0]
+
+    def _act(self, src: fx.Node, consumer: fx.Node, qname: str, owner: str | None = None) -> None:
+        """Feed ``consumer`` the activation-quantized ``src`` (one quantizer per tensor, shared by
+        all its consumers; none on weights, quantizer outputs and non-floating values)."""
+        if not isinstance(src, fx.Node) or src in self.weightish or src.meta.get("qpexp_quantizer"):
+            return
+        k = self._kind(src)
+        if not (k.tensor and k.floating):
+            return
+        if src not in self.qver:
+            owner = self.owner(consumer) if owner is None else owner
+            path = self.quantizer(owner, qname, lambda: _act_quantizer(self.cfg.act))
+            self.qver[src] = self._insert(src, path, consumer)
+        consumer.replace_input_with(src, self.qver[src])
+
+    def _instrument_op(self, node: fx.Node) -> None:
+        """Activation quantizers for one op: a pooling module's input, an integer op's floating
+        operands, a concatenation's output."""
+        name = op_name(node, self.modules)
+        if node.op == "call_module":
+            if isinstance(self.modules[node.target], POOL_MODULES) and node.args:
+                # on the pooling module itself: a container (a Sequential model) gains no child
+                self._act(node.args[0], node, "input_q", owner=node.target)
+            return
+        ins = list(dict.fromkeys(node.all_input_nodes))
+        floats = [a for a in ins if self._kind(a).tensor and self._kind(a).floating]
+        integer = (
+            name in ADD
+            or name in MATMUL
+            or (name in POOL and node.args and isinstance(node.args[0], fx.Node))
+            or (name in MUL and len(floats) >= 2)
+            or (name in FLINEAR and node.op == "call_function")
+        )
+        if integer and floats:
+            self._quantize_operands(node, name, floats)
+        elif name in CAT and self._kind(node).floating:
+            self._quantize_output(node, name)
+
+    def _quantize_operands(self, node: fx.Node, name: str, floats: list[fx.Node]) -> None:
+        """An integer op: each floating operand (pooling: the input; ``F.linear``/``F.conv*``: the
+        input and a weight that is not a quantized one) through its ``<op>_q<i>`` quantizer."""
+        b = self._base(self.owner(node), name.strip("_"))
+        operands = floats
+        if name in POOL or name in FLINEAR:
+            operands = [node.args[0]]
+            if name in FLINEAR and len(node.args) > 1 and isinstance(node.args[1], fx.Node):
+                operands.append(node.args[1])  # the weight: skipped when it is a quantized weight
+        for i, src in enumerate(operands):
+            self._act(src, node, f"{b}_q{i}")
+        self._link_input(node, self.weightish, self.qver)
+
+    def _quantize_output(self, node: fx.Node, name: str) -> None:
+        """A concatenation: one ``<op>_q`` quantizer on its output, for all its users."""
+        owner = self.owner(node)
+        b = self._base(owner, name)
+        users = list(node.users)
+        q = self._insert(node, self.quantizer(owner, f"{b}_q", lambda: _act_quantizer(self.cfg.act)), node)
+        for u in users:
+            u.replace_input_with(node, q)
+        self.qver[node] = q
 
     def _link_input(self, node: fx.Node, weightish: dict, qver: dict) -> None:
         """Tell a raw weight's quantizer which quantizer its input goes through (for the accounting's

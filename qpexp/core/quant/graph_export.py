@@ -142,6 +142,87 @@ def export_graph(model: nn.Module) -> fx.Graph:
     return graph
 
 
+def _const_entry(model: nn.Module, modules: dict, n: fx.Node, quantized: bool) -> dict | None:
+    """A ``get_attr`` node as a ``const`` (None: a parameter only weight quantizers read, stored as
+    their ``qweight`` when quantized)."""
+    users = list(n.users)
+    weight_only = users and all(
+        u.op == "call_module" and getattr(modules[u.target], "is_weight", False) for u in users
+    )
+    if weight_only and quantized:
+        return None  # stored as the qweight of its quantizer
+    t = _attr(model, n.target).detach()
+    arr = P._np(t.float() if t.is_floating_point() else t)
+    return {"op": "const", "name": n.target, "value": arr}
+
+
+def _quantizer_entry(
+    model: nn.Module, modules: dict, n: fx.Node, index: dict, quantized: bool
+) -> dict | None:
+    """A quantizer's ``call_module`` node as a ``qweight`` (on a parameter) or a ``quant`` entry;
+    with ``quantized=False`` it has no entry and stands for its input."""
+    q = modules[n.target]
+    if not is_quantizer(q):
+        raise NotImplementedError(f"convert: {n.target}: module {type(q).__name__} was not traced")
+    src = n.args[0]
+    if not quantized:
+        index[n] = index[src]
+        return None
+    if not getattr(q, "is_weight", False):
+        return {"op": "quant", "name": n.target, "input": index[src], "act": P._act_ir(q)}
+    if not (isinstance(src, fx.Node) and src.op == "get_attr"):
+        raise NotImplementedError(f"convert: {n.target}: a weight quantizer on a computed tensor")
+    owner, _, pname = src.target.rpartition(".")
+    owner_m = _attr(model, owner) if owner else model
+    shim = SimpleNamespace(
+        weight=_attr(model, src.target), weight_mask=getattr(owner_m, f"{pname}_mask", None)
+    )
+    return {
+        "op": "qweight",
+        "name": src.target,
+        "quantizer": n.target,
+        "weight": P._weight_ir(shim, q),
+    }
+
+
+def _call_entry(n: fx.Node, index: dict, where: str) -> dict:
+    """A ``call_function``/``call_method`` node as a ``call``/``method`` entry, checked against the
+    allow-list of the file format."""
+    if n.op == "call_function":
+        if n.target is getattr and n.args[1] not in GETATTR_OK:
+            raise NotImplementedError(f"convert: {where}: getattr {n.args[1]!r}")
+        op, fn = "call", _fn_name(n.target)
+    else:
+        if n.target not in A.ALLOWED_METHODS:
+            raise NotImplementedError(
+                f"convert: {where}: tensor method {n.target!r} is not in the allow-list of the "
+                "file format (qpexp.core.quant.allowlist.ALLOWED_METHODS)"
+            )
+        op, fn = "method", n.target
+    return {
+        "op": op,
+        "fn": fn,
+        "args": _enc(n.args, index, where),
+        "kwargs": _enc(dict(n.kwargs), index, where),
+    }
+
+
+def _node_entry(model: nn.Module, modules: dict, n: fx.Node, index: dict, quantized: bool) -> dict | None:
+    """One node's entry in the node list (None: it has no entry of its own)."""
+    where = f"node {n.name}"
+    if n.op == "get_attr":
+        return _const_entry(model, modules, n, quantized)
+    if n.op == "placeholder":
+        return {"op": "input", "name": n.target}
+    if n.op == "call_module":
+        return _quantizer_entry(model, modules, n, index, quantized)
+    if n.op in ("call_function", "call_method"):
+        return _call_entry(n, index, where)
+    if n.op == "output":
+        return {"op": "output", "args": _enc(n.args[0], index, where)}
+    raise NotImplementedError(f"convert: {where}: op {n.op}")
+
+
 def graph_ir(model: nn.Module, quantized: bool = True) -> list[dict]:
     """The node list with numpy tensors (what the file stores, decoded). ``quantized=False``: the
     float model under the quantizers (latent weights, no activation quantization)."""
@@ -153,72 +234,9 @@ def graph_ir(model: nn.Module, quantized: bool = True) -> list[dict]:
     model.eval()
     try:
         for n in graph.nodes:
-            where = f"node {n.name}"
-            if n.op == "get_attr":
-                users = list(n.users)
-                weight_only = users and all(
-                    u.op == "call_module" and getattr(modules[u.target], "is_weight", False) for u in users
-                )
-                if weight_only and quantized:
-                    continue  # stored as the qweight of its quantizer
-                t = _attr(model, n.target).detach()
-                arr = P._np(t.float() if t.is_floating_point() else t)
-                entry = {"op": "const", "name": n.target, "value": arr}
-            elif n.op == "placeholder":
-                entry = {"op": "input", "name": n.target}
-            elif n.op == "call_module":
-                q = modules[n.target]
-                if not is_quantizer(q):
-                    raise NotImplementedError(
-                        f"convert: {n.target}: module {type(q).__name__} was not traced"
-                    )
-                src = n.args[0]
-                if not quantized:
-                    index[n] = index[src]
-                    continue
-                if getattr(q, "is_weight", False):
-                    if not (isinstance(src, fx.Node) and src.op == "get_attr"):
-                        raise NotImplementedError(
-                            f"convert: {n.target}: a weight quantizer on a computed tensor"
-                        )
-                    owner, _, pname = src.target.rpartition(".")
-                    owner_m = _attr(model, owner) if owner else model
-                    shim = SimpleNamespace(
-                        weight=_attr(model, src.target), weight_mask=getattr(owner_m, f"{pname}_mask", None)
-                    )
-                    entry = {
-                        "op": "qweight",
-                        "name": src.target,
-                        "quantizer": n.target,
-                        "weight": P._weight_ir(shim, q),
-                    }
-                else:
-                    entry = {"op": "quant", "name": n.target, "input": index[src], "act": P._act_ir(q)}
-            elif n.op == "call_function":
-                if n.target is getattr and n.args[1] not in GETATTR_OK:
-                    raise NotImplementedError(f"convert: {where}: getattr {n.args[1]!r}")
-                entry = {
-                    "op": "call",
-                    "fn": _fn_name(n.target),
-                    "args": _enc(n.args, index, where),
-                    "kwargs": _enc(dict(n.kwargs), index, where),
-                }
-            elif n.op == "call_method":
-                if n.target not in A.ALLOWED_METHODS:
-                    raise NotImplementedError(
-                        f"convert: {where}: tensor method {n.target!r} is not in the allow-list of the "
-                        "file format (qpexp.core.quant.allowlist.ALLOWED_METHODS)"
-                    )
-                entry = {
-                    "op": "method",
-                    "fn": n.target,
-                    "args": _enc(n.args, index, where),
-                    "kwargs": _enc(dict(n.kwargs), index, where),
-                }
-            elif n.op == "output":
-                entry = {"op": "output", "args": _enc(n.args[0], index, where)}
-            else:
-                raise NotImplementedError(f"convert: {where}: op {n.op}")
+            entry = _node_entry(model, modules, n, index, quantized)
+            if entry is None:
+                continue
             index[n] = len(out)
             out.append(entry)
     finally:
