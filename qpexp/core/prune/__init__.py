@@ -68,10 +68,25 @@ def prune_step(
     Channel pruning lives in :mod:`qpexp.core.prune.channel`; both pruners share this signature
     (``example``, an input sample for tracing the model, is only needed there).
     """
-    criterion = criterion or make_criterion(cfg)
     layers = prunable_weights(model)
-    names = [n for n, _, _ in layers]
-    own = layer_ratios(names, cfg, target)
+    own = layer_ratios([n for n, _, _ in layers], cfg, target)
+    scores = _scores(layers, cfg, criterion or make_criterion(cfg), grads)
+    if cfg.structure == "nm":  # n of every m in every layer (a layer with its own ratio 0 stays dense)
+        for name, m, pname in layers:
+            if own[name] != 0:
+                keep = nm_mask(scores[name], cfg.n, cfg.m)
+                old = get_mask(m, pname)
+                set_mask(m, keep if old is None else keep * old, pname)
+    else:
+        masks = _unstructured_masks(model, layers, scores, own, cfg, target, batches)
+        for name, m, pname in layers:
+            set_mask(m, masks[name], pname)
+    return {name: float((getattr(m, pname) == 0).float().mean()) for name, m, pname in layers}
+
+
+def _scores(layers, cfg: PruneConfig, criterion, grads) -> dict[str, torch.Tensor]:
+    """Each layer's criterion scores, divided by its quality (``prune.quality``); already-pruned
+    weights score ``-inf``, so masks only grow."""
     scores = {}
     for name, m, pname in layers:
         s = criterion(Target(name, getattr(m, pname), (grads or {}).get(name, []))).float()
@@ -81,37 +96,33 @@ def prune_step(
         if mask is not None:
             s = torch.where(mask == 0, torch.full_like(s, -torch.inf), s)
         scores[name] = s
-    # layers with their own ratio first; the pool then removes what makes the total ``target``
-    if cfg.structure == "nm":  # n of every m in every layer (a layer with its own ratio 0 stays dense)
-        for name, m, pname in layers:
-            if own[name] != 0:
-                keep = nm_mask(scores[name], cfg.n, cfg.m)
-                old = get_mask(m, pname)
-                set_mask(m, keep if old is None else keep * old, pname)
-        return {name: float((getattr(m, pname) == 0).float().mean()) for name, m, pname in layers}
+    return scores
+
+
+def _unstructured_masks(model, layers, scores, own, cfg: PruneConfig, target: float, batches) -> dict:
+    """Layers with their own ratio first; the pool then removes what makes the total ``target``
+    (one scale, the same fraction each, or fractions planned from measured sensitivity)."""
+    names = [n for n, _, _ in layers]
     fixed = [n for n in names if own[n] is not None]
     masks = layer_masks({n: scores[n] for n in fixed}, {n: own[n] for n in fixed}, cfg.min_keep_frac)
     pool = [n for n in names if own[n] is None]
     size = {n: scores[n].numel() for n in names}
     goal = round(target * sum(size.values())) - sum(int((masks[n] == 0).sum()) for n in fixed)
-    n_pool = sum(size[n] for n in pool)
+    pooled = {n: scores[n] for n in pool}
     if pool and cfg.scope == "auto":
         weights = {n: getattr(m, pname) for n, m, pname in layers if n in pool}
-        pooled = {n: scores[n] for n in pool}
         already = sum(int(torch.isneginf(s).sum()) for s in pooled.values())
         batches = auto.need_batches(batches)
         planned, current = auto.unstructured_fractions(model, weights, pooled, goal - already, cfg, batches)
         keys = {n: auto.planned_scores(pooled[n], current[n], planned[n]) for n in pool}
         masks.update(global_masks(keys, target, cfg.min_keep_frac, count=max(goal, 0)))
     elif pool and cfg.scope == "global":
-        pooled = {n: scores[n] for n in pool}
         masks.update(global_masks(pooled, target, cfg.min_keep_frac, count=max(goal, 0)))
     elif pool:
+        n_pool = sum(size[n] for n in pool)
         r = min(max(goal / n_pool, 0.0), 1.0) if fixed else target  # torch's per-layer rounding
-        masks.update(layer_masks({n: scores[n] for n in pool}, dict.fromkeys(pool, r), cfg.min_keep_frac))
-    for name, m, pname in layers:
-        set_mask(m, masks[name], pname)
-    return {name: float((getattr(m, pname) == 0).float().mean()) for name, m, pname in layers}
+        masks.update(layer_masks(pooled, dict.fromkeys(pool, r), cfg.min_keep_frac))
+    return masks
 
 
 def check_quality(model: nn.Module, cfg: PruneConfig) -> None:
