@@ -30,67 +30,26 @@ step costs about 1.25x an fp32 step with this module's fast paths (median of fou
 from __future__ import annotations
 
 import math
-import struct
 
 import numpy as np
 import torch
 from torch import nn
 
+from qpexp.core.quant.qparams import (
+    TINY_SCALE,
+    affine_qparams,
+    batch_range,
+    int_range,
+    mean_abs,
+    reduce_dims,
+    symmetric_scale,
+)
+from qpexp.core.quant.qparams import affine_qparams_scalar as affine_qparams_scalar  # (re-exported)
+from qpexp.core.quant.qparams import f32 as _f32
+from qpexp.core.quant.qparams import inverse as _inverse
 from qpexp.core.quant.spec import QuantSpec
 
 FUSED_MAX_NUMEL = 4096  # from about this many elements on, the vectorized chain is faster on CPU
-TINY_SCALE = torch.finfo(torch.float32).tiny * 2**24  # keeps 1/S finite
-
-
-def int_range(bits: int, symmetric: bool, narrow: bool = True) -> tuple[int, int]:
-    """Integer range: narrow signed ``[-(2^(b-1)-1), 2^(b-1)-1]`` when symmetric (full signed
-    ``[-2^(b-1), 2^(b-1)-1]`` when not ``narrow``), else ``[0, 2^b-1]``."""
-    if symmetric:
-        return -(2 ** (bits - 1) - int(narrow)), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1
-
-
-def affine_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool):
-    """Scale and zero point for the range [lo, hi] (tensors, per channel or 0-d).
-
-    Asymmetric: the range is widened to contain 0, ``S = (max - min) / (2^b - 1)``,
-    ``Z = -round(min / S)``, so that 0 is exactly representable. Symmetric: ``Z = 0``,
-    ``S = max|x| / (2^(b-1) - 1)``.
-    """
-    qmin, qmax = int_range(bits, symmetric)
-    if symmetric:
-        scale = (torch.maximum(lo.abs(), hi.abs()) / qmax).clamp_min_(TINY_SCALE)
-        return scale, torch.zeros_like(scale, dtype=torch.int32)
-    lo = lo.clamp(max=0.0)
-    scale = (hi.clamp(min=0.0) - lo).div_(qmax - qmin).clamp_min_(TINY_SCALE)
-    zero = torch.round(lo / scale).neg_().add_(qmin).clamp_(qmin, qmax).to(torch.int32)
-    return scale, zero
-
-
-_F32 = struct.Struct("f")
-
-
-def _f32(v: float) -> float:
-    """``v`` rounded to float32 (to nearest, ties to even), as a Python float. A sum, difference,
-    product or quotient of two float32 values computed in double precision and then rounded so is
-    the float32 operation's result bit for bit (53 >= 2 x 24 + 2 bits), without numpy's per-scalar
-    cost."""
-    try:
-        return _F32.unpack(_F32.pack(v))[0]
-    except OverflowError:  # beyond float32's range: float32 arithmetic gives infinity
-        return math.copysign(math.inf, v)
-
-
-def affine_qparams_scalar(lo: float, hi: float, bits: int, symmetric: bool) -> tuple[float, int]:
-    """:func:`affine_qparams` for one range in Python numbers: the same float32 operations, so the
-    same scale and zero point bit for bit (``lo``/``hi`` must be float32 values)."""
-    qmin, qmax = int_range(bits, symmetric)
-    if symmetric:
-        return max(_f32(max(abs(lo), abs(hi)) / qmax), TINY_SCALE), 0
-    lo0 = min(lo, 0.0)
-    scale = max(_f32(_f32(max(hi, 0.0) - lo0) / (qmax - qmin)), TINY_SCALE)
-    zero = min(max(qmin - round(_f32(lo0 / scale)), qmin), qmax)
-    return scale, int(zero)
 
 
 class _FakeQuant(torch.autograd.Function):
@@ -170,11 +129,6 @@ def fake_quant_unclamped(x: torch.Tensor, inv_scale, scale) -> torch.Tensor:
     y = x.clone()
     y.detach().mul_(inv_scale).round_().mul_(scale)  # the alias is untracked: no grad-mode switch
     return y
-
-
-def _inverse(scale: float) -> float:
-    """``1/S`` as torch's kernels take it: ``1.0f / scale`` in float32."""
-    return _f32(1.0 / scale)
 
 
 def _invalidate_hook(module: LinearQuantizer, incompatible_keys) -> None:
@@ -273,24 +227,12 @@ class LinearQuantizer(nn.Module):
             self._ready = True
 
     # -- ranges -----------------------------------------------------------------------------------
-    def _reduce_dims(self, x: torch.Tensor) -> tuple[int, ...]:
-        return tuple(d for d in range(x.dim()) if d != self.ch_axis % x.dim())
-
-    def _batch_range(self, x: torch.Tensor):
-        x = x.detach()
-        if self.per_channel:
-            flat = x.transpose(0, self.ch_axis).reshape(x.shape[self.ch_axis], -1)
-            return torch.aminmax(flat, dim=1)
-        lo, hi = torch.aminmax(x)
-        return lo.reshape(1), hi.reshape(1)
-
-    def _mean_abs(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.detach().abs()
-        return x.mean(self._reduce_dims(x)) if self.per_channel else x.mean().reshape(1)
+    def _axis(self) -> int | None:
+        return self.ch_axis if self.per_channel else None
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
-        lo, hi = self._batch_range(x)
+        lo, hi = batch_range(x, self._axis())
         if self._scalar:
             return self._observe_scalar(lo.item(), hi.item())
         if self.range == "ema" and self.is_initialized():
@@ -339,11 +281,11 @@ class LinearQuantizer(nn.Module):
 
     @torch.no_grad()
     def _init_lsq(self, x: torch.Tensor) -> None:
-        lo, hi = self._batch_range(x)
+        lo, hi = batch_range(x, self._axis())
         if not self.symmetric:
             _, zero = affine_qparams(lo, hi, self.bits, False)
             self.zero_point.copy_(zero)
-        self.scale.copy_((2 * self._mean_abs(x) / math.sqrt(self.qmax)).clamp_min(1e-8))
+        self.scale.copy_((2 * mean_abs(x, self._axis()) / math.sqrt(self.qmax)).clamp_min(1e-8))
         self.min_val.copy_(lo)
         self.max_val.copy_(hi)
         self._zero_float = None
@@ -353,13 +295,11 @@ class LinearQuantizer(nn.Module):
     def _weight_qparams(self, w: torch.Tensor):
         """Scale and zero point of a weight's own min/max range (per channel or per tensor)."""
         if self.symmetric:
-            w = w.detach()
-            amax = w.abs().amax(self._reduce_dims(w)) if self.per_channel else w.abs().amax().reshape(1)
-            scale = amax.div_(self.qmax).clamp_min_(TINY_SCALE)
+            scale = symmetric_scale(w, self.qmax, self._axis())
             if self.zero_point.shape != scale.shape:
                 self.zero_point = torch.zeros_like(scale, dtype=torch.int32)
             return scale, self.zero_point  # stays 0: symmetric
-        lo, hi = self._batch_range(w)
+        lo, hi = batch_range(w, self._axis())
         return affine_qparams(lo, hi, self.bits, False)
 
     # -- forward ----------------------------------------------------------------------------------
@@ -412,7 +352,9 @@ class LinearQuantizer(nn.Module):
         unclamped form, three passes, no mask. None (the general path) for a non-finite weight."""
         wd = w.detach()
         if self.per_channel:
-            amax = torch.linalg.vector_norm(wd, math.inf, self._reduce_dims(wd), keepdim=True)  # max|w|
+            amax = torch.linalg.vector_norm(
+                wd, math.inf, reduce_dims(wd, self.ch_axis), keepdim=True
+            )  # max|w|
             top = amax.max().item()
         else:
             amax = torch.linalg.vector_norm(wd, math.inf)
