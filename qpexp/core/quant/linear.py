@@ -14,13 +14,11 @@ clone, whose gradient is the identity, computed in C++): symmetric min/max weigh
 scale comes from their own ``max|w|``), and a per-tensor activation in training checks its batch's
 min and max (which it reads anyway). It saves a Python backward per quantizer per step.
 
-A per-tensor activation quantizer keeps Python copies of its range and qparams: a training step
-reads the batch min/max (two scalar reads) and, when the running range grows, writes only the
-buffers whose value changed, in float32 arithmetic identical to the tensor formulas (done on Python
-floats rounded to float32: numpy scalars cost more). Whether the running range's own ends are
-clamped is checked once per range, so a batch inside the range needs no check. On CPU (where qpexp
-trains) a scalar read costs about a microsecond, far less than the dozen tiny tensor ops it replaces.
-Loading a state dict or moving the module refreshes the copies.
+Each job of :class:`LinearQuantizer` but the fake quantization lives in a plain object or function
+(no submodule in the forward path, no state-dict key of its own: every buffer and parameter stays the
+quantizer's): the qparams arithmetic, tensor and float32-exact Python (:mod:`~qpexp.core.quant.qparams`),
+and an activation's running range with its Python copy of a per-tensor range and qparams
+(:class:`~qpexp.core.quant.observer.RangeObserver`).
 
 ``python -m qpexp.bench qat`` (idle machine, MNIST-1D CNN, both sides with the stages' AdamW): a QAT
 step costs about 1.25x an fp32 step with this module's fast paths (median of four runs; single runs
@@ -31,10 +29,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import nn
 
+from qpexp.core.quant.observer import RangeObserver
 from qpexp.core.quant.qparams import (
     TINY_SCALE,
     affine_qparams,
@@ -45,7 +43,6 @@ from qpexp.core.quant.qparams import (
     symmetric_scale,
 )
 from qpexp.core.quant.qparams import affine_qparams_scalar as affine_qparams_scalar  # (re-exported)
-from qpexp.core.quant.qparams import f32 as _f32
 from qpexp.core.quant.qparams import inverse as _inverse
 from qpexp.core.quant.spec import QuantSpec
 
@@ -140,11 +137,13 @@ class LinearQuantizer(nn.Module):
 
     Weights with ``minmax`` take their range from the tensor at every call; activations keep a
     running min/max (``minmax``) or an EMA of batch min/max (``ema``) updated in training mode and
-    frozen in eval mode. ``lsq`` learns the step size (Esser et al. 2020) through torch's learnable
-    fused kernel: step initialised to ``2 mean|v| / sqrt(Q_P)`` with ``Q_P = qmax`` (``2^(b-1)-1``
-    symmetric, ``2^b-1`` asymmetric: the unsigned case of the paper; an asymmetric quantizer keeps the
-    zero point of its first batch's min/max range), gradient scaled by ``1/sqrt(N Q_P)`` with ``N``
-    the number of elements per step size.
+    frozen in eval mode (:class:`~qpexp.core.quant.observer.RangeObserver`, a plain object that reads
+    and writes this module's buffers: the state-dict keys stay this module's). ``lsq`` learns the
+    step size (Esser et al. 2020) through torch's learnable fused kernel: step initialised to
+    ``2 mean|v| / sqrt(Q_P)`` with ``Q_P = qmax`` (``2^(b-1)-1`` symmetric, ``2^b-1`` asymmetric: the
+    unsigned case of the paper; an asymmetric quantizer keeps the zero point of its first batch's
+    min/max range), gradient scaled by ``1/sqrt(N Q_P)`` with ``N`` the number of elements per step
+    size.
     """
 
     def __init__(self, spec: QuantSpec, is_weight: bool, channels: int = 1, ch_axis: int = 0):
@@ -167,49 +166,23 @@ class LinearQuantizer(nn.Module):
             self.register_buffer("scale", torch.ones(n))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self._ready = False  # Python mirror of ``initialized`` (no tensor-to-bool sync per step)
-        # Python mirrors of a per-tensor activation quantizer's range and qparams: a training step
-        # then costs one min/max reduction and two scalar reads unless the range grows (see forward)
+        # a per-tensor activation keeps its range and qparams in Python numbers too: a training step
+        # then costs one min/max reduction and two scalar reads unless the range grows
         self._scalar = not is_weight and not self.per_channel and self.range != "lsq"
-        # (min, max, scale, zero, 1/scale, 1/scale and scale as 0-d float32 tensors (an in-place
-        # product by a 0-d tensor dispatches faster than by a Python number, same float32 product),
-        # whether the codes of min and max are unclamped)
-        self._mirror: tuple | None = None
+        self._observer = RangeObserver(self._scalar) if not is_weight and self.range != "lsq" else None
         self._zero_float: torch.Tensor | None = None  # LSQ: the zero point as the fused kernel takes it
         self.register_load_state_dict_post_hook(_invalidate_hook)
 
     def _invalidate(self) -> None:
+        """Forget every Python copy of the buffers (after a state dict is loaded or synced, or a move)."""
         self._ready = False
-        self._mirror = None
+        if self._observer is not None:
+            self._observer.invalidate()
         self._zero_float = None
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .float() etc. may change the buffers
         self._invalidate()
         return super()._apply(fn, *args, **kwargs)
-
-    def _refresh_mirror(self) -> tuple:
-        lo, hi, scale = (float(v) for v in (self.min_val, self.max_val, self.scale))
-        return self._set_mirror(lo, hi, scale, int(self.zero_point))
-
-    def _set_mirror(self, lo: float, hi: float, scale: float, zero: int) -> tuple:
-        inv = _inverse(scale)
-        old = self._mirror
-        if old is None:
-            f32 = torch.float32
-            inv_t, scale_t = torch.tensor(inv, dtype=f32), torch.tensor(scale, dtype=f32)
-        else:  # reuse the 0-d tensors (no autograd graph holds them: see fake_quant_unclamped)
-            inv_t, scale_t = old[5], old[6]
-            if scale != old[2]:
-                inv_t.fill_(inv)
-                scale_t.fill_(scale)
-        self._mirror = (lo, hi, scale, zero, inv, inv_t, scale_t, self._codes_inside(lo, hi, inv, zero))
-        return self._mirror
-
-    def _codes_inside(self, lo: float, hi: float, inv: float, zero: int) -> bool:
-        """Whether the codes ``rint(x (1/S))`` of ``lo`` and ``hi`` (float32 values) lie in
-        ``[qmin - Z, qmax - Z]``: then so do those of every value between them, since a float32 product
-        by a positive number rounds monotonically."""
-        a, b = _f32(lo * inv), _f32(hi * inv)
-        return math.isfinite(a + b) and self.qmin - zero <= round(a) and round(b) <= self.qmax - zero
 
     def extra_repr(self) -> str:
         kind = "channel" if self.per_channel else "tensor"
@@ -229,55 +202,6 @@ class LinearQuantizer(nn.Module):
     # -- ranges -----------------------------------------------------------------------------------
     def _axis(self) -> int | None:
         return self.ch_axis if self.per_channel else None
-
-    @torch.no_grad()
-    def _observe(self, x: torch.Tensor) -> None:
-        lo, hi = batch_range(x, self._axis())
-        if self._scalar:
-            return self._observe_scalar(lo.item(), hi.item())
-        if self.range == "ema" and self.is_initialized():
-            # min <- decay * min + (1 - decay) * batch_min (likewise max)
-            self.min_val.mul_(self.decay).add_(lo * (1 - self.decay))
-            self.max_val.mul_(self.decay).add_(hi * (1 - self.decay))
-        elif self.range == "ema":
-            self.min_val.copy_(lo)
-            self.max_val.copy_(hi)
-        else:
-            torch.minimum(self.min_val, lo, out=self.min_val)
-            torch.maximum(self.max_val, hi, out=self.max_val)
-        scale, zero = affine_qparams(self.min_val, self.max_val, self.bits, self.symmetric)
-        self.scale.copy_(scale)
-        self.zero_point.copy_(zero)
-        self._mark_initialized()
-
-    def _observe_scalar(self, lo: float, hi: float) -> tuple:
-        """The per-tensor activation update in Python numbers (float32 arithmetic, the same numbers
-        as the tensor path): two scalar reads a step; when the range moves, a write to each buffer
-        whose value changed (after a ReLU the minimum and zero point stay 0). Returns the mirror."""
-        f32 = np.float32
-        if not self.is_initialized():
-            new_lo, new_hi = lo, hi
-            old = None
-        else:
-            old = self._mirror or self._refresh_mirror()
-            old_lo, old_hi = old[:2]
-            if self.range != "ema" and lo >= old_lo and hi <= old_hi:
-                return old  # the running range did not grow: nothing changes
-            if self.range == "ema":
-                d = f32(self.decay)
-                e = f32(1 - self.decay)
-                new_lo = float(f32(old_lo) * d + f32(lo) * e)
-                new_hi = float(f32(old_hi) * d + f32(hi) * e)
-            else:
-                new_lo, new_hi = min(old_lo, lo), max(old_hi, hi)
-        scale, zero = affine_qparams_scalar(new_lo, new_hi, self.bits, self.symmetric)
-        for buf, new, i in ((self.min_val, new_lo, 0), (self.max_val, new_hi, 1), (self.scale, scale, 2)):
-            if old is None or new != old[i]:
-                buf.fill_(new)
-        if old is None or zero != old[3]:
-            self.zero_point.fill_(zero)
-        self._mark_initialized()
-        return self._set_mirror(new_lo, new_hi, scale, zero)
 
     @torch.no_grad()
     def _init_lsq(self, x: torch.Tensor) -> None:
@@ -339,7 +263,7 @@ class LinearQuantizer(nn.Module):
             return self._scalar_activation(x)
         else:
             if self.training:
-                self._observe(x)
+                self._observer.observe(self, x)
             elif not self.is_initialized():
                 raise RuntimeError("activation quantizer used in eval mode before any calibration batch")
             scale, zero = self.scale, self.zero_point
@@ -373,19 +297,13 @@ class LinearQuantizer(nn.Module):
         if self.training:
             lo_t, hi_t = torch.aminmax(x.detach())
             lo, hi = lo_t.item(), hi_t.item()
-            m = self._mirror
-            if m is None or self.range == "ema" or not (m[0] <= lo and hi <= m[1]):
-                m = self._observe_scalar(lo, hi)
-            # a min/max range contains the batch: its ends' codes (checked once per range) bound the
-            # batch's; an EMA range may not, nor a batch with a NaN (then no comparison holds)
-            if x.dtype == torch.float32 and (
-                (m[7] and m[0] <= lo and hi <= m[1]) or self._codes_inside(lo, hi, m[4], m[3])
-            ):
-                return fake_quant_unclamped(x, m[5], m[6])
+            m = self._observer.observe_scalar(self, lo, hi)
+            if x.dtype == torch.float32 and m.unclamped(lo, hi):
+                return fake_quant_unclamped(x, m.inv_t, m.scale_t)
         elif not self.is_initialized():
             raise RuntimeError("activation quantizer used in eval mode before any calibration batch")
-        _, _, scale, zero = (self._mirror or self._refresh_mirror())[:4]
-        return fake_quant_scalar(x, scale, zero, self.qmin, self.qmax)
+        m = self._observer.current(self)
+        return fake_quant_scalar(x, m.scale, m.zero, self.qmin, self.qmax)
 
     @torch.no_grad()
     def int_repr(self, x: torch.Tensor) -> torch.Tensor:
