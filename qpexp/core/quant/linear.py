@@ -14,11 +14,13 @@ clone, whose gradient is the identity, computed in C++): symmetric min/max weigh
 scale comes from their own ``max|w|``), and a per-tensor activation in training checks its batch's
 min and max (which it reads anyway). It saves a Python backward per quantizer per step.
 
-Each job of :class:`LinearQuantizer` but the fake quantization lives in a plain object or function
-(no submodule in the forward path, no state-dict key of its own: every buffer and parameter stays the
-quantizer's): the qparams arithmetic, tensor and float32-exact Python (:mod:`~qpexp.core.quant.qparams`),
-and an activation's running range with its Python copy of a per-tensor range and qparams
-(:class:`~qpexp.core.quant.observer.RangeObserver`).
+:class:`LinearQuantizer` composes one part per job, each a plain object or function (no submodule
+in the forward path, no state-dict key of its own: every buffer and parameter stays the quantizer's):
+the qparams arithmetic, tensor and float32-exact Python (:mod:`~qpexp.core.quant.qparams`), an
+activation's running range with its Python copy of a per-tensor range and qparams
+(:class:`~qpexp.core.quant.observer.RangeObserver`), the learned step size
+(:class:`~qpexp.core.quant.lsq.LearnedStep`), and a weight's own range (:func:`symmetric_weight`,
+:func:`~qpexp.core.quant.qparams.symmetric_scale`).
 
 ``python -m qpexp.bench qat`` (idle machine, MNIST-1D CNN, both sides with the stages' AdamW): a QAT
 step costs about 1.25x an fp32 step with this module's fast paths (median of four runs; single runs
@@ -32,13 +34,14 @@ import math
 import torch
 from torch import nn
 
+from qpexp.core.quant.lsq import LearnedStep
+from qpexp.core.quant.lsq import grad_factor as _grad_factor
 from qpexp.core.quant.observer import RangeObserver
 from qpexp.core.quant.qparams import (
     TINY_SCALE,
     affine_qparams,
     batch_range,
     int_range,
-    mean_abs,
     reduce_dims,
     symmetric_scale,
 )
@@ -128,6 +131,25 @@ def fake_quant_unclamped(x: torch.Tensor, inv_scale, scale) -> torch.Tensor:
     return y
 
 
+def symmetric_weight(w: torch.Tensor, qmax: int, ch_axis: int | None) -> torch.Tensor | None:
+    """A symmetric min/max weight's fake quantization, per channel along ``ch_axis`` or (``None``) per
+    tensor: ``S = max|w| / qmax`` never clamps, since ``|round(w / S)| <= round(max|w| (1/S)) = qmax``
+    (``max|w| (1/S)`` is ``qmax`` within three float32 roundings, far below 1/2 at any width; ``S`` at
+    its floor only makes it smaller): the unclamped form, three passes, no mask. None (the general
+    path) for a non-finite weight."""
+    wd = w.detach()
+    if ch_axis is not None:
+        amax = torch.linalg.vector_norm(wd, math.inf, reduce_dims(wd, ch_axis), keepdim=True)  # max|w|
+        top = amax.max().item()
+    else:
+        amax = torch.linalg.vector_norm(wd, math.inf)
+        top = amax.item()
+    if not math.isfinite(top):
+        return None
+    scale = amax.div_(qmax).clamp_min_(TINY_SCALE)
+    return fake_quant_unclamped(w, scale.reciprocal(), scale)
+
+
 def _invalidate_hook(module: LinearQuantizer, incompatible_keys) -> None:
     module._invalidate()
 
@@ -137,13 +159,16 @@ class LinearQuantizer(nn.Module):
 
     Weights with ``minmax`` take their range from the tensor at every call; activations keep a
     running min/max (``minmax``) or an EMA of batch min/max (``ema``) updated in training mode and
-    frozen in eval mode (:class:`~qpexp.core.quant.observer.RangeObserver`, a plain object that reads
-    and writes this module's buffers: the state-dict keys stay this module's). ``lsq`` learns the
-    step size (Esser et al. 2020) through torch's learnable fused kernel: step initialised to
-    ``2 mean|v| / sqrt(Q_P)`` with ``Q_P = qmax`` (``2^(b-1)-1`` symmetric, ``2^b-1`` asymmetric: the
-    unsigned case of the paper; an asymmetric quantizer keeps the zero point of its first batch's
-    min/max range), gradient scaled by ``1/sqrt(N Q_P)`` with ``N`` the number of elements per step
-    size.
+    frozen in eval mode (:class:`~qpexp.core.quant.observer.RangeObserver`). ``lsq`` learns the step
+    size (Esser et al. 2020) through torch's learnable fused kernel
+    (:class:`~qpexp.core.quant.lsq.LearnedStep`): step initialised to ``2 mean|v| / sqrt(Q_P)`` with
+    ``Q_P = qmax`` (``2^(b-1)-1`` symmetric, ``2^b-1`` asymmetric: the unsigned case of the paper; an
+    asymmetric quantizer keeps the zero point of its first batch's min/max range), gradient scaled by
+    ``1/sqrt(N Q_P)`` with ``N`` the number of elements per step size.
+
+    The state is this module's own (state-dict keys ``min_val``, ``max_val``, ``zero_point``,
+    ``scale``, ``initialized``); the observer and the learned step are plain objects that read and
+    write it through the module.
     """
 
     def __init__(self, spec: QuantSpec, is_weight: bool, channels: int = 1, ch_axis: int = 0):
@@ -169,8 +194,8 @@ class LinearQuantizer(nn.Module):
         # a per-tensor activation keeps its range and qparams in Python numbers too: a training step
         # then costs one min/max reduction and two scalar reads unless the range grows
         self._scalar = not is_weight and not self.per_channel and self.range != "lsq"
-        self._observer = RangeObserver(self._scalar) if not is_weight and self.range != "lsq" else None
-        self._zero_float: torch.Tensor | None = None  # LSQ: the zero point as the fused kernel takes it
+        self._lsq = LearnedStep() if self.range == "lsq" else None
+        self._observer = RangeObserver(self._scalar) if not is_weight and self._lsq is None else None
         self.register_load_state_dict_post_hook(_invalidate_hook)
 
     def _invalidate(self) -> None:
@@ -178,7 +203,8 @@ class LinearQuantizer(nn.Module):
         self._ready = False
         if self._observer is not None:
             self._observer.invalidate()
-        self._zero_float = None
+        if self._lsq is not None:
+            self._lsq.invalidate()
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .float() etc. may change the buffers
         self._invalidate()
@@ -199,31 +225,16 @@ class LinearQuantizer(nn.Module):
             self.initialized.fill_(True)
             self._ready = True
 
-    # -- ranges -----------------------------------------------------------------------------------
-    def _axis(self) -> int | None:
-        return self.ch_axis if self.per_channel else None
-
-    @torch.no_grad()
-    def _init_lsq(self, x: torch.Tensor) -> None:
-        lo, hi = batch_range(x, self._axis())
-        if not self.symmetric:
-            _, zero = affine_qparams(lo, hi, self.bits, False)
-            self.zero_point.copy_(zero)
-        self.scale.copy_((2 * mean_abs(x, self._axis()) / math.sqrt(self.qmax)).clamp_min(1e-8))
-        self.min_val.copy_(lo)
-        self.max_val.copy_(hi)
-        self._zero_float = None
-        self._mark_initialized()
-
     @torch.no_grad()
     def _weight_qparams(self, w: torch.Tensor):
         """Scale and zero point of a weight's own min/max range (per channel or per tensor)."""
+        axis = self.ch_axis if self.per_channel else None
         if self.symmetric:
-            scale = symmetric_scale(w, self.qmax, self._axis())
+            scale = symmetric_scale(w, self.qmax, axis)
             if self.zero_point.shape != scale.shape:
                 self.zero_point = torch.zeros_like(scale, dtype=torch.int32)
             return scale, self.zero_point  # stays 0: symmetric
-        lo, hi = batch_range(w, self._axis())
+        lo, hi = batch_range(w, axis)
         return affine_qparams(lo, hi, self.bits, False)
 
     # -- forward ----------------------------------------------------------------------------------
@@ -235,27 +246,14 @@ class LinearQuantizer(nn.Module):
 
     def grad_factor(self, x: torch.Tensor) -> float:
         """LSQ gradient scale ``1 / sqrt(N Q_P)``, ``N`` elements per step size, ``Q_P = qmax``."""
-        numel = x.numel() / (self.scale.numel() if self.per_channel else 1)
-        return 1.0 / math.sqrt(numel * self.qmax)
+        return _grad_factor(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        axis = self.ch_axis if self.per_channel else None
-        if self.range == "lsq":
-            if not self.is_initialized():
-                self._init_lsq(x)
-            zero = self._zero_float
-            if zero is None:
-                zero = self._zero_float = self.zero_point.to(torch.float32)
-            if self.per_channel:
-                return torch._fake_quantize_learnable_per_channel_affine(
-                    x, self.scale, zero, self.ch_axis, self.qmin, self.qmax, self.grad_factor(x)
-                )
-            return torch._fake_quantize_learnable_per_tensor_affine(
-                x, self.scale, zero, self.qmin, self.qmax, self.grad_factor(x)
-            )
+        if self._lsq is not None:
+            return self._lsq.forward(self, x)
         if self.is_weight:
             if self.symmetric:
-                y = self._symmetric_weight(x)
+                y = symmetric_weight(x, self.qmax, self.ch_axis if self.per_channel else None)
                 if y is not None:
                     return y
             scale, zero = self._weight_qparams(x)
@@ -267,26 +265,7 @@ class LinearQuantizer(nn.Module):
             elif not self.is_initialized():
                 raise RuntimeError("activation quantizer used in eval mode before any calibration batch")
             scale, zero = self.scale, self.zero_point
-        return fake_quant(x, scale, zero, self.qmin, self.qmax, axis)
-
-    def _symmetric_weight(self, w: torch.Tensor) -> torch.Tensor | None:
-        """A symmetric min/max weight: ``S = max|w| / qmax`` (per channel or per tensor) never clamps,
-        since ``|round(w / S)| <= round(max|w| (1/S)) = qmax`` (``max|w| (1/S)`` is ``qmax`` within three
-        float32 roundings, far below 1/2 at any width; ``S`` at its floor only makes it smaller): the
-        unclamped form, three passes, no mask. None (the general path) for a non-finite weight."""
-        wd = w.detach()
-        if self.per_channel:
-            amax = torch.linalg.vector_norm(
-                wd, math.inf, reduce_dims(wd, self.ch_axis), keepdim=True
-            )  # max|w|
-            top = amax.max().item()
-        else:
-            amax = torch.linalg.vector_norm(wd, math.inf)
-            top = amax.item()
-        if not math.isfinite(top):
-            return None
-        scale = amax.div_(self.qmax).clamp_min_(TINY_SCALE)
-        return fake_quant_unclamped(w, scale.reciprocal(), scale)
+        return fake_quant(x, scale, zero, self.qmin, self.qmax, self.ch_axis if self.per_channel else None)
 
     def _scalar_activation(self, x: torch.Tensor) -> torch.Tensor:
         """A per-tensor activation (Python-number qparams). In training the batch's own min and max,
