@@ -14,13 +14,13 @@ clone, whose gradient is the identity, computed in C++): symmetric min/max weigh
 scale comes from their own ``max|w|``), and a per-tensor activation in training checks its batch's
 min and max (which it reads anyway). It saves a Python backward per quantizer per step.
 
-A per-tensor activation quantizer keeps Python copies of its range and qparams: a training step
-reads the batch min/max (two scalar reads) and, when the running range grows, writes only the
-buffers whose value changed, in float32 arithmetic identical to the tensor formulas (done on Python
-floats rounded to float32: numpy scalars cost more). Whether the running range's own ends are
-clamped is checked once per range, so a batch inside the range needs no check. On CPU (where qpexp
-trains) a scalar read costs about a microsecond, far less than the dozen tiny tensor ops it replaces.
-Loading a state dict or moving the module refreshes the copies.
+:class:`LinearQuantizer` composes one part per job, each a plain object or function (no submodule
+in the forward path, no state-dict key of its own: every buffer and parameter stays the quantizer's):
+the qparams arithmetic, tensor and float32-exact Python (:mod:`~qpexp.core.quant.qparams`), an
+activation's running range with its Python copy of a per-tensor range and qparams
+(:class:`~qpexp.core.quant.observer.RangeObserver`), the learned step size
+(:class:`~qpexp.core.quant.lsq.LearnedStep`), and a weight's own range (:func:`symmetric_weight`,
+:func:`~qpexp.core.quant.qparams.symmetric_scale`).
 
 ``python -m qpexp.bench qat`` (idle machine, MNIST-1D CNN, both sides with the stages' AdamW): a QAT
 step costs about 1.25x an fp32 step with this module's fast paths (median of four runs; single runs
@@ -30,67 +30,26 @@ step costs about 1.25x an fp32 step with this module's fast paths (median of fou
 from __future__ import annotations
 
 import math
-import struct
 
-import numpy as np
 import torch
 from torch import nn
 
+from qpexp.core.quant.lsq import LearnedStep
+from qpexp.core.quant.lsq import grad_factor as _grad_factor
+from qpexp.core.quant.observer import RangeObserver
+from qpexp.core.quant.qparams import (
+    TINY_SCALE,
+    affine_qparams,
+    batch_range,
+    int_range,
+    reduce_dims,
+    symmetric_scale,
+)
+from qpexp.core.quant.qparams import affine_qparams_scalar as affine_qparams_scalar  # (re-exported)
+from qpexp.core.quant.qparams import inverse as _inverse
 from qpexp.core.quant.spec import QuantSpec
 
 FUSED_MAX_NUMEL = 4096  # from about this many elements on, the vectorized chain is faster on CPU
-TINY_SCALE = torch.finfo(torch.float32).tiny * 2**24  # keeps 1/S finite
-
-
-def int_range(bits: int, symmetric: bool, narrow: bool = True) -> tuple[int, int]:
-    """Integer range: narrow signed ``[-(2^(b-1)-1), 2^(b-1)-1]`` when symmetric (full signed
-    ``[-2^(b-1), 2^(b-1)-1]`` when not ``narrow``), else ``[0, 2^b-1]``."""
-    if symmetric:
-        return -(2 ** (bits - 1) - int(narrow)), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1
-
-
-def affine_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool):
-    """Scale and zero point for the range [lo, hi] (tensors, per channel or 0-d).
-
-    Asymmetric: the range is widened to contain 0, ``S = (max - min) / (2^b - 1)``,
-    ``Z = -round(min / S)``, so that 0 is exactly representable. Symmetric: ``Z = 0``,
-    ``S = max|x| / (2^(b-1) - 1)``.
-    """
-    qmin, qmax = int_range(bits, symmetric)
-    if symmetric:
-        scale = (torch.maximum(lo.abs(), hi.abs()) / qmax).clamp_min_(TINY_SCALE)
-        return scale, torch.zeros_like(scale, dtype=torch.int32)
-    lo = lo.clamp(max=0.0)
-    scale = (hi.clamp(min=0.0) - lo).div_(qmax - qmin).clamp_min_(TINY_SCALE)
-    zero = torch.round(lo / scale).neg_().add_(qmin).clamp_(qmin, qmax).to(torch.int32)
-    return scale, zero
-
-
-_F32 = struct.Struct("f")
-
-
-def _f32(v: float) -> float:
-    """``v`` rounded to float32 (to nearest, ties to even), as a Python float. A sum, difference,
-    product or quotient of two float32 values computed in double precision and then rounded so is
-    the float32 operation's result bit for bit (53 >= 2 x 24 + 2 bits), without numpy's per-scalar
-    cost."""
-    try:
-        return _F32.unpack(_F32.pack(v))[0]
-    except OverflowError:  # beyond float32's range: float32 arithmetic gives infinity
-        return math.copysign(math.inf, v)
-
-
-def affine_qparams_scalar(lo: float, hi: float, bits: int, symmetric: bool) -> tuple[float, int]:
-    """:func:`affine_qparams` for one range in Python numbers: the same float32 operations, so the
-    same scale and zero point bit for bit (``lo``/``hi`` must be float32 values)."""
-    qmin, qmax = int_range(bits, symmetric)
-    if symmetric:
-        return max(_f32(max(abs(lo), abs(hi)) / qmax), TINY_SCALE), 0
-    lo0 = min(lo, 0.0)
-    scale = max(_f32(_f32(max(hi, 0.0) - lo0) / (qmax - qmin)), TINY_SCALE)
-    zero = min(max(qmin - round(_f32(lo0 / scale)), qmin), qmax)
-    return scale, int(zero)
 
 
 class _FakeQuant(torch.autograd.Function):
@@ -172,9 +131,23 @@ def fake_quant_unclamped(x: torch.Tensor, inv_scale, scale) -> torch.Tensor:
     return y
 
 
-def _inverse(scale: float) -> float:
-    """``1/S`` as torch's kernels take it: ``1.0f / scale`` in float32."""
-    return _f32(1.0 / scale)
+def symmetric_weight(w: torch.Tensor, qmax: int, ch_axis: int | None) -> torch.Tensor | None:
+    """A symmetric min/max weight's fake quantization, per channel along ``ch_axis`` or (``None``) per
+    tensor: ``S = max|w| / qmax`` never clamps, since ``|round(w / S)| <= round(max|w| (1/S)) = qmax``
+    (``max|w| (1/S)`` is ``qmax`` within three float32 roundings, far below 1/2 at any width; ``S`` at
+    its floor only makes it smaller): the unclamped form, three passes, no mask. None (the general
+    path) for a non-finite weight."""
+    wd = w.detach()
+    if ch_axis is not None:
+        amax = torch.linalg.vector_norm(wd, math.inf, reduce_dims(wd, ch_axis), keepdim=True)  # max|w|
+        top = amax.max().item()
+    else:
+        amax = torch.linalg.vector_norm(wd, math.inf)
+        top = amax.item()
+    if not math.isfinite(top):
+        return None
+    scale = amax.div_(qmax).clamp_min_(TINY_SCALE)
+    return fake_quant_unclamped(w, scale.reciprocal(), scale)
 
 
 def _invalidate_hook(module: LinearQuantizer, incompatible_keys) -> None:
@@ -186,11 +159,16 @@ class LinearQuantizer(nn.Module):
 
     Weights with ``minmax`` take their range from the tensor at every call; activations keep a
     running min/max (``minmax``) or an EMA of batch min/max (``ema``) updated in training mode and
-    frozen in eval mode. ``lsq`` learns the step size (Esser et al. 2020) through torch's learnable
-    fused kernel: step initialised to ``2 mean|v| / sqrt(Q_P)`` with ``Q_P = qmax`` (``2^(b-1)-1``
-    symmetric, ``2^b-1`` asymmetric: the unsigned case of the paper; an asymmetric quantizer keeps the
-    zero point of its first batch's min/max range), gradient scaled by ``1/sqrt(N Q_P)`` with ``N``
-    the number of elements per step size.
+    frozen in eval mode (:class:`~qpexp.core.quant.observer.RangeObserver`). ``lsq`` learns the step
+    size (Esser et al. 2020) through torch's learnable fused kernel
+    (:class:`~qpexp.core.quant.lsq.LearnedStep`): step initialised to ``2 mean|v| / sqrt(Q_P)`` with
+    ``Q_P = qmax`` (``2^(b-1)-1`` symmetric, ``2^b-1`` asymmetric: the unsigned case of the paper; an
+    asymmetric quantizer keeps the zero point of its first batch's min/max range), gradient scaled by
+    ``1/sqrt(N Q_P)`` with ``N`` the number of elements per step size.
+
+    The state is this module's own (state-dict keys ``min_val``, ``max_val``, ``zero_point``,
+    ``scale``, ``initialized``); the observer and the learned step are plain objects that read and
+    write it through the module.
     """
 
     def __init__(self, spec: QuantSpec, is_weight: bool, channels: int = 1, ch_axis: int = 0):
@@ -213,49 +191,24 @@ class LinearQuantizer(nn.Module):
             self.register_buffer("scale", torch.ones(n))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self._ready = False  # Python mirror of ``initialized`` (no tensor-to-bool sync per step)
-        # Python mirrors of a per-tensor activation quantizer's range and qparams: a training step
-        # then costs one min/max reduction and two scalar reads unless the range grows (see forward)
+        # a per-tensor activation keeps its range and qparams in Python numbers too: a training step
+        # then costs one min/max reduction and two scalar reads unless the range grows
         self._scalar = not is_weight and not self.per_channel and self.range != "lsq"
-        # (min, max, scale, zero, 1/scale, 1/scale and scale as 0-d float32 tensors (an in-place
-        # product by a 0-d tensor dispatches faster than by a Python number, same float32 product),
-        # whether the codes of min and max are unclamped)
-        self._mirror: tuple | None = None
-        self._zero_float: torch.Tensor | None = None  # LSQ: the zero point as the fused kernel takes it
+        self._lsq = LearnedStep() if self.range == "lsq" else None
+        self._observer = RangeObserver(self._scalar) if not is_weight and self._lsq is None else None
         self.register_load_state_dict_post_hook(_invalidate_hook)
 
     def _invalidate(self) -> None:
+        """Forget every Python copy of the buffers (after a state dict is loaded or synced, or a move)."""
         self._ready = False
-        self._mirror = None
-        self._zero_float = None
+        if self._observer is not None:
+            self._observer.invalidate()
+        if self._lsq is not None:
+            self._lsq.invalidate()
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .float() etc. may change the buffers
         self._invalidate()
         return super()._apply(fn, *args, **kwargs)
-
-    def _refresh_mirror(self) -> tuple:
-        lo, hi, scale = (float(v) for v in (self.min_val, self.max_val, self.scale))
-        return self._set_mirror(lo, hi, scale, int(self.zero_point))
-
-    def _set_mirror(self, lo: float, hi: float, scale: float, zero: int) -> tuple:
-        inv = _inverse(scale)
-        old = self._mirror
-        if old is None:
-            f32 = torch.float32
-            inv_t, scale_t = torch.tensor(inv, dtype=f32), torch.tensor(scale, dtype=f32)
-        else:  # reuse the 0-d tensors (no autograd graph holds them: see fake_quant_unclamped)
-            inv_t, scale_t = old[5], old[6]
-            if scale != old[2]:
-                inv_t.fill_(inv)
-                scale_t.fill_(scale)
-        self._mirror = (lo, hi, scale, zero, inv, inv_t, scale_t, self._codes_inside(lo, hi, inv, zero))
-        return self._mirror
-
-    def _codes_inside(self, lo: float, hi: float, inv: float, zero: int) -> bool:
-        """Whether the codes ``rint(x (1/S))`` of ``lo`` and ``hi`` (float32 values) lie in
-        ``[qmin - Z, qmax - Z]``: then so do those of every value between them, since a float32 product
-        by a positive number rounds monotonically."""
-        a, b = _f32(lo * inv), _f32(hi * inv)
-        return math.isfinite(a + b) and self.qmin - zero <= round(a) and round(b) <= self.qmax - zero
 
     def extra_repr(self) -> str:
         kind = "channel" if self.per_channel else "tensor"
@@ -272,94 +225,16 @@ class LinearQuantizer(nn.Module):
             self.initialized.fill_(True)
             self._ready = True
 
-    # -- ranges -----------------------------------------------------------------------------------
-    def _reduce_dims(self, x: torch.Tensor) -> tuple[int, ...]:
-        return tuple(d for d in range(x.dim()) if d != self.ch_axis % x.dim())
-
-    def _batch_range(self, x: torch.Tensor):
-        x = x.detach()
-        if self.per_channel:
-            flat = x.transpose(0, self.ch_axis).reshape(x.shape[self.ch_axis], -1)
-            return torch.aminmax(flat, dim=1)
-        lo, hi = torch.aminmax(x)
-        return lo.reshape(1), hi.reshape(1)
-
-    def _mean_abs(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.detach().abs()
-        return x.mean(self._reduce_dims(x)) if self.per_channel else x.mean().reshape(1)
-
-    @torch.no_grad()
-    def _observe(self, x: torch.Tensor) -> None:
-        lo, hi = self._batch_range(x)
-        if self._scalar:
-            return self._observe_scalar(lo.item(), hi.item())
-        if self.range == "ema" and self.is_initialized():
-            # min <- decay * min + (1 - decay) * batch_min (likewise max)
-            self.min_val.mul_(self.decay).add_(lo * (1 - self.decay))
-            self.max_val.mul_(self.decay).add_(hi * (1 - self.decay))
-        elif self.range == "ema":
-            self.min_val.copy_(lo)
-            self.max_val.copy_(hi)
-        else:
-            torch.minimum(self.min_val, lo, out=self.min_val)
-            torch.maximum(self.max_val, hi, out=self.max_val)
-        scale, zero = affine_qparams(self.min_val, self.max_val, self.bits, self.symmetric)
-        self.scale.copy_(scale)
-        self.zero_point.copy_(zero)
-        self._mark_initialized()
-
-    def _observe_scalar(self, lo: float, hi: float) -> tuple:
-        """The per-tensor activation update in Python numbers (float32 arithmetic, the same numbers
-        as the tensor path): two scalar reads a step; when the range moves, a write to each buffer
-        whose value changed (after a ReLU the minimum and zero point stay 0). Returns the mirror."""
-        f32 = np.float32
-        if not self.is_initialized():
-            new_lo, new_hi = lo, hi
-            old = None
-        else:
-            old = self._mirror or self._refresh_mirror()
-            old_lo, old_hi = old[:2]
-            if self.range != "ema" and lo >= old_lo and hi <= old_hi:
-                return old  # the running range did not grow: nothing changes
-            if self.range == "ema":
-                d = f32(self.decay)
-                e = f32(1 - self.decay)
-                new_lo = float(f32(old_lo) * d + f32(lo) * e)
-                new_hi = float(f32(old_hi) * d + f32(hi) * e)
-            else:
-                new_lo, new_hi = min(old_lo, lo), max(old_hi, hi)
-        scale, zero = affine_qparams_scalar(new_lo, new_hi, self.bits, self.symmetric)
-        for buf, new, i in ((self.min_val, new_lo, 0), (self.max_val, new_hi, 1), (self.scale, scale, 2)):
-            if old is None or new != old[i]:
-                buf.fill_(new)
-        if old is None or zero != old[3]:
-            self.zero_point.fill_(zero)
-        self._mark_initialized()
-        return self._set_mirror(new_lo, new_hi, scale, zero)
-
-    @torch.no_grad()
-    def _init_lsq(self, x: torch.Tensor) -> None:
-        lo, hi = self._batch_range(x)
-        if not self.symmetric:
-            _, zero = affine_qparams(lo, hi, self.bits, False)
-            self.zero_point.copy_(zero)
-        self.scale.copy_((2 * self._mean_abs(x) / math.sqrt(self.qmax)).clamp_min(1e-8))
-        self.min_val.copy_(lo)
-        self.max_val.copy_(hi)
-        self._zero_float = None
-        self._mark_initialized()
-
     @torch.no_grad()
     def _weight_qparams(self, w: torch.Tensor):
         """Scale and zero point of a weight's own min/max range (per channel or per tensor)."""
+        axis = self.ch_axis if self.per_channel else None
         if self.symmetric:
-            w = w.detach()
-            amax = w.abs().amax(self._reduce_dims(w)) if self.per_channel else w.abs().amax().reshape(1)
-            scale = amax.div_(self.qmax).clamp_min_(TINY_SCALE)
+            scale = symmetric_scale(w, self.qmax, axis)
             if self.zero_point.shape != scale.shape:
                 self.zero_point = torch.zeros_like(scale, dtype=torch.int32)
             return scale, self.zero_point  # stays 0: symmetric
-        lo, hi = self._batch_range(w)
+        lo, hi = batch_range(w, axis)
         return affine_qparams(lo, hi, self.bits, False)
 
     # -- forward ----------------------------------------------------------------------------------
@@ -371,27 +246,14 @@ class LinearQuantizer(nn.Module):
 
     def grad_factor(self, x: torch.Tensor) -> float:
         """LSQ gradient scale ``1 / sqrt(N Q_P)``, ``N`` elements per step size, ``Q_P = qmax``."""
-        numel = x.numel() / (self.scale.numel() if self.per_channel else 1)
-        return 1.0 / math.sqrt(numel * self.qmax)
+        return _grad_factor(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        axis = self.ch_axis if self.per_channel else None
-        if self.range == "lsq":
-            if not self.is_initialized():
-                self._init_lsq(x)
-            zero = self._zero_float
-            if zero is None:
-                zero = self._zero_float = self.zero_point.to(torch.float32)
-            if self.per_channel:
-                return torch._fake_quantize_learnable_per_channel_affine(
-                    x, self.scale, zero, self.ch_axis, self.qmin, self.qmax, self.grad_factor(x)
-                )
-            return torch._fake_quantize_learnable_per_tensor_affine(
-                x, self.scale, zero, self.qmin, self.qmax, self.grad_factor(x)
-            )
+        if self._lsq is not None:
+            return self._lsq.forward(self, x)
         if self.is_weight:
             if self.symmetric:
-                y = self._symmetric_weight(x)
+                y = symmetric_weight(x, self.qmax, self.ch_axis if self.per_channel else None)
                 if y is not None:
                     return y
             scale, zero = self._weight_qparams(x)
@@ -399,28 +261,11 @@ class LinearQuantizer(nn.Module):
             return self._scalar_activation(x)
         else:
             if self.training:
-                self._observe(x)
+                self._observer.observe(self, x)
             elif not self.is_initialized():
                 raise RuntimeError("activation quantizer used in eval mode before any calibration batch")
             scale, zero = self.scale, self.zero_point
-        return fake_quant(x, scale, zero, self.qmin, self.qmax, axis)
-
-    def _symmetric_weight(self, w: torch.Tensor) -> torch.Tensor | None:
-        """A symmetric min/max weight: ``S = max|w| / qmax`` (per channel or per tensor) never clamps,
-        since ``|round(w / S)| <= round(max|w| (1/S)) = qmax`` (``max|w| (1/S)`` is ``qmax`` within three
-        float32 roundings, far below 1/2 at any width; ``S`` at its floor only makes it smaller): the
-        unclamped form, three passes, no mask. None (the general path) for a non-finite weight."""
-        wd = w.detach()
-        if self.per_channel:
-            amax = torch.linalg.vector_norm(wd, math.inf, self._reduce_dims(wd), keepdim=True)  # max|w|
-            top = amax.max().item()
-        else:
-            amax = torch.linalg.vector_norm(wd, math.inf)
-            top = amax.item()
-        if not math.isfinite(top):
-            return None
-        scale = amax.div_(self.qmax).clamp_min_(TINY_SCALE)
-        return fake_quant_unclamped(w, scale.reciprocal(), scale)
+        return fake_quant(x, scale, zero, self.qmin, self.qmax, self.ch_axis if self.per_channel else None)
 
     def _scalar_activation(self, x: torch.Tensor) -> torch.Tensor:
         """A per-tensor activation (Python-number qparams). In training the batch's own min and max,
@@ -431,19 +276,13 @@ class LinearQuantizer(nn.Module):
         if self.training:
             lo_t, hi_t = torch.aminmax(x.detach())
             lo, hi = lo_t.item(), hi_t.item()
-            m = self._mirror
-            if m is None or self.range == "ema" or not (m[0] <= lo and hi <= m[1]):
-                m = self._observe_scalar(lo, hi)
-            # a min/max range contains the batch: its ends' codes (checked once per range) bound the
-            # batch's; an EMA range may not, nor a batch with a NaN (then no comparison holds)
-            if x.dtype == torch.float32 and (
-                (m[7] and m[0] <= lo and hi <= m[1]) or self._codes_inside(lo, hi, m[4], m[3])
-            ):
-                return fake_quant_unclamped(x, m[5], m[6])
+            m = self._observer.observe_scalar(self, lo, hi)
+            if x.dtype == torch.float32 and m.unclamped(lo, hi):
+                return fake_quant_unclamped(x, m.inv_t, m.scale_t)
         elif not self.is_initialized():
             raise RuntimeError("activation quantizer used in eval mode before any calibration batch")
-        _, _, scale, zero = (self._mirror or self._refresh_mirror())[:4]
-        return fake_quant_scalar(x, scale, zero, self.qmin, self.qmax)
+        m = self._observer.current(self)
+        return fake_quant_scalar(x, m.scale, m.zero, self.qmin, self.qmax)
 
     @torch.no_grad()
     def int_repr(self, x: torch.Tensor) -> torch.Tensor:
