@@ -190,6 +190,88 @@ def test_segment_dtypes_are_numeric_only(tmp_path):
         E.load(path)
 
 
+# -- weight layouts: the four names, and N:M ranks below C(m, n) ----------------------------------------
+def nm_weight(layout="nm", ranks=(5, 0)):
+    """A 2 x 4 linear weight, 2:4, 4-bit symmetric codes (per-tensor scale 0.5), by hand: each row's
+    kept set as its 3-bit rank among the 6 sets of 2 of 4 (5: columns 2, 3; 0: columns 0, 1), then
+    the 4 stored codes 1, 2, 3, 4 (bit-packed as ``code + 7``), then the scale."""
+    ranks_byte = ranks[0] | ranks[1] << 3
+    codes = bytes([(1 + 7) | (2 + 7) << 4, (3 + 7) | (4 + 7) << 4])
+    blob = bytes([ranks_byte]) + codes + np.float32(0.5).tobytes()
+    packed = {"dtype": "packed", "offset_by": 0}
+    weight = {
+        "bits": 4,
+        "shape": [2, 4],
+        "per_channel": False,
+        "ch_axis": 0,
+        "scheme": "linear",
+        "symmetric": True,
+        "qmin": -7,
+        "qmax": 7,
+        "layout": layout,
+        "pruned": True,
+        "payload_bits": 2 * (2 * 4 + 3) + 2,
+        "nm": [2, 4],
+        "positions": {"offset": 0, "nbytes": 1, **packed, "bits": 3, "count": 2},
+        "tail_positions": None,
+        "values": {"offset": 1, "nbytes": 2, **packed, "bits": 4, "offset_by": -7, "count": 4},
+        "scale": {"offset": 3, "nbytes": 4, "dtype": "float32", "shape": []},
+    }
+    return weight, blob
+
+
+def write_ops(path, ops, blob=b""):
+    """A per-op file by hand: the zlib-compressed JSON header and the blob in an ``.npz``."""
+    head = np.frombuffer(zlib.compress(json.dumps({"format": E.FORMAT, "ops": ops}).encode()), np.uint8)
+    with open(path, "wb") as f:
+        np.savez(f, header=head, blob=np.frombuffer(blob, np.uint8))
+    return path
+
+
+def nm_file(path, graph: bool, **kw):
+    weight, blob = nm_weight(**kw)
+    if graph:
+        nodes = [{"op": "qweight", "name": "fc.weight", "quantizer": "fc_wq", "weight": weight}]
+        return write_graph(
+            path, [{"op": "input", "name": "x"}, *nodes, {"op": "output", "args": ref(1)}], blob
+        )
+    return write_ops(
+        path, [{"name": "fc", "op": "Linear", "weight": weight, "bias": None, "act": None}], blob
+    )
+
+
+def test_a_hand_made_nm_weight_loads_and_computes(tmp_path):
+    m = E.load(nm_file(tmp_path / "m.npz", graph=False))
+    # row 0 holds codes 1, 2 in columns 2, 3; row 1 codes 3, 4 in columns 0, 1; times the scale 0.5
+    assert m(torch.tensor([[1.0, 10.0, 100.0, 1000.0]])).tolist() == [[(100 + 2000) * 0.5, (3 + 40) * 0.5]]
+    assert m.integer_layers()[0].weight_mask.tolist() == [
+        [False, False, True, True],
+        [True, True, False, False],
+    ]
+    assert E.load(nm_file(tmp_path / "g.npz", graph=True))(torch.zeros(1)).tolist() == [
+        [0.0, 0.0, 0.5, 1.0],
+        [1.5, 2.0, 0.0, 0.0],
+    ]
+
+
+@pytest.mark.parametrize("graph, layer", [(False, "'fc'"), (True, "'fc.weight'")])
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        ({"layout": "huffman"}, "weight layout 'huffman' is not one of"),
+        ({"layout": "__class__"}, "weight layout '__class__'"),
+        ({"ranks": (6, 0)}, "C(4, 2) = 6"),  # 3 bits hold 8 values: 6 and 7 name no set
+        ({"ranks": (0, 7)}, "C(4, 2) = 6"),
+    ],
+)
+def test_unknown_layouts_and_ranks_beyond_the_sets_are_refused(tmp_path, graph, layer, kw, needle):
+    path = nm_file(tmp_path / "m.npz", graph, **kw)
+    with pytest.raises(ValueError) as e:
+        E.load(path)
+    msg = str(e.value)
+    assert needle in msg and f"layer {layer}" in msg, msg
+
+
 def test_a_well_formed_hand_made_file_loads_and_computes(tmp_path):
     """The checks refuse only what is outside the table: relu(x) * 2 + x.shape[0], written by hand."""
     nodes = [

@@ -8,6 +8,7 @@ explicit inverses of the Hessian's sub-matrices, Wanda's norms and N:M index bit
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import pytest
@@ -21,6 +22,7 @@ from qpexp.core.prune.sparsegpt import sparsegpt_columns, sparsegpt_prune_
 from qpexp.core.quant import QuantConfig, QuantSpec, quantize_
 from qpexp.core.quant.calibrate import calibrate_, input_rows
 from qpexp.core.quant.gptq import gptq_, gptq_columns
+from qpexp.core.quant.package import read_package
 
 
 def gen(seed: int) -> torch.Generator:
@@ -335,6 +337,10 @@ def test_oneshot_pipeline_end_to_end(tmp_path, prune):
     if "prune.structure=nm" in prune:
         assert rec["final/size_bits_nm"] < rec["final/size_bits"]
         assert rec["prune/oneshot_compress_seconds"] > 0
+        # the integer file stores every layer in the N:M layout: its payload is the N:M count
+        header = json.loads(read_package(rec["deploy/path"])[0])
+        assert {op["weight"]["layout"] for op in header["ops"] if "weight" in op} == {"nm"}
+        assert rec["deploy/accounted_payload_bits"] == rec["final/size_bits_nm"]
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,14 @@ from torch import nn
 
 from qpexp.core.modules import CONV_LINEAR
 from qpexp.core.prune.masks import get_mask, is_raw_weight
-from qpexp.core.prune.nm import nm_bits
+from qpexp.core.prune.nm import (  # noqa: F401 (index_bits: the integer file's N:M layout reads it here)
+    check_nm,
+    group_columns,
+    index_bits,
+    nm_bits,
+    rank_combination,
+    unrank_combination,
+)
 from qpexp.core.quant.layers import is_quant_layer
 
 FLOAT_BITS = 32
@@ -144,6 +151,50 @@ def relative_index_padding(w: torch.Tensor) -> int:
     return int(relative_entries(keep)[0].size - keep.sum())
 
 
+def nm_entries(keep: np.ndarray, n: int, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The N:M layout (:mod:`qpexp.core.prune.nm`) of a ``(rows, width)`` mask with at most ``n``
+    kept positions in every group of ``m`` columns (the caller checks that).
+
+    Every group stores ``k = min(n, group width)`` positions (:func:`~qpexp.core.prune.nm.group_columns`:
+    its kept ones, then the lowest free ones). Returns (the stored flat positions, ascending: row by
+    row, group by group; the rank of each full group's set, ``rows * (width // m)`` of them, row
+    major; the rank of each row's short last group, or None when ``m`` divides the width)."""
+    check_nm(n, m, "nm")
+    keep = torch.from_numpy(np.ascontiguousarray(keep, dtype=bool))
+    rows, width = keep.shape
+    full, r = divmod(width, m)
+    cols = group_columns(keep[:, : full * m].reshape(rows, full, m), n)
+    ranks = rank_combination(cols, m).reshape(-1).numpy()
+    parts = [(cols + m * torch.arange(full).unsqueeze(1)).reshape(rows, -1)]
+    tail = None
+    if r:
+        tail_cols = group_columns(keep[:, full * m :], min(n, r))
+        tail = rank_combination(tail_cols, r).numpy()
+        parts.append(tail_cols + full * m)
+    pos = torch.cat(parts, 1) + width * torch.arange(rows).unsqueeze(1)
+    return pos.reshape(-1).numpy(), ranks, tail
+
+
+def nm_positions(
+    ranks: np.ndarray | None, tail: np.ndarray | None, rows: int, width: int, n: int, m: int
+) -> np.ndarray:
+    """Inverse of :func:`nm_entries`: the stored flat positions from the groups' ranks
+    (``ValueError`` for a count that does not fit the shape or a rank outside ``[0, C(m, n))``)."""
+    check_nm(n, m, "nm")
+    full, r = divmod(width, m)
+    ranks, tail = (None if t is None else np.asarray(t).reshape(-1) for t in (ranks, tail))
+    if any(t is not None and t.dtype.kind not in "iu" for t in (ranks, tail)):
+        raise ValueError("the N:M ranks are not integers")
+    if ranks is None or ranks.size != rows * full or (tail is None) != (r == 0) or (r and tail.size != rows):
+        raise ValueError(f"the N:M ranks do not fit {rows} rows of {width} in groups of {m}")
+    cols = unrank_combination(torch.from_numpy(ranks.astype(np.int64)).reshape(rows, full), m, n)
+    parts = [(cols + m * torch.arange(full).unsqueeze(1)).reshape(rows, -1)]
+    if r:
+        parts.append(unrank_combination(torch.from_numpy(tail.astype(np.int64)), r, min(n, r)) + full * m)
+    pos = torch.cat(parts, 1) + width * torch.arange(rows).unsqueeze(1)
+    return pos.reshape(-1).numpy()
+
+
 def layout_bits(n: int, nnz: int, n_entries: int, bits: int) -> dict[str, int]:
     """Payload bits of each layout (format flag excluded) for ``n`` positions, ``nnz`` stored values
     at ``bits`` bits and ``n_entries`` relative-index entries (stored values plus fillers)."""
@@ -177,8 +228,9 @@ def _quantizer_bits(q: nn.Module | None) -> int:
 def size_bits(model: nn.Module, detail: bool = False, nm: tuple[int, int] | None = None):
     """Total storage in bits of everything needed to run ``model`` (see the module docstring).
 
-    ``nm=(n, m)``: pruned weights may also take the N:M layout (:func:`tensor_bits`); the integer
-    file does not write that layout yet, so the record keeps it apart (``final/size_bits_nm``)."""
+    ``nm=(n, m)``: pruned weights may also take the N:M layout (:func:`tensor_bits`); the record
+    keeps that count apart (``final/size_bits_nm``), and the integer file writes the layout when
+    converted with the same ``nm`` (the pipeline does so for ``prune.structure=nm``)."""
     total, rows, counted, counted_q = 0, {}, set(), set()
     for v in layer_views(model):
         compressed = v.wq is not None or get_mask(v.layer, v.param) is not None

@@ -152,7 +152,7 @@ class _Format:
 
 _OPS = _Format(
     record={},
-    convert=lambda model, path: convert(model, path, graph=False),
+    convert=lambda model, path, nm=None: convert(model, path, graph=False, nm=nm),
     probe=_LayerProbe,
     qdq=lambda path, x: onnx_model(load_ops(path), tuple(x.shape[1:]), quantized=True),
     fp32=lambda model, path, x: onnx_model(
@@ -161,7 +161,7 @@ _OPS = _Format(
 )
 _GRAPH = _Format(
     record={"deploy/format": "graph"},
-    convert=lambda model, path: GE.convert_graph(model, path),
+    convert=lambda model, path, nm=None: GE.convert_graph(model, path, nm=nm),
     probe=_GraphProbe,
     qdq=lambda path, x: onnx_graph_model(GE.load_graph(path, "float"), x[:2], quantized=True),
     fp32=lambda model, path, x: onnx_graph_model(GE.load_graph(path, "float"), x[:2], quantized=False),
@@ -295,10 +295,17 @@ def deploy_status(out: dict, final_acc: float | None, max_acc_diff: float = 0.00
 
 # -- the stage ------------------------------------------------------------------------------------
 def deploy(
-    model: torch.nn.Module, dm, out_dir: str | Path, cfg, record: dict, graph: bool | None = None
+    model: torch.nn.Module,
+    dm,
+    out_dir: str | Path,
+    cfg,
+    record: dict,
+    graph: bool | None = None,
+    nm: tuple[int, int] | None = None,
 ) -> dict:
     """Convert, check the round trip, and run the ONNX QDQ model in onnxruntime (see module doc).
-    ``graph=None`` picks the file format; ``True`` forces the graph format, ``False`` the op list."""
+    ``graph=None`` picks the file format; ``True`` forces the graph format, ``False`` the op list.
+    ``nm=(n, m)``: the file may store weights in the N:M layout (an N:M-pruned model)."""
     reason = no_integer_form(model)
     if reason is not None:  # reported plainly: no file, no runtime, not an error of the point
         return {"deploy/simulated_only": True, "deploy/simulated_reason": reason}
@@ -312,7 +319,7 @@ def deploy(
     out: dict = {"deploy/path": str(path), **fmt.record}
     try:
         try:
-            fmt.convert(model, path)
+            fmt.convert(model, path, nm)
         except Exception as e:  # NotImplementedError: a construction the file format cannot hold
             return {
                 **out,

@@ -272,6 +272,12 @@ class Pipeline:
         return self.cfg.prune.ratio > 0
 
     @property
+    def nm(self) -> tuple[int, int] | None:
+        """``(prune.n, prune.m)`` when the model is N:M-pruned (``prune.structure=nm``), else None."""
+        c = self.cfg.prune
+        return (c.n, c.m) if self.prune_on and c.structure == "nm" else None
+
+    @property
     def distill_on(self) -> bool:
         return self.cfg.distill.alpha > 0
 
@@ -536,12 +542,11 @@ class Pipeline:
 
     def _final(self, model, record: dict) -> dict:
         """The final model's keys: the last stage's accuracy and counts, the N:M size, the budget."""
-        c = self.cfg
         last = "qat" if self.quant_on else "prune" if self.prune_on else "baseline"
         frag = {"final/val_acc": record[f"{last}/val_acc"], "final/test_acc": record[f"{last}/test_acc"]}
         frag.update(self.last_measure)
-        if self.prune_on and c.prune.structure == "nm":  # the N:M layout's size, beside the stored one
-            frag["final/size_bits_nm"] = size_bits(model, nm=(c.prune.n, c.prune.m))
+        if self.nm is not None:  # the N:M layout's size, beside the stored one
+            frag["final/size_bits_nm"] = size_bits(model, nm=self.nm)
             frag["final/compression_ratio_nm"] = self.dense_bits / frag["final/size_bits_nm"]
         # bits_w=auto: the final honest size against the budget the widths were chosen for
         if "quant/budget_bits" in record:
@@ -556,7 +561,7 @@ class Pipeline:
         c = self.cfg
         if self.quant_on and c.export.enabled:
             start = time.perf_counter()
-            record.update(deploy(model, dm, self.run_dir / "deploy", c.export, record))
+            record.update(deploy(model, dm, self.run_dir / "deploy", c.export, record, nm=self.nm))
             record["seconds/deploy"] = time.perf_counter() - start
         record["deploy/checks"] = deploy_checks(record)
         status, why = deploy_status(record, record["final/test_acc"], c.export.max_acc_diff)

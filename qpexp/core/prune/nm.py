@@ -10,7 +10,11 @@ kept values at the weight's width (a kept value that quantizes to zero is still 
 index of the kept set among the ``C(M, N)`` possible ones, ``ceil(log2 C(M, N))`` bits per group
 (the enumerative code: 3 bits for 2:4, 7 for 4:8; NVIDIA's hardware format spends ``N ceil(log2 M)``,
 4 bits for 2:4). A short group of ``r`` keeps ``k = min(N, r)`` values and ``ceil(log2 C(r, k))``
-index bits. Imports only torch.
+index bits. The integer file writes this layout (``layout: "nm"`` in
+:mod:`qpexp.core.quant.package`): a kept set travels as its rank among the ``C(M, N)`` sets in
+lexicographic order, the order of ``itertools.combinations(range(M), N)``
+(:func:`rank_combination`, :func:`unrank_combination`; :func:`group_columns` picks the set a
+group stores). Imports only torch.
 """
 
 from __future__ import annotations
@@ -71,3 +75,56 @@ def nm_bits(w: torch.Tensor, n: int, m: int, bits: int) -> int | None:
         k = min(n, r)
         per_row += k * bits + index_bits(k, r)
     return rows * per_row
+
+
+# -- the kept set of a group as a number: the file's N:M index ----------------------------------------
+MAX_COMBINATIONS = 2**62  # ranks are int64: C(m, k) must stay below this
+
+
+def _comb_table(m: int, k: int) -> torch.Tensor:
+    """``C(a, b)`` for ``a`` in ``0..m``, ``b`` in ``0..k`` (int64)."""
+    if math.comb(m, k) >= MAX_COMBINATIONS:
+        raise ValueError(f"C({m}, {k}) kept sets do not fit a 62-bit rank")
+    return torch.tensor([[math.comb(a, b) for b in range(k + 1)] for a in range(m + 1)], dtype=torch.int64)
+
+
+def rank_combination(cols: torch.Tensor, m: int) -> torch.Tensor:
+    """The rank of each kept set among the ``C(m, k)`` ``k``-subsets of ``range(m)`` in lexicographic
+    order (``itertools.combinations(range(m), k)``: ``(0, 1), (0, 2), ...`` for 2 of 4).
+
+    ``cols``: ``(..., k)`` integer columns, strictly increasing along the last dim. The rank is
+    ``C(m, k) - 1 - sum_i C(m - 1 - c_i, k - i)`` (``i`` from 0): the combinatorial number system
+    of the mirrored set ``m - 1 - c``. Returns int64 of shape ``cols.shape[:-1]``."""
+    k = cols.shape[-1]
+    cols = cols.to(torch.int64)
+    if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= m or bool((cols.diff(dim=-1) <= 0).any())):
+        raise ValueError(f"rank_combination: columns must be strictly increasing in [0, {m})")
+    table = _comb_table(m, k)
+    terms = table[m - 1 - cols, k - torch.arange(k)]
+    return math.comb(m, k) - 1 - terms.sum(-1)
+
+
+def unrank_combination(rank: torch.Tensor, m: int, k: int) -> torch.Tensor:
+    """Inverse of :func:`rank_combination`: the ``(..., k)`` increasing columns of each rank
+    (``ValueError`` for a rank outside ``[0, C(m, k))``)."""
+    rank = rank.to(torch.int64)
+    total = math.comb(m, k)
+    if rank.numel() and (int(rank.min()) < 0 or int(rank.max()) >= total):
+        raise ValueError(f"unrank_combination: a rank outside [0, C({m}, {k}) = {total})")
+    table = _comb_table(m, k)
+    x = total - 1 - rank
+    cols = []
+    for i in range(k):  # greedy: the largest a with C(a, k - i) <= x (C(a, j) grows with a)
+        col = table[:m, k - i]
+        a = (col <= x.unsqueeze(-1)).sum(-1) - 1
+        x = x - col[a]
+        cols.append(m - 1 - a)
+    return torch.stack(cols, -1) if cols else torch.zeros((*rank.shape, 0), dtype=torch.int64)
+
+
+def group_columns(keep: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` columns each group of ``keep`` (``(..., m)`` bool) stores, ascending: its kept ones
+    first, then the lowest free ones (a group with fewer than ``k`` kept still stores ``k`` values).
+    The caller checks that no group keeps more than ``k``."""
+    order = torch.argsort((~keep.bool()).to(torch.int8), dim=-1, stable=True)
+    return torch.sort(order[..., :k], dim=-1).values

@@ -7,7 +7,9 @@ by ``quantize_``), ReLU, max-pooling, Flatten, Reshape, BatchNorm, Dropout and I
   bit-packed, ``code - qmin`` in ``b`` bits, little-endian), laid out like the accounting in
   :mod:`qpexp.core.accounting` does it: ``dense``, ``bitmask`` (1 bit per position, then the stored
   codes) or ``relative`` (4-bit gaps between stored positions, a filler entry per 16-position run
-  without one, Deep Compression style), the cheapest one. A pruned layer (a ``weight_mask`` that is
+  without one, Deep Compression style), and with ``convert(..., nm=(n, m))`` ``nm`` (per group of
+  ``m`` columns the rank of its kept set among the ``C(m, n)``, then its ``n`` codes), the cheapest
+  one. A pruned layer (a ``weight_mask`` that is
   not all ones) always uses a sparse layout over its *mask*, so the pruning layout comes back
   exactly, including kept weights that quantized to zero; other layers store the nonzero codes;
 * scales (``float32``, per tensor or per output channel) and zero points (``int32``; symmetric
@@ -190,15 +192,16 @@ def model_ir(model: nn.Module, quantized: bool = True) -> list[dict]:
 # -- the file -------------------------------------------------------------------------------------
 
 
-def encode(ops: list[dict]) -> tuple[str, np.ndarray]:
-    """(JSON header, byte blob) for an op list from :func:`model_ir`."""
+def encode(ops: list[dict], nm: tuple[int, int] | None = None) -> tuple[str, np.ndarray]:
+    """(JSON header, byte blob) for an op list from :func:`model_ir`; ``nm=(n, m)``: weights may
+    take the N:M layout (:func:`~qpexp.core.quant.package._encode_weight`)."""
     blob = _Blob()
     out = []
     for op in ops:
         o = {}
         for k, v in op.items():
             if k == "weight":
-                o[k] = _encode_weight(v, blob)
+                o[k] = _encode_weight(v, blob, nm)
             elif k == "act" and v is not None:
                 o[k] = {
                     kk: (blob.add_array(vv) if isinstance(vv, np.ndarray) else vv) for kk, vv in v.items()
@@ -223,7 +226,7 @@ def decode(header: str, blob: np.ndarray) -> list[dict]:
         op = {}
         for k, v in o.items():
             if k == "weight":
-                op[k] = _decode_weight(v, blob)
+                op[k] = _decode_weight(v, blob, o.get("name"))
             elif k == "act" and v is not None:
                 op[k] = {
                     kk: (_decode_segment(blob, vv) if isinstance(vv, dict) else vv) for kk, vv in v.items()
@@ -420,7 +423,11 @@ def uses_graph_format(model: nn.Module) -> bool:
 
 
 def convert(
-    model: nn.Module, path: str | Path | None = None, arithmetic: str = "integer", graph: bool | None = None
+    model: nn.Module,
+    path: str | Path | None = None,
+    arithmetic: str = "integer",
+    graph: bool | None = None,
+    nm: tuple[int, int] | None = None,
 ):
     """Convert a prepared, calibrated model into an integer model and return it.
 
@@ -428,17 +435,19 @@ def convert(
     back from it; without, it is built from the same bytes in memory. ``graph=None`` picks the
     format (:func:`uses_graph_format`): an :class:`IntegerModel` of this module's op list for
     ``nn.Sequential`` models, else a graph file and its ``fx.GraphModule``
-    (:mod:`qpexp.core.quant.graph_export`); ``graph=True`` forces the graph format.
+    (:mod:`qpexp.core.quant.graph_export`); ``graph=True`` forces the graph format. ``nm=(n, m)``
+    (an N:M-pruned model): weights whose every group of ``m`` keeps at most ``n`` may be stored in
+    the N:M layout, where it is the cheapest (as :func:`~qpexp.core.accounting.tensor_bits` counts).
     """
     if graph or (graph is None and uses_graph_format(model)):
-        return graph_export.convert_graph(model, path, arithmetic)
+        return graph_export.convert_graph(model, path, arithmetic, nm)
     was = model.training
     model.eval()
     try:
         ops = model_ir(model)
     finally:
         model.train(was)
-    header, blob = encode(ops)
+    header, blob = encode(ops, nm)
     if path is None:
         return build(decode(header, blob), arithmetic)
     return load(save_package(header, blob, path), arithmetic)

@@ -14,8 +14,8 @@ one JSON entry:
   unfolded BatchNorm, float32 in the blob);
 * ``qweight``: a weight quantizer applied to a parameter (a conv/linear weight or a raw weight
   such as ``in_proj_weight``): integer codes in the layout the accounting chooses (dense, bitmask,
-  relative indices; a pruned weight over its mask), scales, zero points, exactly as the op-list
-  format stores a layer's weight;
+  relative indices, N:M when asked; a pruned weight over its mask), scales, zero points, exactly as
+  the op-list format stores a layer's weight;
 * ``quant``: an activation quantizer (scale, zero point, range; log schemes their ``max|x|``);
 * ``call`` / ``method``: a torch function or tensor method, by name, with its arguments (node
   references and JSON literals: numbers, strings, slices, dtypes, tuples, lists).
@@ -248,14 +248,14 @@ def graph_ir(model: nn.Module, quantized: bool = True) -> list[dict]:
     return out
 
 
-def encode_graph(nodes: list[dict]) -> tuple[str, np.ndarray]:
+def encode_graph(nodes: list[dict], nm: tuple[int, int] | None = None) -> tuple[str, np.ndarray]:
     blob = P._Blob()
     out = []
     for node in nodes:
         o = {}
         for k, v in node.items():
             if k == "weight":
-                o[k] = P._encode_weight(v, blob)
+                o[k] = P._encode_weight(v, blob, nm)
             elif k == "act":
                 o[k] = {
                     kk: (blob.add_array(vv) if isinstance(vv, np.ndarray) else vv) for kk, vv in v.items()
@@ -279,7 +279,7 @@ def decode_graph(header: str, blob: np.ndarray) -> list[dict]:
         node = {}
         for k, v in o.items():
             if k == "weight":
-                node[k] = P._decode_weight(v, blob)
+                node[k] = P._decode_weight(v, blob, o.get("name"))
             elif k == "act":
                 node[k] = {
                     kk: (P._decode_segment(blob, vv) if isinstance(vv, dict) else vv) for kk, vv in v.items()
@@ -561,9 +561,15 @@ def set_quantized(gm: nn.Module, quantized: bool) -> None:
 
 
 # -- the file -------------------------------------------------------------------------------------
-def convert_graph(model: nn.Module, path: str | Path | None = None, arithmetic: str = "float"):
-    """Write the prepared model as a graph file (``.npz``/``.pt``) and return the loaded model."""
-    header, blob = encode_graph(graph_ir(model))
+def convert_graph(
+    model: nn.Module,
+    path: str | Path | None = None,
+    arithmetic: str = "float",
+    nm: tuple[int, int] | None = None,
+):
+    """Write the prepared model as a graph file (``.npz``/``.pt``) and return the loaded model;
+    ``nm=(n, m)``: weights may take the N:M layout (as :func:`qpexp.core.quant.export.convert`)."""
+    header, blob = encode_graph(graph_ir(model), nm)
     if path is None:
         return load_graph_model(decode_graph(header, blob), arithmetic)
     P.save_package(header, blob, path)

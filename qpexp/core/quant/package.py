@@ -4,7 +4,7 @@
 * ``EXACT_INT``: float64 holds every integer below it exactly (the integer accumulations check it);
 * :func:`container`: the one table of ONNX QDQ element types a ``bits``-bit code travels in;
 * a weight's and an activation quantizer's IR (codes, qparams, mask) and their encoding into the
-  byte blob (bit packing, the dense/bitmask/relative layouts, segments);
+  byte blob (bit packing, the dense/bitmask/relative/nm layouts, segments);
 * the package on disk (:func:`save_package`, :func:`read_package`: a zlib-compressed JSON header and
   one byte blob, ``.npz`` or ``.pt``, no pickle) and :func:`package_stats` (where its bytes go),
   the same for either format.
@@ -21,7 +21,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from qpexp.core.accounting import FLAG_BITS, INDEX_BITS, layout_bits, relative_entries
+from qpexp.core.accounting import (
+    FLAG_BITS,
+    INDEX_BITS,
+    check_nm,
+    index_bits,
+    layout_bits,
+    nm_bits,
+    nm_entries,
+    nm_positions,
+    relative_entries,
+)
 from qpexp.core.quant.linear import LinearQuantizer
 from qpexp.core.quant.log import CompandingQuantizer, Pow2Quantizer
 from qpexp.core.quant.spec import QuantSpec
@@ -116,7 +126,8 @@ def pack_bits(u: np.ndarray, bits: int) -> np.ndarray:
         raise ValueError(f"pack_bits: values outside [0, 2^{bits})")
     if bits == 8:
         return u.astype(np.uint8)
-    planes = ((u.astype(np.uint32)[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
+    word = np.uint32 if bits <= 32 else np.uint64  # wide N:M ranks (C(m, n) >= 2^32)
+    planes = ((u.astype(word)[:, None] >> np.arange(bits, dtype=word)) & 1).astype(np.uint8)
     return np.packbits(planes.reshape(-1), bitorder="little")
 
 
@@ -200,21 +211,17 @@ def _int8_codes(ir: dict) -> bool:
     return ir["bits"] == 8 and ir["qmin"] < 0
 
 
-def _encode_weight(ir: dict, blob: _Blob) -> dict:
+def _encode_weight(ir: dict, blob: _Blob, nm: tuple[int, int] | None = None) -> dict:
+    """A weight's header entry (its codes or float values, positions and qparams go to ``blob``), in
+    the cheapest layout of :func:`_choose_layout`; ``nm=(n, m)`` lets it take the N:M layout."""
     scheme = ir["scheme"]
     bits = 32 if scheme == "float" else ir["bits"]
     flat = ir["values" if scheme == "float" else "codes"].reshape(-1)
     zero = _zero_codes(ir).reshape(-1)
     pruned = ir["mask"] is not None
-    if pruned:  # the layout is the pruning mask
-        keep = ir["mask"].reshape(-1)
-        candidates = ("bitmask", "relative") if _filler_code(ir) is not None else ("bitmask",)
-    else:  # unpruned: store the nonzero codes if that is cheaper (a float weight stays dense, as counted)
-        keep = flat != zero
-        candidates = ("dense",) if scheme == "float" else ("dense", "bitmask", "relative")
-    entry_d, entry_pos = relative_entries(keep)
-    costs = layout_bits(flat.size, int(keep.sum()), entry_d.size, bits)
-    layout = min(candidates, key=costs.get)
+    # the layout is the pruning mask; unpruned: the nonzero codes, where that is cheaper
+    keep = ir["mask"].reshape(-1) if pruned else flat != zero
+    layout, costs, entries = _choose_layout(ir, keep, bits, nm)
     out = {
         k: v for k, v in ir.items() if k not in ("codes", "values", "mask", "scale", "zero_point", "max_abs")
     }
@@ -226,15 +233,23 @@ def _encode_weight(ir: dict, blob: _Blob) -> dict:
         stored = flat[keep]
         bitmask = np.packbits(keep.astype(np.uint8), bitorder="little")
         out["positions"] = blob.add(bitmask, dtype="bitmask", count=int(keep.size))
-    else:
+    elif layout == "relative":
+        entry_d, entry_pos = entries
         stored = flat[entry_pos]
-        if pruned:
-            stored = stored.astype(np.float32 if scheme == "float" else np.int64)
-            stored[~keep[entry_pos]] = _filler_code(ir)
-        gaps = pack_bits(entry_d, INDEX_BITS)
-        out["positions"] = blob.add(
-            gaps, dtype="packed", bits=INDEX_BITS, offset_by=0, count=int(entry_d.size)
-        )
+        out["positions"] = _add_packed(blob, entry_d, INDEX_BITS)
+    else:
+        entry_pos, ranks, tail = entries
+        stored = flat[entry_pos]
+        n, m = nm
+        r = (flat.size // ir["shape"][0]) % m
+        out["nm"] = [n, m]
+        out["positions"] = _add_packed(blob, ranks, index_bits(n, m))
+        out["tail_positions"] = None if tail is None else _add_packed(blob, tail, index_bits(min(n, r), r))
+    if pruned and layout in ("relative", "nm"):  # a stored position outside the mask: the filler
+        stored = stored.astype(np.float32 if scheme == "float" else np.int64)
+        outside = ~keep[entry_pos]
+        if outside.any():  # (an asymmetric weight has no filler code: its N:M groups are full)
+            stored[outside] = _filler_code(ir)
     if scheme == "float":
         out["values"] = blob.add_array(np.asarray(stored, np.float32))
     else:
@@ -243,6 +258,63 @@ def _encode_weight(ir: dict, blob: _Blob) -> dict:
         if k in ir:
             out[k] = blob.add_array(ir[k])
     return out
+
+
+def _add_packed(blob: _Blob, u: np.ndarray, bits: int) -> dict:
+    """Non-negative integers bit-packed at ``bits`` each (:func:`pack_bits`)."""
+    return blob.add(pack_bits(u, bits), dtype="packed", bits=bits, offset_by=0, count=int(u.size))
+
+
+def _choose_layout(ir: dict, keep: np.ndarray, bits: int, nm: tuple[int, int] | None):
+    """(layout, payload bits of each layout, its entries) for the flat positions ``keep``.
+
+    The candidates: a pruned weight a sparse layout over its mask (relative only where a filler
+    code can mark the entries outside it); an unpruned one dense, or its nonzero codes in a sparse
+    layout (a float weight stays dense, as counted); with ``nm=(n, m)`` also the N:M layout where
+    every group of ``keep`` holds at most ``n`` positions (:func:`_nm_candidate`). The cheapest
+    wins, ties to the earlier, as :func:`~qpexp.core.accounting.tensor_bits` chooses. The entries:
+    :func:`relative_entries` (relative), :func:`nm_entries` (nm), else None."""
+    if ir["mask"] is not None:
+        candidates = ("bitmask", "relative") if _filler_code(ir) is not None else ("bitmask",)
+    else:
+        candidates = ("dense",) if ir["scheme"] == "float" else ("dense", "bitmask", "relative")
+    entries = {"relative": relative_entries(keep)}
+    costs = layout_bits(keep.size, int(keep.sum()), entries["relative"][0].size, bits)
+    nm_layout = _nm_candidate(ir, keep, bits, nm) if candidates != ("dense",) else None
+    if nm_layout is not None:
+        costs["nm"], entries["nm"] = nm_layout
+        candidates += ("nm",)
+    layout = min(candidates, key=costs.get)
+    return layout, costs, entries.get(layout)
+
+
+def _nm_candidate(ir: dict, keep: np.ndarray, bits: int, nm: tuple[int, int] | None):
+    """(payload bits, :func:`nm_entries`) of the N:M layout of ``keep``, or None where it cannot
+    store the weight: no ``nm``, a 1-d tensor, a group holding more than ``n``, or a pruned group
+    holding fewer than it stores with no free code to mark the extra positions (:func:`_filler_free`)."""
+    if nm is None or len(ir["shape"]) < 2 or not ir["shape"][0]:
+        return None
+    n, m = nm
+    check_nm(n, m, "nm")
+    mask = keep.reshape(ir["shape"][0], -1)
+    cost = nm_bits(torch.from_numpy(mask), n, m, bits)
+    if cost is None:
+        return None
+    entries = nm_entries(mask, n, m)
+    if ir["mask"] is not None and not keep[entries[0]].all() and not _filler_free(ir):
+        return None
+    return cost, entries
+
+
+def _filler_free(ir: dict) -> bool:
+    """Whether the filler code (:func:`_filler_code`) is a pattern the stored codes leave free: not
+    for asymmetric codes, nor for full-range symmetric ones (``[-2^(b-1), 2^(b-1) - 1]``)."""
+    filler = _filler_code(ir)
+    if filler is None or ir["scheme"] == "float":
+        return filler is not None
+    if _int8_codes(ir):
+        return filler >= -128
+    return filler - ir["qmin"] < 2 ** ir["bits"]
 
 
 SEGMENT_DTYPES = frozenset(
@@ -265,7 +337,14 @@ def _decode_segment(blob: np.ndarray, seg: dict | None) -> np.ndarray | None:
     return raw.view(np.dtype(seg["dtype"])).reshape(seg["shape"]).copy()
 
 
-def _decode_weight(w: dict, blob: np.ndarray) -> dict:
+LAYOUTS = ("dense", "bitmask", "relative", "nm")  # the weight layouts a file may name
+
+
+def _decode_weight(w: dict, blob: np.ndarray, name: str = "") -> dict:
+    """Inverse of :func:`_encode_weight`: the weight's IR (full codes or values, qparams, mask).
+    ``name``: the layer, for the errors (a layout outside :data:`LAYOUTS`, bad N:M ranks)."""
+    if w.get("layout") not in LAYOUTS:
+        raise ValueError(f"layer {name!r}: weight layout {w.get('layout')!r} is not one of {LAYOUTS}")
     ir = {k: v for k, v in w.items() if k not in ("values", "positions", "scale", "zero_point", "max_abs")}
     for k in ("scale", "zero_point", "max_abs"):
         if k in w:
@@ -279,17 +358,37 @@ def _decode_weight(w: dict, blob: np.ndarray) -> dict:
         keep = _decode_segment(blob, w["positions"])
         flat[keep] = values
     else:
-        pos = np.cumsum(_decode_segment(blob, w["positions"]) + 1) - 1
+        if w["layout"] == "nm":
+            pos = _nm_decode_positions(w, blob, name)
+            if values.size != pos.size:
+                raise ValueError(f"layer {name!r}: {values.size} stored values for {pos.size} N:M positions")
+        else:
+            pos = np.cumsum(_decode_segment(blob, w["positions"]) + 1) - 1
         real = np.ones(pos.size, bool)
         if w["pruned"]:
             marker = _filler_code(ir)
-            real = ~np.isnan(values) if w["scheme"] == "float" else values != marker
+            if marker is not None:  # (None: an asymmetric weight, whose N:M groups are full)
+                real = ~np.isnan(values) if w["scheme"] == "float" else values != marker
         flat[pos[real]] = values[real]
         keep = np.zeros(flat.size, bool)
         keep[pos[real]] = True
     ir["values" if w["scheme"] == "float" else "codes"] = flat.reshape(w["shape"])
     ir["mask"] = keep.reshape(w["shape"]) if w["pruned"] else None
     return ir
+
+
+def _nm_decode_positions(w: dict, blob: np.ndarray, name: str) -> np.ndarray:
+    """The flat positions an N:M entry stores (:func:`nm_positions`), or ``ValueError`` naming the
+    layer: ``nm`` not a valid ``[n, m]``, ranks that do not fit the shape or outside ``[0, C(m, n))``."""
+    try:
+        n, m = w["nm"]
+        check_nm(n, m, "nm")
+        rows = w["shape"][0]
+        ranks = _decode_segment(blob, w["positions"])
+        tail = _decode_segment(blob, w.get("tail_positions"))
+        return nm_positions(ranks, tail, rows, math.prod(w["shape"]) // rows, n, m)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise ValueError(f"layer {name!r}: N:M layout nm={w.get('nm')!r}: {e}") from None
 
 
 def _log_quantizer(spec: dict, is_weight: bool, channels: int) -> nn.Module:
