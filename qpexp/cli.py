@@ -83,20 +83,39 @@ def summary_table(record: dict) -> str:
 
 
 def run_job(cfg: DictConfig) -> dict:
+    """One point: validate, build the pipeline (or find its complete record), run it on this rank,
+    write the record and the tracker's summary, whatever happens."""
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
+    prepared = _prepare(cfg, run_dir, multirun)
+    if isinstance(prepared, dict):  # a complete record, or the failed record of a bad config
+        return prepared
+    pipeline, record = prepared
+    from qpexp.run.ranks import ddp_session
+
+    # a DDP rank that the cluster started (SLURM tasks, torchrun): trains along, writes nothing
+    if env_rank() != 0:
+        pipeline.cfg.export.enabled = False
+        with ddp_session(pipeline):
+            return pipeline.run()
+    return _run_rank_zero(pipeline, record, hc, run_dir, multirun)
+
+
+def _prepare(cfg: DictConfig, run_dir: Path, multirun: bool):
+    """``(pipeline, record)``; or a record to return at once: the complete one already on disk, or a
+    failed one for a user error (the schema, targets, the data file: all before Lightning loads)."""
     try:
         typed = validate(cfg)
         check_data_path(typed.data)  # schema, targets, data file: before Lightning is imported
-        from qpexp.run.pipeline import Pipeline, base_record, complete_record, write_record  # Lightning
+        from qpexp.run.pipeline import Pipeline, base_record, complete_record  # Lightning
 
         done = complete_record(run_dir, cfg)
         if done is not None:
             log.info("%s: complete record found, nothing to run", run_dir)
             return done
         record = base_record(cfg)
-        pipeline = Pipeline(cfg, run_dir, typed=typed)  # validated once per point
+        return Pipeline(cfg, run_dir, typed=typed), record  # validated once per point
     except Exception as e:
         if not is_user_error(e):
             raise
@@ -111,13 +130,12 @@ def run_job(cfg: DictConfig) -> dict:
         record.update(status="failed", error=f"{type(e).__name__}: {error_line(e)}")
         write_record(run_dir, record)
         return record
-    from qpexp.run.ranks import ddp_session
 
-    # a DDP rank that the cluster started (SLURM tasks, torchrun): trains along, writes nothing
-    if env_rank() != 0:
-        pipeline.cfg.export.enabled = False
-        with ddp_session(pipeline):
-            return pipeline.run()
+
+def _run_rank_zero(pipeline, record: dict, hc, run_dir: Path, multirun: bool) -> dict:
+    """Run the pipeline with its tracker; the record is written even when the run fails."""
+    from qpexp.run.pipeline import write_record
+    from qpexp.run.ranks import ddp_session
 
     name = hc.job.override_dirname or None
     sweep = Path(hc.sweep.dir).name if multirun else None  # the W&B group unless logger.group is set
