@@ -93,6 +93,9 @@ CASES = {
     "w4_lsq": {"bits_w": 4, "range_": "lsq"},
     "w2_lsq_full_range_pruned": {"bits_w": 2, "range_": "lsq", "narrow_range": False, "prune": 0.5},
     "w8_lsq_full_range": {"bits_w": 8, "range_": "lsq", "narrow_range": False, "granularity": "tensor"},
+    # full range: every one of the 2^b patterns is a code, none is free for the relative layout's filler
+    "w4_full_range_pruned97": {"bits_w": 4, "narrow_range": False, "prune": 0.97},
+    "w8_full_range_pruned97": {"bits_w": 8, "narrow_range": False, "prune": 0.97, "granularity": "tensor"},
     "log4_pruned": {"bits_w": 4, "scheme": "log", "prune": 0.9},
     "log3_log_acts": {"bits_w": 3, "scheme": "log", "act_scheme": "log", "granularity": "tensor"},
     "companding4": {"bits_w": 4, "scheme": "companding", "act_scheme": "companding"},

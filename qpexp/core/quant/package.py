@@ -199,10 +199,11 @@ class _Blob:
 def _filler_code(ir: dict) -> int | float | None:
     """The value a relative-layout filler of a *pruned* layer carries, so that the mask comes back
     exactly: a code outside the quantizer's range (symmetric and log codes leave one of the
-    ``2^b`` patterns free), NaN for float weights; None where every pattern is taken (asymmetric)."""
+    ``2^b`` patterns free), NaN for float weights; None where every pattern is taken (asymmetric,
+    or symmetric over the full range: ``quant.narrow_range=false``)."""
     if ir["scheme"] == "float":
         return float("nan")
-    if not ir["symmetric"]:
+    if not ir["symmetric"] or ir["qmax"] - ir["qmin"] + 1 >= 2 ** ir["bits"]:  # asymmetric, full range
         return None
     return ir["qmin"] - 1 if _int8_codes(ir) else ir["qmax"] + 1
 
