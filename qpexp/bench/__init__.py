@@ -3,7 +3,7 @@
 import argparse
 import json
 
-NAMES = ("qat", "prune", "sweep", "sensitivity", "distill", "epoch", "units")
+NAMES = ("qat", "prune", "sweep", "sensitivity", "distill", "epoch", "units", "oneshot")
 
 
 def emit(rows: list[dict], figures: dict, title: str) -> None:
