@@ -28,6 +28,7 @@
 # cluster's $QPEXP_SLURM_CRED_EXPIRE (default 10).
 # Exit status 3: the packages are missing and cannot be installed here (the tests skip then).
 set -euo pipefail
+PATH="$PATH:/usr/sbin:/sbin"   # the daemons live there; a user's PATH may lack them
 cmd="${1:-up}"
 dir="$(realpath -m "${2:-${QPEXP_SLURM_DIR:-/tmp/qpexp-slurm}}")"
 conf="$dir/slurm.conf"
