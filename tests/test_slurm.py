@@ -494,12 +494,12 @@ def _kill_mid_study(proc, db: Path, before: set) -> dict:
     return {}
 
 
-def test_optuna_trials_on_slurm_continue_after_the_search_is_killed(slurm_cluster, tmp_path):
+def _killed_search(root: Path, args: list[str]) -> dict:
+    """The study created with the four trials queued, the search started and killed mid-study: when,
+    its jobs running then, the trials as it left them."""
     import optuna
-    from optuna.trial import TrialState
 
-    root = tmp_path
-    args, db = _optuna_args(root), root / "sweep" / "optuna.db"
+    db = root / "sweep" / "optuna.db"
     db.parent.mkdir()
     study = optuna.create_study(
         storage=f"sqlite:///{db}", study_name="qpexp", directions=["maximize", "maximize"]
@@ -520,16 +520,26 @@ def test_optuna_trials_on_slurm_continue_after_the_search_is_killed(slurm_cluste
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-    first_out = (root / "first.log").read_text()
-    assert k, first_out[-4000:]
-    first = {t.number: t for t in _study(db).get_trials(deepcopy=True)}
+    assert k, (root / "first.log").read_text()[-4000:]
+    k.update(
+        db=db, after_s=k["killed"] - t0, trials={t.number: t for t in _study(db).get_trials(deepcopy=True)}
+    )
+    return k
+
+
+def test_optuna_trials_on_slurm_continue_after_the_search_is_killed(slurm_cluster, tmp_path):
+    from optuna.trial import TrialState
+
+    args = _optuna_args(tmp_path)
+    k = _killed_search(tmp_path, args)
+    db, first = k["db"], k["trials"]
     done = {n for n, t in first.items() if t.state == TrialState.COMPLETE}
     assert sorted(t.state.name for t in first.values()) == ["COMPLETE", "COMPLETE", "RUNNING", "RUNNING"]
     mtimes = {n: (Path(first[n].user_attrs["run_dir"]) / "record.json").stat().st_mtime_ns for n in done}
     before2, t1 = set(jobs()), time.time()
-    second = run_cli(args, cwd=root, env=ENV, timeout=600)
+    second = run_cli(args, cwd=tmp_path, env=ENV, timeout=600)
     print(
-        f"\n[slurm] optuna: killed after {k['killed'] - t0:.0f} s, the search started again took {time.time() - t1:.0f} s"
+        f"\n[slurm] optuna: killed after {k['after_s']:.0f} s, the search started again took {time.time() - t1:.0f} s"
     )
     out = second.stdout + second.stderr
     assert "2 finished, 2 interrupted (run again), 0 new trial(s)" in out, out[-3000:]
@@ -555,10 +565,10 @@ def test_optuna_trials_on_slurm_continue_after_the_search_is_killed(slurm_cluste
         )
         assert t.values == [rec["final/val_acc"], rec["final/compression_ratio"]]
     # each point's QAT trained once (one cache entry each), the baseline and the pruned model once
-    cache = root / "cache"
+    cache = tmp_path / "cache"
     assert [len(list(cache.glob(f"{st}-*/meta.json"))) for st in ("baseline", "prune", "qat")] == [1, 1, 4]
     assert "[sweep] 2/2 done, 0 failed" in out and "[optuna] 4 complete, 0 failed" in out
-    results = yaml.safe_load((root / "sweep" / "optimization_results.yaml").read_text())
+    results = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
     assert results["trials"] == {"complete": 4, "fail": 0, "running": 0}
 
 
