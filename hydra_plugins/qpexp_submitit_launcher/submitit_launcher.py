@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 
 class SlurmLauncher(UpstreamSlurmLauncher):
+    """``hydra/launcher=slurm``: upstream's job array, every job waited for, lost jobs failed points."""
+
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from qpexp.sweep.lost import wait_all
 
