@@ -20,6 +20,7 @@ from qpexp.train.ddp import env_rank
 
 log = logging.getLogger("qpexp")
 SWEEPER_PLUGIN = "hydra_plugins.qpexp_optuna_sweeper"
+LAUNCHER_PLUGIN = "hydra_plugins.qpexp_submitit_launcher"
 
 
 def point_dirname(override_dirname: str) -> str:
@@ -37,16 +38,17 @@ if not OmegaConf.has_resolver("qpexp_point"):
 
 
 def register_plugins() -> None:
-    """qpexp's Hydra sweeper (``hydra/sweeper=qpexp_optuna``, ``sweep=optuna``), registered here too:
-    Hydra's plugin scan does not see a namespace package that an editable install maps. Loaded by
-    name, as Hydra's scan loads plugins: the plugin sits above qpexp (it imports qpexp, never the
-    reverse; ``.importlinter``)."""
+    """qpexp's Hydra sweeper (``hydra/sweeper=qpexp_optuna``, ``sweep=optuna``) and SLURM launcher
+    (``hydra/launcher=slurm``), registered here too: Hydra's plugin scan does not see a namespace
+    package that an editable install maps. Loaded by name, as Hydra's scan loads plugins: the plugins
+    sit above qpexp (they import qpexp, never the reverse; ``.importlinter``)."""
     from hydra.core.plugins import Plugins
 
     importlib.import_module(f"{SWEEPER_PLUGIN}.config")  # the config group option
     Plugins.instance().register(
         importlib.import_module(f"{SWEEPER_PLUGIN}.optuna_sweeper").QpexpOptunaSweeper
     )
+    Plugins.instance().register(importlib.import_module(f"{LAUNCHER_PLUGIN}.submitit_launcher").SlurmLauncher)
 
 
 register_plugins()

@@ -811,3 +811,57 @@ def test_submitit_frontier_aggregates_the_jobs(submitit_sweep):
     assert len(runs) == 3 and {r["status"] for r in runs} == {"not_deployed"}
     recs = {read_record(d)["final/test_acc"] for d in submitit_sweep["dirs"].values()}
     assert {float(r["final/test_acc"]) for r in runs} == recs
+
+
+class _Job:
+    """A submitit job as qpexp's SLURM launcher sees it: done or not, then a result or none."""
+
+    def __init__(self, job_id: str, result=None, polls: int = 0):
+        self.job_id, self.result, self.polls = job_id, result, polls
+
+    def done(self) -> bool:
+        self.polls -= 1
+        return self.polls < 0
+
+    def results(self):
+        from submitit.core.utils import UncompletedJobError
+
+        if self.result is None:
+            raise UncompletedJobError(f"Job {self.job_id} has not produced any output (state: NODE_FAIL)")
+        return [self.result]
+
+
+def test_lost_job_is_a_failed_point_and_the_sweep_goes_on(tmp_path, capsys):
+    """qpexp's SLURM launcher (hydra/launcher=slurm) waits for every job: a job that ended without a
+    result (a lost node) becomes a failed record in its point's folder and a failed outcome in the
+    progress line, not submitit's exception; a record the point wrote before its job was lost is kept."""
+    from qpexp.sweep.callbacks import progress_line, sweep_counts
+    from qpexp.sweep.lost import lost_point, point_dir, wait_all
+
+    sweep = tmp_path / "sweep"
+    cfgs = [
+        compose([f"hydra.sweep.dir={sweep}", f"quant.bits_w={b}", "hydra.mode=MULTIRUN"]) for b in (2, 4, 8)
+    ]
+    state = sweep / ".qpexp"
+    state.mkdir(parents=True)
+    (state / "progress.json").write_text(json.dumps({"run_id": "r1", "total": 3, "start": time.time()}))
+    (state / "progress-r1.log").write_text("0 running\n1 running\n2 running\n")
+    kept = {"status": "not_deployed", "final/test_acc": 0.5}
+    point_dir(cfgs[2]).mkdir(parents=True)
+    (point_dir(cfgs[2]) / "record.json").write_text(json.dumps(kept))  # written, then the job was lost
+    jobs = [_Job("7_0", result={"status": "not_deployed"}, polls=3), _Job("7_1", polls=1), _Job("7_2")]
+
+    def lost(i, job):
+        return lost_point(cfgs[i], i, f"SLURM job {job.job_id} ended NODE_FAIL without a result", f"p{i}")
+
+    out = wait_all(jobs, lost, poll_s=0.01)
+    assert out[0] == {"status": "not_deployed"} and out[2] == kept  # in submission order
+    assert out[1]["status"] == "failed"
+    assert out[1]["error"] == "SLURM job 7_1 ended NODE_FAIL without a result"
+    assert out[1]["config"]["quant"]["bits_w"] == 4  # the frontier's axes for a point that never started
+    assert read_record(point_dir(cfgs[1])) == out[1] and read_record(point_dir(cfgs[2])) == kept
+    printed = capsys.readouterr().out
+    assert "[sweep] #1 p1: SLURM job 7_1 ended NODE_FAIL without a result: failed; re-submit" in printed
+    assert "[sweep] #2 p2: SLURM job 7_2 ended NODE_FAIL without a result: its record was written" in printed
+    # the progress: the lost jobs ended (the one that wrote its record counts as done), job 0 still runs
+    assert progress_line(sweep_counts(state)).startswith("[sweep] 2/3 done, 1 failed, 1 running")

@@ -6,6 +6,11 @@
   put back, as SLURM's own preemption does), one whose ``--time`` runs out mid-QAT (SLURM's USR2
   ahead of the limit, submitit's checkpoint and requeue); both resume from their QAT checkpoints to
   the records of the uninterrupted sweep, number for number;
+- a node lost while jobs are queued (``scontrol update nodename=... state=down``): the running job
+  ends ``NODE_FAIL``, the sweep names its point as failed (console, progress line, record, frontier),
+  the queued one runs once the node is back; the same command again runs only the lost point;
+- ``sweep=optuna`` with trials as SLURM jobs: the search process killed mid-study and started again
+  continues the study to its number of trials without running the completed ones again;
 - ``trainer=ddp`` with ranks started by SLURM (``srun --ntasks-per-node=2``) and by ``torchrun``:
   bit-identical ranks, and the same models and record as when qpexp starts the ranks itself.
 
@@ -16,9 +21,11 @@ Run them alone: ``pytest tests/test_slurm.py -m slurm``.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +35,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import ROOT, read_record, run_cli
 from test_scaleout import DDP_ARGS, numbers
 
@@ -88,14 +96,16 @@ def _when(stamp: str) -> float:
 POINTS = {"a": (4, 16), "b": (8, 96)}  # experiment -> (bits_w, QAT epochs): b's QAT outlasts a signal
 
 
-def _sweep_conf(root: Path) -> Path:
+def _sweep_conf(root: Path, name: str = "pair", points: dict = POINTS) -> Path:
+    """A config dir with sweep ``name`` over one experiment per point (``bits_w``, QAT epochs)."""
     conf = root / "conf"
     (conf / "sweep").mkdir(parents=True)
     (conf / "experiment").mkdir()
-    (conf / "sweep" / "pair.yaml").write_text(
-        "# @package _global_\nhydra:\n  mode: MULTIRUN\n  sweeper:\n    params:\n      experiment: a,b\n"
+    (conf / "sweep" / f"{name}.yaml").write_text(
+        "# @package _global_\nhydra:\n  mode: MULTIRUN\n  sweeper:\n    params:\n"
+        f"      experiment: {','.join(points)}\n"
     )
-    for name, (bits, epochs) in POINTS.items():
+    for name, (bits, epochs) in points.items():
         (conf / "experiment" / f"{name}.yaml").write_text(
             f"# @package _global_\nquant:\n  bits_w: {bits}\n  epochs: {epochs}\n"
         )
@@ -296,6 +306,270 @@ def test_requeued_and_timed_out_jobs_resume_to_the_uninterrupted_records(interru
             f"\n[slurm] {k}: interrupted and resumed in {took:.0f} s, {lost:.0f} s later than uninterrupted "
             f"(requeue to restart {hold:.0f} s)"
         )
+
+
+# -- a node lost while jobs are queued: the sweep reports it, a re-submission completes it ---------
+LOST = {"c": (4, 48), "d": (6, 8)}  # c runs first and loses its node mid-QAT; d waits in the queue
+NODE_FAIL_LINE = re.compile(r"\[sweep\] #0 experiment=c .*: SLURM job (\S+) ended NODE_FAIL without a result")
+
+
+def _lost_args(root: Path, conf: Path, sweep: Path, cache: Path) -> list[str]:
+    args = ["sweep=lost" if a == "sweep=pair" else a for a in _sweep_args(root, conf, sweep, cache)]
+    return [
+        *args, "hydra.launcher.array_parallelism=1",  # one point at a time: d is queued while c runs
+        # --no-requeue: the preset's --requeue would have SLURM put c back in the queue itself (it
+        # would resume from its checkpoint once the node is back, as a requeued job does)
+        "~hydra.launcher.additional_parameters.requeue", "+hydra.launcher.additional_parameters.no_requeue=true",
+    ]  # fmt: skip
+
+
+def sacct(job: str) -> dict[str, str]:
+    """SLURM's accounting (slurmdbd): each job's (array task's) last state."""
+    out = sh("sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", job)
+    return dict(line.split("|", 1) for line in out.splitlines() if line)
+
+
+def _lose_node(proc, log: Path, cache: Path, node: str, before: set) -> dict:
+    """Poll the first sweep: once c runs with a QAT checkpoint, its node goes down; once the sweep
+    has reported c lost, note what it reported and bring the node back."""
+    s: dict = {}
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline:
+        time.sleep(0.3)
+        js = jobs()
+        if "tasks" not in s:
+            arrays = sorted(k for k in js if k not in before and "_" in k)
+            if len(arrays) == 2:
+                s["tasks"] = dict(zip("cd", arrays))
+            continue
+        ckpts = list(cache.glob("qat-*/work/last.ckpt"))  # c's: d has not started
+        if "down" not in s and js[s["tasks"]["c"]]["JobState"] == "RUNNING" and ckpts:
+            if _ckpt_epoch(ckpts[0]) is not None:
+                sh("scontrol", "update", f"nodename={node}", "state=down", "reason=qpexp-test-lost-node")
+                s.update(down=time.time(), ckpt=ckpts[0])
+        out = log.read_text()
+        if "down" in s and "report" not in s and NODE_FAIL_LINE.search(out) and "1 failed, 0 running" in out:
+            s.update(
+                report=out,
+                seen=time.time() - s["down"],
+                jobs_down=js,
+                nodes=sh("sinfo", "-h", "-N", "-o", "%T %E"),
+            )
+            s["resume_from"] = _ckpt_epoch(s["ckpt"])  # c's process is gone: its last checkpoint
+            sh("scontrol", "update", f"nodename={node}", "state=resume")
+    return s
+
+
+@pytest.fixture(scope="module")
+def lost_node(sweep, slurm_cluster, tmp_path_factory):
+    root = tmp_path_factory.mktemp("slurm-lost")
+    conf = _sweep_conf(root, "lost", LOST)
+    sweep2, cache2 = root / "sweep", root / "cache"
+    _copy_stages(sweep["cache"], cache2)  # the baseline and the pruned model: the jobs go straight to QAT
+    args = _lost_args(root, conf, sweep2, cache2)
+    node = sh("sinfo", "-h", "-N", "-o", "%N").split()[0]
+    before, log_path = set(jobs()), root / "first.log"
+    t0 = time.time()
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "qpexp.cli", *args],
+            cwd=root, env={**os.environ, **ENV}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            s = _lose_node(proc, log_path, cache2, node, before)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], capture_output=True)
+    s.update(rc=proc.returncode, first=log_path.read_text(), first_seconds=time.time() - t0)
+    s["first_records"] = {
+        k: read_record(d) for k, d in _points(sweep2).items() if (d / "record.json").exists()
+    }
+    s["first_frontier"] = json.loads((sweep2 / "frontier.json").read_text()) if s["rc"] == 0 else None
+    s["mtimes"] = {k: (d / "record.json").stat().st_mtime_ns for k, d in _points(sweep2).items()}
+    before, t0 = set(jobs()), time.time()
+    second = run_cli(args, cwd=root, env=ENV, timeout=600, check=False)
+    s.update(
+        second=second, second_seconds=time.time() - t0, second_jobs=[k for k in jobs() if k not in before]
+    )
+    s.update(sweep=sweep2, cache=cache2, points=_points(sweep2))
+    return s
+
+
+def test_lost_node_reported_and_completed_by_resubmission(lost_node):
+    s = lost_node
+    assert s["rc"] == 0 and "report" in s, s["first"][-4000:]
+    print(f"\n[slurm] lost node: first sweep {s['first_seconds']:.0f} s (NODE_FAIL seen {s['seen']:.0f} s after the down), "
+          f"re-submission {s['second_seconds']:.0f} s")  # fmt: skip
+    c, d = s["tasks"]["c"], s["tasks"]["d"]
+    # while the node was down: c's job ended NODE_FAIL (SLURM's accounting), d waited in the queue
+    assert s["nodes"].split()[0] == "down"
+    assert sacct(c.split("_")[0]) == {c: "NODE_FAIL", d: "COMPLETED"}
+    assert s["jobs_down"][d]["JobState"] == "PENDING"
+    # ... and the sweep said so at once: c's point by name with its job and state, the progress line
+    # counting it failed (not running), its folder holding a failed record with the reason
+    assert NODE_FAIL_LINE.search(s["report"]).group(1) == c
+    assert "re-submit the same command to run it again" in s["report"]
+    assert "[sweep] 1/2 done, 1 failed, 0 running" in s["report"]
+    failed = s["first_records"]["c"]
+    assert (
+        failed["status"] == "failed" and failed["error"] == f"SLURM job {c} ended NODE_FAIL without a result"
+    )
+    # the node back, d ran and the sweep ended: c listed as failed in the frontier, d on it
+    first = s["first"]
+    assert "[sweep] 2/2 done, 1 failed, 0 running" in first
+    assert s["first_records"]["d"]["status"] == "not_deployed"
+    fr = s["first_frontier"]
+    assert [(Path(f["run_dir"]).name, f["status"], f["error"]) for f in fr["failed"]] == [
+        (s["points"]["c"].name, "failed", failed["error"])
+    ]
+    assert f"FAILED: {fr['failed'][0]['run_dir']}: SLURM job {c} ended NODE_FAIL" in first
+    # the same command again: c alone ran (d's complete record was reused), resuming its QAT checkpoint
+    out = s["second"].stdout
+    assert s["second"].returncode == 0, out[-3000:] + s["second"].stderr[-3000:]
+    assert "[sweep] 2/2 done, 0 failed (1 reused), 0 running" in out and "without a result" not in out
+    assert len(s["second_jobs"]) == 2
+    assert sacct(s["second_jobs"][0].split("_")[0]) == dict.fromkeys(s["second_jobs"], "COMPLETED")
+    recs = {k: read_record(p) for k, p in s["points"].items()}
+    assert recs["d"] == s["first_records"]["d"]
+    assert (s["points"]["d"] / "record.json").stat().st_mtime_ns == s["mtimes"]["d"]
+    rec = recs["c"]
+    assert rec["status"] == "not_deployed" and rec["cache/baseline_hit"] and rec["cache/prune_hit"]
+    start, epochs = s["resume_from"], LOST["c"][1]
+    assert start is not None and start < epochs - 1, start
+    rows = list(csv.DictReader((s["points"]["c"] / "csv" / "metrics.csv").open()))
+    assert [int(float(r["epoch"])) for r in rows if r.get("qat/train/loss")] == list(range(start + 1, epochs))
+    # the final front has every point
+    runs = [r for r in csv.DictReader((s["sweep"] / "frontier.csv").open()) if r["point"] == "run"]
+    assert sorted((Path(r["run_dir"]).name, r["status"]) for r in runs) == sorted(
+        (p.name, "not_deployed") for p in s["points"].values()
+    )
+    assert json.loads((s["sweep"] / "frontier.json").read_text())["failed"] == []
+
+
+# -- Optuna trials as SLURM jobs: the search process killed and started again ----------------------
+OPTUNA_BITS = (2, 3, 4, 8)  # the four trials, queued in the study in this order (no duplicate points)
+
+
+def _optuna_args(root: Path) -> list[str]:
+    return [
+        "sweep=optuna", "baseline.epochs=2", "prune.steps=1", "prune.finetune_epochs=1", "quant.epochs=8",
+        "quant.calib_batches=2", "logger=none", "hydra/launcher=slurm", "hydra.launcher.mem_gb=1",
+        "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10", "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.n_jobs=2", f"quant.bits_w=choice({','.join(map(str, OPTUNA_BITS))})",
+        "prune.ratio=choice(0.5)", "prune.scope=choice(global)", "prune.criterion=choice(l1)",
+        f"cache_dir={root / 'cache'}", f"hydra.sweep.dir={root / 'sweep'}",
+    ]  # fmt: skip
+
+
+def _study(db: Path):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.load_study(study_name="qpexp", storage=f"sqlite:///{db}")
+
+
+def _kill_mid_study(proc, db: Path, before: set) -> dict:
+    """Poll the first search: once two trials are finished and the next two run as SLURM jobs (the
+    search's second job array), kill the search process (SIGKILL: no handler runs); its jobs run on."""
+    from optuna.trial import TrialState
+
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline:
+        time.sleep(0.3)
+        try:
+            states = [t.state for t in _study(db).get_trials(deepcopy=False)]
+        except Exception:  # the study is being created
+            continue
+        new = {k: j for k, j in jobs().items() if k not in before}
+        arrays = sorted({j["ArrayJobId"] for j in new.values() if j.get("ArrayJobId")}, key=int)
+        second = sorted(
+            k for k, j in new.items() if j["JobState"] == "RUNNING" and j.get("ArrayJobId") == arrays[-1]
+        )
+        if states.count(TrialState.COMPLETE) == 2 and states.count(TrialState.RUNNING) == 2:
+            if len(arrays) == 2 and len(second) == 2:
+                os.killpg(proc.pid, signal.SIGKILL)
+                return {"killed": time.time(), "killed_jobs": second}
+    return {}
+
+
+def _killed_search(root: Path, args: list[str]) -> dict:
+    """The study created with the four trials queued, the search started and killed mid-study: when,
+    its jobs running then, the trials as it left them."""
+    import optuna
+
+    db = root / "sweep" / "optuna.db"
+    db.parent.mkdir()
+    study = optuna.create_study(
+        storage=f"sqlite:///{db}", study_name="qpexp", directions=["maximize", "maximize"]
+    )
+    for bits in OPTUNA_BITS:
+        study.enqueue_trial(
+            {"quant.bits_w": bits, "prune.ratio": 0.5, "prune.scope": "global", "prune.criterion": "l1"}
+        )
+    before, t0 = set(jobs()), time.time()
+    with (root / "first.log").open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "qpexp.cli", *args],
+            cwd=root, env={**os.environ, **ENV}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            k = _kill_mid_study(proc, db, before)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    assert k, (root / "first.log").read_text()[-4000:]
+    k.update(
+        db=db, after_s=k["killed"] - t0, trials={t.number: t for t in _study(db).get_trials(deepcopy=True)}
+    )
+    return k
+
+
+def test_optuna_trials_on_slurm_continue_after_the_search_is_killed(slurm_cluster, tmp_path):
+    from optuna.trial import TrialState
+
+    args = _optuna_args(tmp_path)
+    k = _killed_search(tmp_path, args)
+    db, first = k["db"], k["trials"]
+    done = {n for n, t in first.items() if t.state == TrialState.COMPLETE}
+    assert sorted(t.state.name for t in first.values()) == ["COMPLETE", "COMPLETE", "RUNNING", "RUNNING"]
+    mtimes = {n: (Path(first[n].user_attrs["run_dir"]) / "record.json").stat().st_mtime_ns for n in done}
+    before2, t1 = set(jobs()), time.time()
+    second = run_cli(args, cwd=tmp_path, env=ENV, timeout=600)
+    print(
+        f"\n[slurm] optuna: killed after {k['after_s']:.0f} s, the search started again took {time.time() - t1:.0f} s"
+    )
+    out = second.stdout + second.stderr
+    assert "2 finished, 2 interrupted (run again), 0 new trial(s)" in out, out[-3000:]
+    # the killed search's jobs ran on to the end; the search started again submitted one array of two
+    # jobs, for the two interrupted trials only
+    killed = k["killed_jobs"]
+    assert sacct(killed[0].split("_")[0]) == dict.fromkeys(killed, "COMPLETED")
+    new = sorted(j for j in jobs() if j not in before2)
+    assert len(new) == 2 and sacct(new[0].split("_")[0]) == dict.fromkeys(new, "COMPLETED")
+    trials = _study(db).get_trials(deepcopy=True)
+    assert [t.number for t in trials] == [0, 1, 2, 3] and {t.state for t in trials} == {TrialState.COMPLETE}
+    assert [t.params["quant.bits_w"] for t in trials] == list(OPTUNA_BITS)
+    for n in done:  # the completed trials as they were: not run again, their points' records untouched
+        assert (trials[n].values, trials[n].datetime_complete) == (
+            first[n].values,
+            first[n].datetime_complete,
+        )
+        assert (Path(trials[n].user_attrs["run_dir"]) / "record.json").stat().st_mtime_ns == mtimes[n]
+    for t in trials:
+        rec = read_record(Path(t.user_attrs["run_dir"]))
+        assert (
+            rec["status"] == "not_deployed" and rec["config"]["quant"]["bits_w"] == t.params["quant.bits_w"]
+        )
+        assert t.values == [rec["final/val_acc"], rec["final/compression_ratio"]]
+    # each point's QAT trained once (one cache entry each), the baseline and the pruned model once
+    cache = tmp_path / "cache"
+    assert [len(list(cache.glob(f"{st}-*/meta.json"))) for st in ("baseline", "prune", "qat")] == [1, 1, 4]
+    assert "[sweep] 2/2 done, 0 failed" in out and "[optuna] 4 complete, 0 failed" in out
+    results = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    assert results["trials"] == {"complete": 4, "fail": 0, "running": 0}
 
 
 # -- DDP ranks started by the cluster -------------------------------------------------------------

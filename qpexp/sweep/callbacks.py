@@ -124,6 +124,22 @@ def set_sweep_total(sweep_dir: str | Path, total: int | None) -> None:
         os.replace(tmp, path)
 
 
+def append_progress(state: Path, num, status: str) -> bool:
+    """Append ``<job num> <status>`` to the progress log of the sweep whose state folder is ``state``
+    (``running`` as a job starts, its outcome as it ends); False for a sweep started without
+    :class:`SweepProgress` (no ``progress.json``)."""
+    from filelock import FileLock
+
+    if not (state / "progress.json").exists():
+        return False
+    info = json.loads((state / "progress.json").read_text())
+    logfile = state / f"progress-{info['run_id']}.log"
+    with FileLock(str(logfile) + ".lock"):
+        with logfile.open("a") as f:
+            f.write(f"{num} {status}\n")
+    return True
+
+
 def sweep_counts(state: Path) -> dict | None:
     """Progress of the sweep whose state folder is ``state``: total, done, failed, reused, running
     and seconds, from ``progress.json`` and this run's log (None before the sweep started)."""
@@ -273,18 +289,11 @@ class SweepProgress(Callback):
 
     def _log(self, config: DictConfig, status: str) -> Path | None:
         """Append ``<job num> <status>`` to this run's log (rank 0 of a DDP job only)."""
-        from filelock import FileLock
-
         state = _state_dir(config)
-        if not _multirun(config) or env_rank() != 0 or not (state / "progress.json").exists():
-            return None  # a single run, a DDP rank other than 0, or a sweep started without this callback
-        info = json.loads((state / "progress.json").read_text())
+        if not _multirun(config) or env_rank() != 0:
+            return None  # a single run or a DDP rank other than 0
         num = OmegaConf.select(config, "hydra.job.num")
-        logfile = state / f"progress-{info['run_id']}.log"
-        with FileLock(str(logfile) + ".lock"):
-            with logfile.open("a") as f:
-                f.write(f"{num} {status}\n")
-        return state
+        return state if append_progress(state, num, status) else None
 
     def _report(self, config: DictConfig, job_return) -> None:
         from hydra.core.utils import JobStatus
