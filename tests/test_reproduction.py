@@ -256,7 +256,8 @@ def test_report_on_synthetic_records(tmp_path):
     )
     assert "not run here" in rows["MNIST-1D, MLP 40-100-100-10: test accuracy %"]  # its only record failed
     assert "previously 60.97 +- 1.26" in rows["MNIST-1D, MLP 40-100-100-10: test accuracy %"]  # previous_text
-    assert "step at 92.0% sparse; previously 68.30" in rows["magnitude + rewind, ~90% sparse: test accuracy %"]
+    magnitude = rows["magnitude + rewind, ~90% sparse: test accuracy %"]
+    assert "step at 92.0% sparse; previously 68.30" in magnitude
     assert "not run here" in rows["VGG-16, CIFAR-10: pruned error %"]  # a GPU row without records
     assert "`qpexp experiment=repro_mnist1d_logistic logger=none`" in text  # the command that ran it
     assert "qpexp 0.1.0, torch 2.x; git abcdef12" in text
