@@ -255,6 +255,9 @@ def test_report_on_synthetic_records(tmp_path):
         in rows["MNIST-1D CNN, quantize only, test accuracy % of the config best on validation at >= 8x"]
     )
     assert "not run here" in rows["MNIST-1D, MLP 40-100-100-10: test accuracy %"]  # its only record failed
+    assert "previously 60.97 +- 1.26" in rows["MNIST-1D, MLP 40-100-100-10: test accuracy %"]  # previous_text
+    magnitude = rows["magnitude + rewind, ~90% sparse: test accuracy %"]
+    assert "step at 92.0% sparse; previously 68.30" in magnitude
     assert "not run here" in rows["VGG-16, CIFAR-10: pruned error %"]  # a GPU row without records
     assert "`qpexp experiment=repro_mnist1d_logistic logger=none`" in text  # the command that ran it
     assert "qpexp 0.1.0, torch 2.x; git abcdef12" in text
@@ -301,3 +304,54 @@ def test_report_command_names_the_cache_folder_the_records_used(tmp_path):
     want = "`qpexp experiment=repro_mnist1d_logistic logger=none cache_dir=outputs/repro/cache cache_code_fingerprint=false`"
     assert want in text
     assert "`qpexp experiment=repro_mnist1d_mlp cache_dir=c2 cache_code_fingerprint=false`" in text
+
+
+# -- issue 21: the rows that missed ------------------------------------------------------------------
+def test_mnist1d_mlp_recipe(tmp_path):
+    """The MLP row missed (61.0% against the notebook's 65.1%) because of its recipe, not the framework:
+    label smoothing 0.1 and cosine decay (qpexp's defaults, tuned for the CNN) cost the MLP 2.3 points
+    of validation accuracy, and the old 500-sample carve-out left 3,500 training samples. The experiment
+    now trains as the authors' notebook does, and qpexp's baseline stage so configured is a plain torch
+    loop, bit for bit: Adam at a constant learning rate, plain cross-entropy, batches of 100 in the data
+    module's per-epoch order, the best validation epoch kept."""
+    import torch.nn.functional as F
+
+    from qpexp.models import mlp
+
+    cfg = compose(["experiment=repro_mnist1d_mlp"])
+    b = cfg.baseline
+    assert (b.label_smoothing, b.min_lr_frac, b.lr, b.weight_decay) == (0.0, 1.0, 0.01, 0.0)
+    assert cfg.data.batch_size == 100 and b.epochs * 40 == 6000  # 40 batches an epoch: the notebook's steps
+    assert cfg.data.source.val_samples > 0  # validation drawn apart: training keeps all 4,000 samples
+
+    seed, epochs = 1, 3
+    over = ["experiment=repro_mnist1d_mlp", "logger=none", "data.source.num_samples=1000",
+            f"baseline.epochs={epochs}", f"seed={seed}", f"cache_dir={tmp_path / 'c'}"]  # fmt: skip
+    pipe = Pipeline(compose(over), tmp_path / "run")
+    rec = pipe.run()
+    dm = pipe.data()
+    (x, y), (xv, yv), (xt, yt) = (dm.splits[s] for s in ("train", "val", "test"))
+    assert len(y) == 800  # make_dataset's 80% train split, whole
+
+    def acc(model, x, y):
+        with torch.no_grad():
+            return float((model(x).argmax(1) == y).float().mean())
+
+    torch.manual_seed(seed)
+    model = mlp((40,), 10)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    best = (-1.0, None, -1)
+    for epoch in range(epochs):
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        for i in range(0, len(y), 100):
+            batch = order[i : i + 100]
+            loss = F.cross_entropy(model(x[batch]), y[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if acc(model, xv, yv) > best[0]:
+            best = (acc(model, xv, yv), {k: v.clone() for k, v in model.state_dict().items()}, epoch)
+    model.load_state_dict(best[1])
+    assert rec["baseline/best_epoch"] == best[2]
+    assert rec["baseline/val_acc"] == pytest.approx(best[0], abs=1e-6)
+    assert rec["baseline/test_acc"] == pytest.approx(acc(model, xt, yt), abs=1e-6)

@@ -349,6 +349,8 @@ def _table_line(row: dict, recs: list[dict]) -> str:
     else:
         ours = "not run here" if not recs else "-"  # run, but no record has the value: the note says why
     seed_txt = ", ".join(str(x) for x in seeds) if seeds else "-"
+    if row.get("previous_text"):  # the number this row showed before its fix, kept beside the new one
+        note = "; ".join(t for t in (note, f"previously {row['previous_text']}") if t)
     return (
         f"| {row['paper']} | {row['setting']} | {pub} | {ours} | {seed_txt} | {row['device']} | "
         f"[`{exp}`](#{exp}) | {note} |"
