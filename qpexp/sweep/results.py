@@ -124,11 +124,22 @@ def budget(sweep: Path) -> str:
         if val
         else f"validation {fr._fmt(c.get('config.data.val_fraction'))} of train"
     )
+    prune = (
+        "no pruning"
+        if not c.get("config.prune.ratio")
+        else f"pruning ({g('prune.structure')}) {g('prune.steps')} steps x {g('prune.finetune_epochs')} "
+        f"fine-tune epochs at lr {g('prune.lr')}"
+    )
+    bits = c.get("config.quant.bits_w")
+    train = f"QAT {g('quant.epochs')} epochs at lr {g('quant.lr')}" if c.get("config.quant.epochs") else "PTQ"
+    width = "at the swept width" if first is None else f"{fr._fmt(first)}-bit weights"
+    quant = (
+        "float weights (no quantization)"
+        if isinstance(bits, (int, float)) and bits >= 32
+        else f"{train}; first layer {width}"
+    )
     return (
-        f"Budget: baseline {g('baseline.epochs')} epochs at lr {g('baseline.lr')}; pruning "
-        f"({g('prune.structure')}) {g('prune.steps')} steps x {g('prune.finetune_epochs')} fine-tune epochs "
-        f"at lr {g('prune.lr')}; QAT {g('quant.epochs')} epochs at lr {g('quant.lr')}; first layer "
-        f"{'at the swept width' if first is None else f'{fr._fmt(first)}-bit weights'}; {split}."
+        f"Budget: baseline {g('baseline.epochs')} epochs at lr {g('baseline.lr')}; {prune}; {quant}; {split}."
     )
 
 
