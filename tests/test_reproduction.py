@@ -32,15 +32,18 @@ TINY = [
 
 
 def _data_overrides(exp: str, root: Path) -> list[str]:
-    """Fixture data in the real on-disk formats for the GPU rows; 1,000 MNIST-1D samples otherwise."""
-    text = (CONF / "experiment" / f"{exp}.yaml").read_text()
-    if "override /data: mnist" in text:  # data=mnist reads torchvision's layout under data.path
-        return [f"data.path={mnist_fixture(root, n=200)}"]
-    if "override /data: vision" not in text:
-        return [] if "override /data: digits" in text else ["data.source.num_samples=1000"]
-    if "cifar10" in text:
+    """Fixture data in the real on-disk formats for the MNIST and CIFAR rows; 1,000 MNIST-1D samples
+    otherwise. Which data set an experiment uses is read from its composed config (an experiment may
+    compose another one, as Deep Compression's compose Han et al. 2015's)."""
+    data = compose([f"experiment={exp}"]).data
+    name = str(data.get("name"))
+    if name == "digits":
+        return []
+    if "cifar" in name:
         return [f"data.path={cifar_fixture(root, n=40)}"]
-    return [f"data.path={mnist_fixture(root, n=200)}"]
+    if "mnist" in name and name != "mnist1d":  # data=mnist / vision read torchvision's layout under data.path
+        return [f"data.path={mnist_fixture(root, n=200)}"]
+    return ["data.source.num_samples=1000"]
 
 
 def test_every_table_row_names_a_shipped_experiment():
