@@ -114,7 +114,6 @@ def test_raw_weight_parameters_are_refused():
     "overrides, key",
     [
         (["quant.rounding=stochastic"], "quant.rounding"),
-        (["quant.rounding=adaround", "quant.epochs=3"], "quant.rounding"),
         (["quant.rounding=adaround", "quant.epochs=0", "quant.scheme=log"], "quant.rounding"),
         (["quant.rounding_iters=0"], "quant.rounding_iters"),
         (["quant.rounding_batches=-1"], "quant.rounding_batches"),

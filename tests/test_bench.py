@@ -67,3 +67,36 @@ def test_oneshot_bench_refuses_unknown_names():
 
     with pytest.raises(SystemExit):
         oneshot.main(["--methods", "obc"])
+
+
+def test_epoch_bench_three_sides_on_small_images(capsys, monkeypatch):
+    """The epoch row on 240 random 28x28 images (not MNIST): plain loop, bare Lightning, qpexp; the
+    ratios are the medians' quotients, as the table says."""
+    import numpy as np
+
+    from qpexp.bench import epoch
+    from qpexp.data import ArrayDataModule
+
+    rng = np.random.default_rng(0)
+
+    def source():
+        x = rng.random((300, 1, 28, 28), dtype=np.float32)
+        y = rng.integers(0, 10, 300)
+        return {"x_train": x[:240], "y_train": y[:240], "x_test": x[240:], "y_test": y[240:]}
+
+    def small():
+        dm = ArrayDataModule(source=source, name="small", val_fraction=1 / 12, seed=0)
+        dm.setup()
+        return dm
+
+    monkeypatch.setattr(epoch, "_data", small)
+    assert "epoch" in NAMES
+    table, fig = _bench(epoch, ["--models", "lenet300", "--rounds", "1"], capsys)
+    head = next(i for i, line in enumerate(table) if line.startswith("model"))
+    columns = ["model", "plain_s", "lightning_s", "qpexp_s", "ratio", "over_lightning", "rounds"]
+    assert table[head].split() == columns
+    row = dict(zip(columns, table[head + 2].split()))
+    assert row["model"] == "lenet300"
+    plain, bare, ours = float(row["plain_s"]), float(row["lightning_s"]), float(row["qpexp_s"])
+    assert fig["lenet300_ratio"] == pytest.approx(ours / plain, rel=0.01)
+    assert fig["lenet300_over_lightning"] == pytest.approx(ours / bare, rel=0.01)

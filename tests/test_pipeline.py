@@ -499,3 +499,36 @@ def test_the_default_sweeps_recipe_deploys_its_2_bit_point(tmp_path):
     assert rec["deploy/roundtrip_codes_equal"] is True and rec["deploy/roundtrip_max_abs_diff"] == 0.0
     assert rec["deploy/onnx_acc_diff"] <= 0.002
     assert rec["deploy/accounted_payload_bits"] == rec["final/size_bits"]
+
+
+def test_stage_logs_train_and_val_accuracy_counted_by_hand(tmp_path):
+    """With lr 0 the model never moves, so the logged epoch accuracies must equal a count over the
+    loaders made here: argmax == label, summed over every batch, over the split's size."""
+    import numpy as np
+
+    from qpexp import models
+    from qpexp.data import ArrayDataModule
+    from qpexp.run.pipeline import fit
+    from qpexp.train.stages import BaselineStage
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((260, 1, 40)).astype(np.float32)
+    y = rng.integers(0, 3, 260)
+    arrays = {"x_train": x[:200], "y_train": y[:200], "x_test": x[200:], "y_test": y[200:]}
+    dm = ArrayDataModule(source=lambda: arrays, name="toy", val_fraction=0.25, batch_size=32)
+    dm.setup()
+    torch.manual_seed(0)
+    model = models.mlp((1, 40), 3)
+    stage = BaselineStage(model, num_classes=3, lr=0.0, epochs=1)
+    fit(stage, dm, 1, tmp_path, None, {})
+
+    def by_hand(split):
+        model.eval()
+        with torch.no_grad():
+            pairs = [(int((model(xb).argmax(1) == yb).sum()), len(yb)) for xb, yb, *_ in dm.loader(split)]
+        return sum(c for c, _ in pairs) / sum(n for _, n in pairs)
+
+    logged = stage.trainer.callback_metrics
+    assert float(logged["baseline/val/acc"]) == pytest.approx(by_hand("val"), abs=1e-7)
+    assert float(logged["baseline/train/acc"]) == pytest.approx(by_hand("train"), abs=1e-7)
+    assert stage.best_val == pytest.approx(by_hand("val"), abs=1e-12)

@@ -7,10 +7,13 @@ and then evaluate the 5,000 validation images once, as a baseline epoch does:
 
 - ``qpexp``: :class:`qpexp.train.stages.BaselineStage` through :func:`qpexp.run.pipeline.fit` (Lightning's
   loop, the epoch checkpoint, the mask keeper, the best-epoch copy: everything a run pays);
-- ``plain``: ``for x, y in batches: loss.backward(); opt.step()`` then one ``no_grad`` pass.
+- ``plain``: ``for x, y in batches: loss.backward(); opt.step()`` then one ``no_grad`` pass;
+- ``lightning``: the floor any LightningModule pays: a bare module (the loss, the optimizer, no
+  logging, no checkpoint) under a bare ``Trainer`` with automatic optimization.
 
-The two alternate, ``--rounds`` times each, in one process; the ratio is the median qpexp time
-over the median plain time (the goal: at most 1.1). Needs ``qpexp-data mnist`` first.
+The three alternate, ``--rounds`` times each, in one process; ``ratio`` is the median qpexp time
+over the median plain time (the goal: at most 1.1), ``over_lightning`` the median qpexp time over
+the bare Lightning module's: what qpexp itself adds. Needs ``qpexp-data mnist`` first.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 
@@ -57,6 +61,33 @@ def plain_epoch(model: torch.nn.Module, dm) -> float:
     return time.perf_counter() - start
 
 
+class _Bare(L.LightningModule):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.model(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        return (self.model(x).argmax(1) == y).sum()
+
+    def configure_optimizers(self):
+        return adamw(self.model.parameters(), lr=LR)
+
+
+def lightning_epoch(model: torch.nn.Module, dm) -> float:
+    start = time.perf_counter()
+    bare = {"enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False}
+    trainer = L.Trainer(
+        max_epochs=1, logger=False, accelerator="cpu", devices=1, num_sanity_val_steps=0, **bare
+    )
+    trainer.fit(_Bare(model), datamodule=dm)
+    return time.perf_counter() - start
+
+
 def qpexp_epoch(model: torch.nn.Module, dm) -> float:
     stage = BaselineStage(model, num_classes=10, lr=LR, epochs=1)
     with tempfile.TemporaryDirectory() as work:
@@ -66,12 +97,21 @@ def qpexp_epoch(model: torch.nn.Module, dm) -> float:
 def bench_model(name: str, dm, rounds: int) -> dict:
     torch.manual_seed(0)
     init = getattr(models, name)((1, 28, 28), 10)
-    times = {"plain": [], "qpexp": []}
+    sides = {"plain": plain_epoch, "lightning": lightning_epoch, "qpexp": qpexp_epoch}
+    times = {side: [] for side in sides}
     for _ in range(rounds):
-        for side, run in (("plain", plain_epoch), ("qpexp", qpexp_epoch)):
+        for side, run in sides.items():
             times[side].append(run(copy.deepcopy(init), dm))
-    plain, ours = statistics.median(times["plain"]), statistics.median(times["qpexp"])
-    return {"model": name, "plain_s": plain, "qpexp_s": ours, "ratio": ours / plain, "rounds": rounds}
+    plain, bare, ours = (statistics.median(times[side]) for side in sides)
+    return {
+        "model": name,
+        "plain_s": plain,
+        "lightning_s": bare,
+        "qpexp_s": ours,
+        "ratio": ours / plain,
+        "over_lightning": ours / bare,
+        "rounds": rounds,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     dm = _data()
     rows = [bench_model(m, dm, a.rounds) for m in a.models.split(",")]
     figures = {f"{r['model']}_ratio": round(r["ratio"], 3) for r in rows}
+    figures |= {f"{r['model']}_over_lightning": round(r["over_lightning"], 3) for r in rows}
     figures |= {f"{r['model']}_plain_s": round(r["plain_s"], 2) for r in rows}
     emit(rows, figures, f"one baseline epoch on MNIST (55,000 images), {a.threads} thread(s)")
 

@@ -316,10 +316,7 @@ def check_rounding(q) -> None:
         raise ConfigError(f"quant.gptq_block={q.gptq_block!r} must be an integer >= 1")
     if q.rounding == "nearest" or q.bits_w == 32:
         return
-    if q.epochs > 0:
-        raise ConfigError(
-            f"quant.rounding={q.rounding} is post-training rounding: it needs quant.epochs=0 (got {q.epochs})"
-        )
+    # quant.epochs > 0: the rounded weights are QAT's starting point (PTQ, then a short QAT)
     if q.scheme != "linear":
         raise ConfigError(f"quant.rounding={q.rounding} supports quant.scheme=linear only (got {q.scheme!r})")
 

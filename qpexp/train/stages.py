@@ -22,7 +22,7 @@ from qpexp.core.prune.masks import strip_masks
 from qpexp.core.quant.adaround import adaround_
 from qpexp.core.quant.gptq import gptq_
 from qpexp.core.quant.layers import warn_symmetric_nonnegative
-from qpexp.train.ddp import rank_batches, reduce_weight_grads, sync_masks, sync_quant_state
+from qpexp.train.ddp import all_reduce, rank_batches, reduce_weight_grads, sync_masks, sync_quant_state
 from qpexp.train.optim import adamw
 
 
@@ -56,8 +56,6 @@ class Stage(L.LightningModule):
         self.lr, self.epochs, self.weight_decay = lr, epochs, weight_decay
         self.cycle_epochs = cycle_epochs or max(epochs, 1)
         self.min_lr_frac = min_lr_frac
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.keeper = MaskKeeper(model)
         self.best_val, self.best_epoch, self.best_state = -1.0, -1, None
@@ -73,32 +71,39 @@ class Stage(L.LightningModule):
             loss = self.distiller.loss(logits, x, y, self.label_smoothing, *teacher)
         else:
             loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        if not torch.isfinite(loss):
+        value = float(loss.detach())
+        if not math.isfinite(value):
             raise DivergenceError(
-                f"{self.stage}: training loss became {loss.item()} at epoch {self.current_epoch}, batch {batch_idx}"
+                f"{self.stage}: training loss became {value} at epoch {self.current_epoch}, batch {batch_idx}"
             )
-        # accumulated here and logged once per epoch: self.log per step costs ~3 ms on this CPU
-        self.train_acc.update(logits.detach(), y)
-        self._loss_sum += float(loss.detach()) * len(y)
+        # summed here and logged once per epoch: self.log or a torchmetrics update per step costs
+        # more than a small model's step (python -m qpexp.bench epoch)
+        self._correct += int((logits.detach().argmax(1) == y).sum())
+        self._loss_sum += value * len(y)
         self._seen += len(y)
         return loss
 
     def on_train_epoch_start(self):
-        self._loss_sum, self._seen = 0.0, 0
+        self._loss_sum, self._seen, self._correct = 0.0, 0, 0
 
     def on_train_epoch_end(self):
-        if self._seen:
-            self.log(f"{self.stage}/train/loss", self._loss_sum / self._seen)
-            self.log(f"{self.stage}/train/acc", self.train_acc.compute())
-        self.train_acc.reset()
+        loss_sum, correct, seen = all_reduce(
+            torch.tensor([self._loss_sum, self._correct, self._seen], dtype=torch.float64)
+        ).tolist()
+        if seen:  # every rank's share (one collective per epoch under DDP)
+            self.log(f"{self.stage}/train/loss", loss_sum / seen)
+            self.log(f"{self.stage}/train/acc", correct / seen)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         self.keeper()  # pruned weights back to exactly zero after the optimizer step
 
+    def on_validation_epoch_start(self):
+        self._val_correct, self._val_seen = 0, 0
+
     def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.val_acc(self.model(x), y)
-        self.log(f"{self.stage}/val/acc", self.val_acc, on_step=False, on_epoch=True, batch_size=len(y))
+        x, y = batch  # counted here, logged once per epoch (a torchmetrics object in self.log costs ~50 ms)
+        self._val_correct += int((self.model(x).argmax(1) == y).sum())
+        self._val_seen += len(y)
 
     def test_step(self, batch, batch_idx):
         x, y = batch
@@ -106,10 +111,13 @@ class Stage(L.LightningModule):
         self.log(f"{self.stage}/test/acc", self.test_acc, on_step=False, on_epoch=True, batch_size=len(y))
 
     def on_validation_epoch_end(self):
-        if self.trainer.sanity_checking or self.trainer.state.fn != "fit":
-            return
-        acc = float(self.val_acc.compute()) if self.val_acc.update_called else -1.0
-        self.epoch_end(acc)
+        counts = torch.tensor([self._val_correct, self._val_seen], dtype=torch.float64)
+        correct, seen = all_reduce(counts).tolist()  # every rank's share under DDP
+        acc = correct / seen if seen else -1.0
+        if seen:
+            self.log(f"{self.stage}/val/acc", acc)
+        if not (self.trainer.sanity_checking or self.trainer.state.fn != "fit"):
+            self.epoch_end(acc)
 
     def epoch_end(self, val_acc: float) -> None:
         if val_acc > self.best_val:
