@@ -31,6 +31,7 @@ from torch import nn
 from qpexp.core.quant.graph import graph_quantizers
 from qpexp.core.quant.layers import quant_layers
 from qpexp.core.quant.linear import LinearQuantizer
+from qpexp.core.quant.qparams import hold_range
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -159,13 +160,7 @@ def _write_back(layer, wq, grid: _Grid, codes: torch.Tensor, keep: torch.Tensor 
     w, mask = grid.w, grid.mask
     new = grid.weight(codes)
     if keep is not None:  # inside the original range: the same min/max, the same scale
-        dims = _reduce_dims(wq, w)
-        lo = w.amin(dims, keepdim=True).clamp(max=0)
-        hi = w.amax(dims, keepdim=True).clamp(min=0)
-        if wq.symmetric:
-            hi = torch.maximum(lo.abs(), hi)
-            lo = -hi
-        new = torch.where(keep, w, torch.minimum(torch.maximum(new, lo), hi))
+        new = hold_range(w, new, keep, _reduce_dims(wq, w), wq.symmetric)
     if mask is not None:
         new = new * mask
     layer.weight.copy_(new)

@@ -36,6 +36,7 @@ from qpexp.core.quant.adaround import _qparams, _range_setters
 from qpexp.core.quant.calibrate import LayerStats, Site, calibrate_, sites
 from qpexp.core.quant.graph import graph_quantizers
 from qpexp.core.quant.linear import LinearQuantizer
+from qpexp.core.quant.qparams import hold_range
 
 
 def inverse_hessian_upper(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -100,14 +101,8 @@ def _write_back(wq: LinearQuantizer, weight: torch.Tensor, w: torch.Tensor, code
     w2 = w.reshape(shape[0], -1)
     new = ((codes.double() - zero) * scale).to(w.dtype)
     if setters is not None:
-        s2 = setters.reshape(shape[0], -1)
         dims = 1 if wq.per_channel else (0, 1)
-        lo = w2.amin(dims, keepdim=True).clamp(max=0)
-        hi = w2.amax(dims, keepdim=True).clamp(min=0)
-        if wq.symmetric:
-            hi = torch.maximum(lo.abs(), hi)
-            lo = -hi
-        new = torch.where(s2, w2, torch.minimum(torch.maximum(new, lo), hi))
+        new = hold_range(w2, new, setters.reshape(shape[0], -1), dims, wq.symmetric)
     if mask is not None:
         new = new * mask.reshape(shape[0], -1)
     weight.copy_(new.reshape(shape))

@@ -102,3 +102,17 @@ def symmetric_scale(w: torch.Tensor, qmax: int, ch_axis: int | None) -> torch.Te
     w = w.detach()
     amax = w.abs().amax(reduce_dims(w, ch_axis)) if ch_axis is not None else w.abs().amax().reshape(1)
     return amax.div_(qmax).clamp_min_(TINY_SCALE)
+
+
+def hold_range(
+    w: torch.Tensor, new: torch.Tensor, setters: torch.Tensor, dims, symmetric: bool
+) -> torch.Tensor:
+    """``new`` (rounded weights) with the range-setting entries of ``w`` (``setters``) kept and every
+    other entry clamped into ``w``'s range over ``dims`` (zero included, symmetric when the quantizer
+    is), so that a min/max quantizer recomputes from ``new`` the scale it had from ``w``."""
+    lo = w.amin(dims, keepdim=True).clamp(max=0)
+    hi = w.amax(dims, keepdim=True).clamp(min=0)
+    if symmetric:
+        hi = torch.maximum(lo.abs(), hi)
+        lo = -hi
+    return torch.where(setters, w, torch.minimum(torch.maximum(new, lo), hi))
