@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY, compose, read_record, run_cli, wandb_offline_runs
+from test_vision import mnist_fixture
 from torch import nn
 
 from qpexp.core.accounting import size_bits, tensor_bits
@@ -413,7 +414,10 @@ def test_every_preset_runs_through_the_pipeline(tmp_path, preset_cache, choice):
     half a channel channelwise), the weight codes (integer multiples of the step at the preset's
     width, or powers of two for log), PTQ leaving the weights alone."""
     over = [choice, *ON_DATA.get(choice, [])]
-    if not any("digits" in o for o in over):  # MNIST-1D: 1,000 samples train 3x faster than 5,000
+    data = str(compose(over).data.get("name"))
+    if data == "mnist":  # an experiment on full MNIST: 200 fixture images in torchvision's layout
+        over.append(f"data.path={mnist_fixture(tmp_path / 'mnist', n=200)}")
+    elif data != "digits":  # MNIST-1D: 1,000 samples train 3x faster than 5,000
         over.append("data.source.num_samples=1000")
     rec, pipe = run_pipeline(tmp_path, over, cache=preset_cache)
     assert rec["status"] == "not_deployed"
