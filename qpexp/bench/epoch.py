@@ -33,7 +33,7 @@ from qpexp import models
 from qpexp.bench import emit
 from qpexp.data import ArrayDataModule
 from qpexp.data.mnist import mnist
-from qpexp.run.pipeline import fit
+from qpexp.run.pipeline import fit, quiet_lightning
 from qpexp.train.optim import adamw
 from qpexp.train.stages import BaselineStage
 
@@ -81,10 +81,11 @@ class _Bare(L.LightningModule):
 def lightning_epoch(model: torch.nn.Module, dm) -> float:
     start = time.perf_counter()
     bare = {"enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False}
-    trainer = L.Trainer(
-        max_epochs=1, logger=False, accelerator="cpu", devices=1, num_sanity_val_steps=0, **bare
-    )
-    trainer.fit(_Bare(model), datamodule=dm)
+    with quiet_lightning():  # as on qpexp's side: no banners
+        trainer = L.Trainer(
+            max_epochs=1, logger=False, accelerator="cpu", devices=1, num_sanity_val_steps=0, **bare
+        )
+        trainer.fit(_Bare(model), datamodule=dm)
     return time.perf_counter() - start
 
 
