@@ -258,6 +258,30 @@ def test_wanda_scores_by_hand():
         assert set(torch.nonzero(mask[r]).flatten().tolist()) == set(torch.topk(ref[r], 6).indices.tolist())
 
 
+def test_row_scope_by_hand_and_masks_only_grow():
+    """prune.scope=row: every output row loses round(r x its length), its own lowest; a row that
+    already lost more keeps them lost (and keeps its minimum)."""
+    from qpexp.core.prune import PruneConfig, get_mask, prune_step
+    from qpexp.core.prune.unstructured import row_masks as rows
+
+    s = torch.tensor([[4.0, 1.0, 3.0, 2.0], [0.5, 0.7, 0.1, 0.9]])
+    assert rows(s, 0.5).tolist() == [[1, 0, 1, 0], [0, 1, 0, 1]]
+    inf = -math.inf
+    s = torch.tensor([[inf, inf, inf, 2.0], [inf, 0.7, 0.1, 0.9]])
+    assert rows(s, 0.5).tolist() == [[0, 0, 0, 1], [0, 1, 0, 1]]
+    layer = nn.Sequential(nn.Linear(10, 6), nn.ReLU(), nn.Linear(6, 3))
+    cfg = PruneConfig(ratio=0.6, scope="row")
+    for target in (0.3, 0.6):  # two steps: 3 then 6 of every row of 10, 2 then 4 (round(3.6)) of 6
+        prune_step(layer, cfg, target)
+        for m, width in ((layer[0], 10), (layer[2], 6)):
+            kept = get_mask(m, "weight").sum(1)
+            assert torch.all(kept == width - round(target * width)), (target, kept)
+            w = m.weight.detach().abs() * get_mask(m, "weight")
+            for r in range(w.shape[0]):  # what each row keeps is its own largest |w|
+                top = torch.topk(m.weight.detach()[r].abs(), int(kept[r])).indices
+                assert set(torch.nonzero(w[r]).flatten().tolist()) == set(top.tolist())
+
+
 # -- N:M ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("n, m", [(2, 4), (4, 8), (1, 4)])
 def test_nm_mask_keeps_exactly_n_per_group(n, m):
@@ -322,6 +346,7 @@ ONESHOT = ["prune.finetune_epochs=0", "prune.schedule=oneshot", "quant.epochs=0"
     [
         ["prune.method=sparsegpt", "prune.structure=nm", "prune.scope=layer"],
         ["prune.criterion=wanda", "prune.scope=layer"],
+        ["prune.criterion=wanda", "prune.scope=row"],
     ],
 )
 def test_oneshot_pipeline_end_to_end(tmp_path, prune):
@@ -375,6 +400,8 @@ def test_oneshot_then_short_finetune_and_qat(tmp_path):
         (["prune.structure=nm"], "prune.schedule"),
         (["prune.method=obs"], "prune.method"),
         (["prune.method=sparsegpt", "prune.structure=channel"], "prune.method"),
+        (["prune.scope=row", "prune.structure=channel"], "prune.scope"),
+        (["prune.scope=row", "prune.method=sparsegpt"], "prune.scope"),
         (["prune.finetune_epochs=0", "prune.scope=auto"], "prune.scope"),
         (["quant.gptq_block=0"], "quant.gptq_block"),
     ],

@@ -22,7 +22,7 @@ from qpexp.core.prune.masks import (
 from qpexp.core.prune.nm import nm_mask
 from qpexp.core.prune.schedules import schedule
 from qpexp.core.prune.spec import CRITERIA, PruneConfig
-from qpexp.core.prune.unstructured import global_masks, layer_masks
+from qpexp.core.prune.unstructured import global_masks, layer_masks, row_masks
 from qpexp.core.resolve import resolve
 
 
@@ -121,7 +121,10 @@ def _unstructured_masks(model, layers, scores, own, cfg: PruneConfig, target: fl
     elif pool:
         n_pool = sum(size[n] for n in pool)
         r = min(max(goal / n_pool, 0.0), 1.0) if fixed else target  # torch's per-layer rounding
-        masks.update(layer_masks(pooled, dict.fromkeys(pool, r), cfg.min_keep_frac))
+        if cfg.scope == "row":
+            masks.update({n: row_masks(pooled[n], r, cfg.min_keep_frac) for n in pool})
+        else:
+            masks.update(layer_masks(pooled, dict.fromkeys(pool, r), cfg.min_keep_frac))
     return masks
 
 

@@ -15,7 +15,7 @@ CRITERIA = {
     "std": "qpexp.core.prune.criteria.std.Std",  # Han et al. 2015: |w| / std of the layer
     "wanda": "qpexp.core.prune.criteria.wanda.Wanda",  # Sun et al. 2024: |w| x input norm
 }
-SCOPES = ("global", "layer", "auto")
+SCOPES = ("global", "layer", "auto", "row")
 STRUCTURES = ("unstructured", "channel", "nm")
 METHODS = ("mask", "sparsegpt")  # mask: zero the lowest scores; sparsegpt: OBS mask and weight update
 SCHEDULES = ("oneshot", "geometric", "linear", "agp")
@@ -29,7 +29,8 @@ class PruneConfig:
     (for channels: the first layer's channels, and the channels feeding the last layer). No layer
     keeps fewer than ``min_keep_frac`` of its weights (at least one) or fewer than
     ``min_keep_channels`` channels. ``scope``: ``global`` (one ranking across layers), ``layer`` (the
-    same fraction each) or ``auto`` (fractions planned from each layer's measured validation loss on
+    same fraction each), ``row`` (the same fraction of every output row, Wanda's comparison group;
+    unstructured) or ``auto`` (fractions planned from each layer's measured validation loss on
     ``auto_batches`` batches, :mod:`qpexp.core.prune.auto`); every scope removes the same total.
     ``quality``: per-layer qualities (layer name -> q > 0, unnamed layers 1) for ``scope=global``:
     each layer's scores are divided by its q, so one global threshold t is Han et al.'s rule
@@ -116,6 +117,11 @@ class PruneConfig:
         if self.method == "sparsegpt" and self.structure == "channel":
             raise ValueError(
                 "prune.method=sparsegpt prunes single weights: use prune.structure=unstructured or nm"
+            )
+        if self.scope == "row" and (self.structure == "channel" or self.method != "mask"):
+            raise ValueError(
+                "prune.scope=row ranks single weights within each output row: it needs "
+                "prune.structure=unstructured (or nm, whose groups lie within rows) and prune.method=mask"
             )
         if self.method == "sparsegpt" and self.scope == "auto":
             raise ValueError("prune.method=sparsegpt prunes every layer to its ratio: use prune.scope=layer")

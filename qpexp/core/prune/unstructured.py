@@ -1,4 +1,5 @@
-"""Unstructured masks with exact counts: global (one threshold) or layer-wise (same fraction each)."""
+"""Unstructured masks with exact counts: global (one threshold), layer-wise (same fraction each) or
+row-wise (the same fraction of every output row, Wanda's comparison group)."""
 
 from __future__ import annotations
 
@@ -62,3 +63,18 @@ def global_masks(
         out[name] = mask[i : i + n].reshape(scores[name].shape)
         i += n
     return out
+
+
+def row_masks(scores: torch.Tensor, ratio: float, min_keep_frac: float = 0.0) -> torch.Tensor:
+    """Prune the ``round(ratio x row length)`` lowest scores of every output row (``scores`` reshaped
+    to ``(rows, -1)``; ties: the lower column). Weights scored ``-inf`` (already pruned) stay pruned
+    even where a row holds more of them; each row keeps its ``keep_minimum``."""
+    s = scores.reshape(scores.shape[0], -1).float()
+    n = s.shape[1]
+    already = torch.isneginf(s).sum(1)
+    goal = min(round(ratio * n), n - keep_minimum(n, min_keep_frac))
+    k = torch.clamp(already, min=goal)
+    order = torch.argsort(s, dim=1, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(n).expand_as(order))
+    return (rank >= k[:, None]).to(scores.dtype).reshape(scores.shape)

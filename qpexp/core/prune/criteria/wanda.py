@@ -3,8 +3,8 @@ norm of the input feature it multiplies over the calibration data (no gradients,
 
 The norms come from :meth:`Wanda.calibrate` (one pass over unlabeled batches,
 :mod:`qpexp.core.quant.calibrate`: a conv's unfolded patches, a quantized layer's quantized input). The
-paper compares scores within each output row; :func:`row_masks` does that, and as a criterion the
-scores are ranked by ``prune.scope`` (``layer``: within each layer) or in N:M groups
+paper compares scores within each output row: ``prune.scope=row`` (:func:`row_masks`); the scores can
+also be ranked by the other scopes (``layer``: within each layer) or in N:M groups
 (``prune.structure=nm``: within each group of a row). A weight without calibration inputs (raw
 recurrent weights, embeddings) is scored by ``|W|`` alone. Unstructured only (``dim=None``).
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from qpexp.core.prune.criteria import Target
+from qpexp.core.prune.unstructured import row_masks  # noqa: F401  (its home before prune.scope=row)
 from qpexp.core.quant.calibrate import calibrate_
 
 
@@ -24,16 +25,6 @@ def wanda_scores(w: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     per = rows // norms.shape[0]
     scale = norms.to(w.dtype).repeat_interleave(per, dim=0)
     return (w.reshape(rows, -1).abs() * scale).reshape(w.shape)
-
-
-def row_masks(scores: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Prune the ``round(ratio x row length)`` lowest scores of every output row."""
-    s = scores.reshape(scores.shape[0], -1)
-    k = round(ratio * s.shape[1])
-    mask = torch.ones_like(s)
-    if k:
-        mask.scatter_(1, torch.topk(s, k, dim=1, largest=False).indices, 0.0)
-    return mask.reshape(scores.shape)
 
 
 class Wanda:
