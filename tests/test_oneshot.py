@@ -415,3 +415,78 @@ def test_bad_oneshot_config_refused(tmp_path, overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         Pipeline(compose([*TINY, f"cache_dir={tmp_path}", *overrides]), tmp_path / "run")
     assert not any(tmp_path.iterdir())
+
+
+# -- every built-in model -------------------------------------------------------------------------------
+EVERY_MODEL = {  # name: (one sample's shape, builder options: small widths, as tests/test_archs.py)
+    "mlp": ((40,), {}),
+    "mlp:logistic": ((40,), {"hidden": ()}),  # model=logistic
+    "cnn1d": ((1, 40), {}),
+    "gru": ((1, 40), {}),
+    "lenet300": ((1, 28, 28), {}),
+    "lenet5": ((1, 8, 8), {}),
+    "lenet5_caffe": ((1, 28, 28), {}),
+    "resnet20": ((3, 32, 32), {"width": 0.25}),
+    "vgg11": ((3, 32, 32), {"width": 0.0625}),
+    "mobilenetv2": ((3, 32, 32), {"width": 0.25, "last_channel": 32}),
+    "transformer": ((1, 40), {"dim": 16, "depth": 1, "heads": 2}),
+}
+
+
+def _built(name: str):
+    import qpexp.models as M
+
+    shape, opts = EVERY_MODEL[name]
+    torch.manual_seed(0)
+    model = getattr(M, name.split(":")[0])(shape, 10, **opts).eval()
+    return model, torch.randn(16, *shape, generator=gen(1))
+
+
+@pytest.mark.parametrize("name", sorted(EVERY_MODEL))
+def test_every_method_on_every_built_in_model(name):
+    """SparseGPT at 50%, Wanda per output row, 2:4 by magnitude and GPTQ at 4 bits, each on a fresh
+    copy of every built-in model (conv, linear, recurrent and attention weights), from 16 random
+    inputs: counts checked row by row or group by group here, GPTQ's codes on the quantizer's grid,
+    every GPTQ-able layer reached (the rest named in ``nearest_only``), outputs finite."""
+    from qpexp.core.prune import PruneConfig, get_mask, prunable_weights, prune_step
+    from qpexp.core.prune.sparsegpt import sparsegpt_step
+    from qpexp.core.prune.unstructured import keep_minimum
+    from qpexp.core.quant.graph import graph_quantizers
+    from qpexp.core.quant.layers import quant_layers
+
+    model, x = _built(name)
+    realized = sparsegpt_step(
+        model, PruneConfig(ratio=0.5, scope="layer", method="sparsegpt"), 0.5, calib=[x]
+    )
+    assert realized and all(abs(r - 0.5) <= 0.07 for r in realized.values()), realized
+    assert torch.isfinite(model(x)).all()
+
+    model, x = _built(name)
+    crit = Wanda()
+    crit.calibrate(model, [x])
+    prune_step(model, PruneConfig(ratio=0.5, scope="row", criterion="wanda"), 0.5, criterion=crit)
+    for lname, m, pname in prunable_weights(model):
+        rows = get_mask(m, pname).reshape(getattr(m, pname).shape[0], -1)
+        n = rows.shape[1]
+        pruned = min(round(0.5 * n), n - keep_minimum(n, 0.01))
+        assert torch.all(rows.sum(1) == n - pruned), lname
+
+    model, x = _built(name)
+    prune_step(model, PruneConfig(ratio=0.5, structure="nm", schedule="oneshot"), 0.5)
+    for lname, m, pname in prunable_weights(model):
+        rows = getattr(m, pname).detach().reshape(getattr(m, pname).shape[0], -1)
+        for start in range(0, rows.shape[1], 4):
+            assert int((rows[:, start : start + 4] != 0).sum(1).max()) <= 2, lname
+
+    model, x = _built(name)
+    spec = QuantSpec(bits=4, granularity="channel")
+    quantize_(model, QuantConfig(weight=spec, act=QuantSpec(bits=32)), example=x)
+    info = gptq_(model, [x])
+    layers = dict(quant_layers(model))
+    assert set(info["layers"]) == set(layers)  # every conv/linear layer reached
+    for lname, q in layers.items():
+        codes = q.wq.int_repr(q.layer.weight)
+        assert q.wq.qmin <= int(codes.min()) and int(codes.max()) <= q.wq.qmax, lname
+    raw = {n for n, q in graph_quantizers(model) if getattr(q, "is_weight", False)}
+    assert set(info.get("nearest_only", [])) == raw  # raw weights (attention, GRU) keep nearest, named
+    assert torch.isfinite(model(x)).all()
