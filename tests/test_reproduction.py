@@ -358,3 +358,44 @@ def test_mnist1d_mlp_recipe(tmp_path):
     assert rec["baseline/best_epoch"] == best[2]
     assert rec["baseline/val_acc"] == pytest.approx(best[0], abs=1e-6)
     assert rec["baseline/test_acc"] == pytest.approx(acc(model, xt, yt), abs=1e-6)
+
+
+def test_frontier_mnist_sweep_is_deep_compression_changed_by_its_axes_only():
+    """sweep=frontier_mnist: the experiment repro_deep_compression_lenet5_mnist, with the sweep's
+    axes (one seed, ratio x fc codebook bits) and the Huffman-coded ratio axis, every point valid."""
+    from omegaconf import OmegaConf
+
+    from qpexp.sweep.check import sweep_points
+
+    cfg, exp = compose(["sweep=frontier_mnist"]), compose(["experiment=repro_deep_compression_lenet5_mnist"])
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and cfg.hydra.sweep.dir == "outputs/sweeps/frontier_mnist"
+    assert cfg.hydra.callbacks.frontier.size == "huffman"
+    params = {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
+    assert params == {"seed": ["0"], "quant.bits_w": ["4", "5"], "prune.ratio": ["0.917", "0.97", "0.99"]}
+    for key in ("data", "model", "baseline", "prune", "quant.scheme", "quant.overrides", "quant.epochs", "quant.lr"):
+        assert OmegaConf.select(cfg, key) == OmegaConf.select(exp, key), key
+    points = sweep_points(cfg)
+    assert len(points) == 6
+    for point in points:
+        typed = validate(compose(["sweep=frontier_mnist", *point]))
+        assert typed.data.name == "mnist" and typed.quant.scheme == "codebook"
+
+
+def test_frontier_mnist_reference_is_the_published_deep_compression_rows():
+    """The papers' points drawn beside the MNIST front are the rows of qpexp/reproduction.yaml
+    (one home for a published number): Deep Compression's LeNet-5 error and its two ratios."""
+    import csv
+
+    ref = CONF / "sweep" / "references" / "lenet5_mnist_papers.csv"
+    assert str(compose(["sweep=frontier_mnist"]).hydra.callbacks.frontier.reference).endswith(
+        "sweeps/references/lenet5_mnist_papers.csv"
+    )
+    rows = list(csv.DictReader(ref.open()))
+    pub = {
+        r["metric"].get("key", "error"): r["published"]
+        for r in TABLE["rows"]
+        if r["experiment"] == "repro_deep_compression_lenet5_mnist" and r["published"] is not None
+    }
+    assert [float(r["compression_ratio"]) for r in rows] == [pub["final/paper_ratio"], pub["final/paper_ratio_huffman"]]
+    for r in rows:
+        assert float(r["test_acc"]) == pytest.approx(1 - pub["error"] / 100, abs=1e-12)
