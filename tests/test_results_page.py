@@ -20,7 +20,7 @@ def test_committed_page_matches_its_records():
     assert rebuilt == page, "docs/results.md is stale: run `qpexp-report --results` and commit it"
 
 
-def _point(root: Path, name: str, bits: int, val: float, test: float, ratio: float) -> None:
+def _point(root: Path, name: str, bits: int, val: float, test: float, ratio: float, huffman=None) -> None:
     d = root / name
     d.mkdir(parents=True)
     cfg = {
@@ -43,6 +43,8 @@ def _point(root: Path, name: str, bits: int, val: float, test: float, ratio: flo
         "final/compression_ratio": ratio,
         "dense/size_bits": 1000.0,
     }
+    if huffman is not None:
+        rec["final/compression_ratio_huffman"] = huffman
     (d / "record.json").write_text(json.dumps(rec))
     (d / ".hydra").mkdir()
 
@@ -78,3 +80,20 @@ def test_unfinished_sweep_is_refused(tmp_path):
     (sweep / "multirun.yaml").write_text("hydra: {}\n")
     with pytest.raises(FileNotFoundError, match="1 point"):
         results.add_sweep(sweep, "x", tmp_path / "records")
+
+
+def test_a_huffman_sweep_is_tabled_on_its_huffman_ratio(tmp_path):
+    """A sweep that ran with hydra.callbacks.frontier.size=huffman is ranked, and its ratios shown,
+    on final/compression_ratio_huffman, and the section says which axis it is."""
+    sweep = tmp_path / "s"
+    _point(sweep, "a", 4, 0.945, 0.930, 16.0, huffman=20.0)
+    _point(sweep, "b", 5, 0.948, 0.940, 14.0, huffman=22.0)  # behind a at fixed width, ahead Huffman-coded
+    (sweep / "multirun.yaml").write_text(
+        "hydra:\n  callbacks:\n    frontier:\n      size: huffman\n  overrides:\n    task: [seed=0]\n"
+    )
+    text = results.generate(results.add_sweep(sweep, "h", tmp_path / "records").parent)
+    assert "`final/compression_ratio_huffman`" in text
+    val_row = next(x for x in text.splitlines() if x.startswith("| `final/val_acc`"))
+    assert val_row.split(" | ")[2:4] == ["22.00x", "w5 global 0.5"]  # b: 22x Huffman-coded, within 1 pt
+    rows = [x for x in text.splitlines() if x.startswith("| w")]
+    assert [r.split(" | ")[4] for r in rows] == ["22.00x", "20.00x"]

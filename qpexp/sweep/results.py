@@ -25,6 +25,10 @@ RECORDS = Path("docs/results/records")
 PAGE = Path("docs/results.md")
 BEGIN, END = "<!-- qpexp-report:results:begin -->", "<!-- qpexp-report:results:end -->"
 SELECTS = (fr.VAL, fr.ACC)
+AXIS_TEXT = {
+    "honest": "honest total at fixed width (`final/compression_ratio`)",
+    "huffman": "honest total with the codes and indices Huffman-coded (`final/compression_ratio_huffman`)",
+}
 
 
 def _shown(path: Path) -> str:
@@ -51,10 +55,17 @@ def command(sweep: Path) -> str:
     return "qpexp " + " ".join(str(o) for o in task)
 
 
+def ratio_axis(sweep: Path) -> str:
+    """The sweep's ratio axis as it ran (``hydra.callbacks.frontier.size`` in its ``multirun.yaml``):
+    ``honest`` (fixed-width codes) unless the sweep asked for ``huffman``."""
+    h = OmegaConf.load(sweep / "multirun.yaml").hydra
+    return str(OmegaConf.select(h, "callbacks.frontier.size", default="honest") or "honest")
+
+
 def frontier_numbers(sweep: Path, select: str) -> tuple[dict, list[dict]]:
-    """(summary, config groups) of one sweep's records, chosen on ``select``."""
+    """(summary, config groups) of one sweep's records, chosen on ``select``, on the sweep's ratio axis."""
     rows, axes = fr.collect([sweep])
-    gs = fr.groups(rows, axes, select)
+    gs = fr.groups(rows, axes, select, suffix=fr.SIZES[ratio_axis(sweep)])
     return fr.summarize(rows, gs, fr.HV_WINDOW, select), gs
 
 
@@ -150,7 +161,8 @@ def section(sweep: Path) -> list[str]:
         "",
         f"Command: `{command(sweep)}`; {s['points']} points, {s['points_failed']} failed, "
         f"{s.get('points_deploy_mismatch', 0) + s.get('points_deploy_error', 0)} whose deployment check "
-        f"failed, {s.get('points_not_deployed', 0)} not deployed; records: `{_shown(sweep)}`.",
+        f"failed, {s.get('points_not_deployed', 0)} not deployed; records: `{_shown(sweep)}`. "
+        f"Ratio: {AXIS_TEXT[ratio_axis(sweep)]}.",
         "",
         budget(sweep),
         "",
