@@ -368,11 +368,22 @@ def test_frontier_mnist_sweep_is_deep_compression_changed_by_its_axes_only():
     from qpexp.sweep.check import sweep_points
 
     cfg, exp = compose(["sweep=frontier_mnist"]), compose(["experiment=repro_deep_compression_lenet5_mnist"])
-    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and cfg.hydra.sweep.dir == "outputs/sweeps/frontier_mnist"
+    assert (
+        str(cfg.hydra.mode) == "RunMode.MULTIRUN" and cfg.hydra.sweep.dir == "outputs/sweeps/frontier_mnist"
+    )
     assert cfg.hydra.callbacks.frontier.size == "huffman"
     params = {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
     assert params == {"seed": ["0"], "quant.bits_w": ["4", "5"], "prune.ratio": ["0.917", "0.97", "0.99"]}
-    for key in ("data", "model", "baseline", "prune", "quant.scheme", "quant.overrides", "quant.epochs", "quant.lr"):
+    for key in (
+        "data",
+        "model",
+        "baseline",
+        "prune",
+        "quant.scheme",
+        "quant.overrides",
+        "quant.epochs",
+        "quant.lr",
+    ):
         assert OmegaConf.select(cfg, key) == OmegaConf.select(exp, key), key
     points = sweep_points(cfg)
     assert len(points) == 6
@@ -396,6 +407,9 @@ def test_frontier_mnist_reference_is_the_published_deep_compression_rows():
         for r in TABLE["rows"]
         if r["experiment"] == "repro_deep_compression_lenet5_mnist" and r["published"] is not None
     }
-    assert [float(r["compression_ratio"]) for r in rows] == [pub["final/paper_ratio"], pub["final/paper_ratio_huffman"]]
+    assert [float(r["compression_ratio"]) for r in rows] == [
+        pub["final/paper_ratio"],
+        pub["final/paper_ratio_huffman"],
+    ]
     for r in rows:
         assert float(r["test_acc"]) == pytest.approx(1 - pub["error"] / 100, abs=1e-12)
