@@ -77,6 +77,7 @@ class QuantSchema:
     bits_a: int = 8
     scheme: str = "linear"
     granularity: str = "channel"
+    group_size: int = 128  # granularity=group: input elements per scale
     symmetric: bool = True
     narrow_range: bool = True
     range: str = "minmax"
@@ -196,7 +197,9 @@ AUTO_BITS = 8  # quant.bits_w=auto: the width of weights the assignment does not
 def quant_config(q) -> QuantConfig:
     """The core's settings; with ``bits_w=auto`` weights at ``AUTO_BITS`` until widths are assigned."""
     bits = AUTO_BITS if q.bits_w == AUTO else q.bits_w
-    weight = QuantSpec(bits, q.scheme, q.granularity, q.symmetric, q.range, q.ema_decay, q.narrow_range)
+    weight = QuantSpec(
+        bits, q.scheme, q.granularity, q.symmetric, q.range, q.ema_decay, q.narrow_range, q.group_size
+    )
     act = QuantSpec(q.bits_a, q.act.scheme, q.act.granularity, q.act.symmetric, q.act.range, q.act.ema_decay)
     return QuantConfig(weight, act, q.first_bits, q.last_bits, dict(q.overrides), q.fold_bn)
 
@@ -316,6 +319,11 @@ def check_rounding(q) -> None:
         raise ConfigError(f"quant.gptq_block={q.gptq_block!r} must be an integer >= 1")
     if q.rounding == "nearest" or q.bits_w == 32:
         return
+    if q.rounding == "adaround" and q.granularity == "group":
+        raise ConfigError(
+            "quant.granularity=group is not supported with quant.rounding=adaround (its rounding "
+            "variables are learned against per-tensor/per-channel grids): use quant.rounding=gptq or nearest"
+        )
     # quant.epochs > 0: the rounded weights are QAT's starting point (PTQ, then a short QAT)
     if q.scheme != "linear":
         raise ConfigError(f"quant.rounding={q.rounding} supports quant.scheme=linear only (got {q.scheme!r})")

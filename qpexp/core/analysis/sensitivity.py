@@ -75,7 +75,8 @@ def weight_layers(prepared: nn.Module) -> dict[str, nn.Module]:
 def set_weight_bits(wrapper: nn.Module, qcfg: QuantConfig, bits: int) -> None:
     """Give one wrapper a fresh weight quantizer of ``bits`` (the run's weight spec); 32: float."""
     spec = replace(qcfg.weight, bits=bits)
-    wrapper.wq = make_quantizer(spec, is_weight=True, channels=wrapper.layer.weight.shape[0])
+    w = wrapper.layer.weight
+    wrapper.wq = make_quantizer(spec, is_weight=True, channels=w.shape[0], row_size=w[0].numel())
 
 
 def quant_sensitivity(

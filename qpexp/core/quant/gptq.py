@@ -22,6 +22,12 @@ the same scale; pruned weights (``weight_mask``) keep the code of zero. A layer 
 error on the calibration inputs (``tr(dW H dW^T)``) exceeds nearest rounding's keeps nearest
 rounding.
 
+Per-group scales (``granularity=group``, :func:`_gptq_groups`): as the GPTQ reference code, each
+group's scale and zero point come from its columns' current, error-updated values when the loop
+reaches the group's first column (the group's range setters keep their code and their value);
+with ``act_order`` the groups are static, their grids taken from the float weight up front (the
+reference's ``static_groups``), since act-order visits a group's columns out of order.
+
 Imports only torch.
 """
 
@@ -32,6 +38,7 @@ import time
 import torch
 from torch import nn
 
+from qpexp.core.quant import groups as G
 from qpexp.core.quant.adaround import _qparams, _range_setters
 from qpexp.core.quant.calibrate import LayerStats, Site, calibrate_, sites
 from qpexp.core.quant.graph import graph_quantizers
@@ -51,10 +58,17 @@ def inverse_hessian_upper(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def gptq_columns(w: torch.Tensor, h: torch.Tensor, quant, block: int = 128, damp: float = 0.01,
-                 act_order: bool = False) -> torch.Tensor:  # fmt: skip
+                 act_order: bool = False, group_size: int = 0, group_start=None) -> torch.Tensor:  # fmt: skip
     """GPTQ's Algorithm 1 on ``w`` (``rows x d``) with Hessian ``h`` (``d x d``): returns the quantized
     weight (float64, same column order as ``w``). ``quant(j, col)`` quantizes column ``j`` (its index
-    in ``w``) given its current, error-updated values and returns the quantized values."""
+    in ``w``) given its current, error-updated values and returns the quantized values.
+
+    ``group_start(j, cur)`` (with ``group_size``, not with ``act_order``) is called when the loop
+    reaches column ``j``, the first of a group, with ``cur``: the current, error-updated values of the
+    group's columns ``j .. j + group_size - 1`` (every update from the columns before ``j`` applied,
+    the pending lazy block update included), before column ``j`` is quantized."""
+    if group_start is not None and (act_order or group_size < 1):
+        raise ValueError("gptq_columns: group_start needs group_size >= 1 and no act_order")
     w = w.double().clone()
     d = w.shape[1]
     perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(d)
@@ -66,6 +80,12 @@ def gptq_columns(w: torch.Tensor, h: torch.Tensor, quant, block: int = 128, damp
         w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
         err1 = torch.zeros_like(w1)
         for i in range(i2 - i1):
+            if group_start is not None and (i1 + i) % group_size == 0:
+                b = min(i1 + i + group_size, d)
+                cur = w1[:, i : min(b, i2) - i1]
+                if b > i2:  # the group runs past this block: its pending update so far (err1 is 0 from i on)
+                    cur = torch.cat([cur, w[:, i2:b] - err1 @ u[i1:i2, i2:b]], 1)
+                group_start(i1 + i, cur)
             col = w1[:, i]
             qc = quant(int(perm[i1 + i]), col).double()
             q[:, i1 + i] = qc
@@ -113,6 +133,111 @@ def _write_back(wq: LinearQuantizer, weight: torch.Tensor, w: torch.Tensor, code
         )
 
 
+def _group_grid(wq: LinearQuantizer, w2: torch.Tensor, group_size: int) -> dict:
+    """A weight's ``(rows, K)`` view ``w2`` (its own dtype) on per-group grids of ``group_size``
+    columns, computed by the layer's quantizer: per element (``(rows, K)``) the scale and zero point
+    (float64), the nearest code, whether it sets its group's min/max range, and that range (zero
+    included, symmetric when the quantizer is: :func:`~qpexp.core.quant.qparams.hold_range`'s)."""
+    c, k = w2.shape
+    wg = G.padded(w2, group_size)  # zero padding changes no range (module doc of groups)
+    scale, zero = wq._weight_qparams(wg)
+    code = torch.round(wg * (1.0 / scale).reshape(-1, 1)) + zero.reshape(-1, 1)  # int_repr's arithmetic
+    code = code.clamp(wq.qmin, wq.qmax)
+    if wq.symmetric:
+        a = wg.abs()
+        hi = a.amax(1, keepdim=True)
+        lo, setters = -hi, a == hi
+    else:
+        mn, mx = wg.amin(1, keepdim=True), wg.amax(1, keepdim=True)
+        lo, hi, setters = mn.clamp(max=0), mx.clamp(min=0), (wg == mn) | (wg == mx)
+    full = lambda v: G.expand(v.reshape(-1), c, k, group_size)  # noqa: E731
+    return {
+        "scale": full(scale.double()),
+        "zero": full(zero.double()),
+        "codes": G.unpadded(code, c, k).to(torch.int32),
+        "setters": G.unpadded(setters, c, k),
+        "lo": full(lo),
+        "hi": full(hi),
+    }
+
+
+def _gptq_groups(site: Site, stats: LayerStats, block: int, damp: float, act_order: bool) -> dict:
+    """GPTQ onto per-group grids (``granularity=group``), as the reference implementation: without
+    ``act_order`` the scale (and zero point) of a group comes from the *current* (error-updated)
+    values of its columns when the loop reaches its first column (pruned positions read as 0); the
+    elements that set that range keep their code and their value, so that the layer's min/max
+    quantizer recomputes the same scale from the written weight. With ``act_order`` the groups are
+    static (the reference's ``static_groups``): every group's grid comes from the float weight up
+    front, as per channel. Nearest rounding (float weight's grids) is kept where it is better."""
+    wq, weight = site.wq, site.weight
+    t0 = time.perf_counter()
+    w = weight.detach().clone()
+    wq(w)
+    rows, gs = w.shape[0], wq.group_size
+    w2 = w.reshape(rows, -1)
+    k = w2.shape[1]
+    mask = getattr(site.owner, f"{site.pname}_mask", None)
+    mask2 = None if mask is None else mask.reshape(rows, -1).to(w.dtype)
+    dead = torch.zeros_like(w2, dtype=torch.bool) if mask2 is None else mask2 == 0
+    near = _group_grid(wq, w2, gs)
+    # the grids GPTQ quantizes on: static (act_order) or set group by group in ``start``
+    grid = {key: v.clone() for key, v in near.items()}
+    value = w2.clone()  # what a range setter is written back as
+    codes = torch.empty_like(near["codes"])
+    h_all = stats.mean_hessian()
+    g = stats.hessian.shape[0]
+    per = rows // g
+    for gi in range(g):
+        r = slice(gi * per, (gi + 1) * per)
+
+        def start(p, cur, r=r):
+            cols = slice(p, p + cur.shape[1])
+            cw = cur.to(w.dtype)
+            if mask2 is not None:
+                cw = cw * mask2[r, cols]
+            sub = _group_grid(wq, cw, cur.shape[1])
+            for key, v in sub.items():
+                grid[key][r, cols] = v
+            value[r, cols] = cw
+
+        def quant(j, col, r=r):
+            s, z = grid["scale"][r, j], grid["zero"][r, j]
+            c = torch.clamp(torch.round(col / s) + z, wq.qmin, wq.qmax)
+            fixed = torch.where(dead[r, j], z, grid["codes"][r, j].double())
+            c = torch.where(grid["setters"][r, j] | dead[r, j], fixed, c)
+            codes[r, j] = c.to(codes.dtype)
+            return (c - z) * s
+
+        gptq_columns(w2[r], h_all[gi], quant, block, damp, act_order, gs, None if act_order else start)
+    errors = {}
+    for key, c, gr in (("nearest", near["codes"], near), ("gptq", codes, grid)):
+        deq = (c.double() - gr["zero"]) * gr["scale"]
+        errors[key] = sum(
+            output_error(deq[gi * per : (gi + 1) * per] - w2[gi * per : (gi + 1) * per], h_all[gi])
+            for gi in range(g)
+        )
+    kept_nearest = errors["gptq"] > errors["nearest"]
+    final, gr, val = (near["codes"], near, w2) if kept_nearest else (codes, grid, value)
+    new = ((final.double() - gr["zero"]) * gr["scale"]).to(w.dtype)
+    new = torch.where(gr["setters"], val, torch.minimum(torch.maximum(new, gr["lo"]), gr["hi"]))
+    if mask2 is not None:
+        new = new * mask2
+    weight.copy_(new.reshape(w.shape))
+    got = wq.int_repr(weight).reshape(rows, -1)
+    if not torch.equal(got, final.to(torch.int32)):
+        raise RuntimeError(
+            f"gptq: the weight quantizer gives {int((got != final).sum())} codes other than GPTQ's (groups)"
+        )
+    return {
+        "changed": float((final != near["codes"]).float().mean()),
+        "mse_nearest": errors["nearest"] / rows,
+        "mse_gptq": min(errors.values()) / rows,
+        "kept_nearest": bool(kept_nearest),
+        "gptq_seconds": time.perf_counter() - t0,
+        "groups": rows * G.n_groups(k, gs),
+    }
+
+
 @torch.no_grad()
 def gptq_layer_(site: Site, stats: LayerStats, block: int = 128, damp: float = 0.01,
                 act_order: bool = False) -> dict:  # fmt: skip
@@ -123,6 +248,8 @@ def gptq_layer_(site: Site, stats: LayerStats, block: int = 128, damp: float = 0
         raise ValueError(
             f"quant.rounding=gptq supports the linear weight scheme only; got {type(wq).__name__}"
         )
+    if wq.per_group:
+        return _gptq_groups(site, stats, block, damp, act_order)
     start = time.perf_counter()
     weight = site.weight
     w = weight.detach().clone()

@@ -805,8 +805,12 @@ def analyse(model: nn.Module, cfg: QuantConfig, example=None) -> Plan:
     return Plan(leaves, raw, folded, swapped, ranks)
 
 
-def _weight_quantizer(spec: QuantSpec, channels: int, ch_axis: int) -> nn.Module:
+def _weight_quantizer(spec: QuantSpec, channels: int, ch_axis: int, numel: int = 0) -> nn.Module:
     cls = resolve(spec.scheme, SCHEMES, "quant.scheme")
+    if spec.granularity == "group":
+        return cls(
+            spec, is_weight=True, channels=channels, ch_axis=ch_axis, row_size=numel // max(channels, 1)
+        )
     return cls(spec, is_weight=True, channels=channels, ch_axis=ch_axis)
 
 
@@ -954,7 +958,7 @@ class _Instrumenter:
             path = self.quantizer(
                 owner_rel,
                 f"{r.param}_wq",
-                lambda p=p, r=r, spec=spec: _weight_quantizer(spec, p.shape[r.ch_axis], r.ch_axis),
+                lambda p=p, r=r, spec=spec: _weight_quantizer(spec, p.shape[r.ch_axis], r.ch_axis, p.numel()),
             )
             users = list(n.users)
             q = self._insert(n, path, n)

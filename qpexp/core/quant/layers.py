@@ -54,10 +54,16 @@ def is_quant_layer(m: nn.Module) -> bool:
     return isinstance(m, QuantLayer)
 
 
-def make_quantizer(spec: QuantSpec, is_weight: bool, channels: int = 1) -> nn.Module | None:
+def make_quantizer(
+    spec: QuantSpec, is_weight: bool, channels: int = 1, row_size: int = 0
+) -> nn.Module | None:
+    """A quantizer of ``spec``; ``row_size``: a weight's elements per output channel (``granularity=group``
+    sizes its scales from it)."""
     if not spec.enabled:
         return None
     cls = resolve(spec.scheme, SCHEMES, "quant.scheme" if is_weight else "quant.act.scheme")
+    if spec.granularity == "group":
+        return cls(spec, is_weight=is_weight, channels=channels, ch_axis=0, row_size=row_size)
     return cls(spec, is_weight=is_weight, channels=channels, ch_axis=0)
 
 

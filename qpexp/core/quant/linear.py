@@ -34,6 +34,7 @@ import math
 import torch
 from torch import nn
 
+from qpexp.core.quant import groups as G
 from qpexp.core.quant.lsq import LearnedStep
 from qpexp.core.quant.lsq import grad_factor as _grad_factor
 from qpexp.core.quant.observer import RangeObserver
@@ -169,12 +170,25 @@ class LinearQuantizer(nn.Module):
     The state is this module's own (state-dict keys ``min_val``, ``max_val``, ``zero_point``,
     ``scale``, ``initialized``); the observer and the learned step are plain objects that read and
     write it through the module.
+
+    ``granularity=group`` (weights, min/max range): one scale (and zero point) per group of
+    ``group_size`` consecutive elements of an output row (:mod:`~qpexp.core.quant.groups`);
+    ``row_size`` (``K``, the elements per output channel) sizes the buffers to ``C * ceil(K / g)``.
     """
 
-    def __init__(self, spec: QuantSpec, is_weight: bool, channels: int = 1, ch_axis: int = 0):
+    def __init__(
+        self, spec: QuantSpec, is_weight: bool, channels: int = 1, ch_axis: int = 0, row_size: int = 0
+    ):
         super().__init__()
         self.bits = spec.bits
         self.symmetric = spec.symmetric
+        self.per_group = spec.granularity == "group"
+        self.group_size = int(spec.group_size) if self.per_group else 0
+        if self.per_group and (not is_weight or spec.range == "lsq" or row_size <= 0):
+            raise ValueError(
+                "quant.granularity=group: weights only, with a min/max range and the row size "
+                f"(got is_weight={is_weight}, range={spec.range!r}, row_size={row_size})"
+            )
         self.per_channel = spec.granularity == "channel"
         self.range = spec.range
         self.decay = spec.ema_decay
@@ -182,6 +196,8 @@ class LinearQuantizer(nn.Module):
         self.ch_axis = ch_axis
         self.qmin, self.qmax = int_range(self.bits, self.symmetric, spec.narrow_range)
         n = channels if self.per_channel else 1
+        if self.per_group:
+            n = channels * G.n_groups(row_size, self.group_size)
         self.register_buffer("min_val", torch.full((n,), math.inf))
         self.register_buffer("max_val", torch.full((n,), -math.inf))
         self.register_buffer("zero_point", torch.zeros(n, dtype=torch.int32))
@@ -212,6 +228,8 @@ class LinearQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "channel" if self.per_channel else "tensor"
+        if self.per_group:
+            kind = f"group({self.group_size})"
         sym = "symmetric" if self.symmetric else "asymmetric"
         return f"bits={self.bits}, {sym}, per-{kind}, range={self.range}"
 
@@ -227,8 +245,11 @@ class LinearQuantizer(nn.Module):
 
     @torch.no_grad()
     def _weight_qparams(self, w: torch.Tensor):
-        """Scale and zero point of a weight's own min/max range (per channel or per tensor)."""
+        """Scale and zero point of a weight's own min/max range (per channel or per tensor; per group:
+        of ``w`` already :func:`~qpexp.core.quant.groups.grouped`, one row per group)."""
         axis = self.ch_axis if self.per_channel else None
+        if self.per_group:
+            axis = 0
         if self.symmetric:
             scale = symmetric_scale(w, self.qmax, axis)
             if self.zero_point.shape != scale.shape:
@@ -241,6 +262,8 @@ class LinearQuantizer(nn.Module):
     def qparams(self, x: torch.Tensor | None = None):
         """(scale, zero_point) that the next forward would use; weights pass their tensor."""
         if self.range != "lsq" and self.is_weight and x is not None:
+            if self.per_group:
+                return self._weight_qparams(G.grouped(x.detach(), self.ch_axis, self.group_size))
             return self._weight_qparams(x)
         return self.scale.detach(), self.zero_point
 
@@ -251,6 +274,8 @@ class LinearQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._lsq is not None:
             return self._lsq.forward(self, x)
+        if self.per_group:
+            return self._group_forward(x)
         if self.is_weight:
             if self.symmetric:
                 y = symmetric_weight(x, self.qmax, self.ch_axis if self.per_channel else None)
@@ -266,6 +291,15 @@ class LinearQuantizer(nn.Module):
                 raise RuntimeError("activation quantizer used in eval mode before any calibration batch")
             scale, zero = self.scale, self.zero_point
         return fake_quant(x, scale, zero, self.qmin, self.qmax, self.ch_axis if self.per_channel else None)
+
+    def _group_forward(self, w: torch.Tensor) -> torch.Tensor:
+        """A weight fake-quantized per group: the per-channel arithmetic on its ``(C * G, g)`` view."""
+        wg = G.grouped(w, self.ch_axis, self.group_size)
+        y = symmetric_weight(wg, self.qmax, 0) if self.symmetric else None
+        if y is None:
+            scale, zero = self._weight_qparams(wg)
+            y = fake_quant(wg, scale, zero, self.qmin, self.qmax, 0)
+        return G.ungrouped(y, w.shape, self.ch_axis)
 
     def _scalar_activation(self, x: torch.Tensor) -> torch.Tensor:
         """A per-tensor activation (Python-number qparams). In training the batch's own min and max,
@@ -288,6 +322,10 @@ class LinearQuantizer(nn.Module):
     def int_repr(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes ``q`` with ``x_hat = S (q - Z)`` (the kernel's arithmetic)."""
         scale, zero = self.qparams(x)
+        if self.per_group:
+            xg = G.grouped(x, self.ch_axis, self.group_size)
+            q = torch.round(xg * (1.0 / scale).reshape(-1, 1)) + zero.reshape(-1, 1)
+            return G.ungrouped(q.clamp(self.qmin, self.qmax), x.shape, self.ch_axis).to(torch.int32)
         shape = [1] * x.dim()
         if self.per_channel:
             shape[self.ch_axis] = -1

@@ -42,7 +42,8 @@ def quantize_(model: nn.Module, cfg: QuantConfig, example=None) -> nn.Module:
     bits = layer_weight_bits(cfg, names)
     for name, layer in layers:
         wspec = QuantSpec(**{**cfg.weight.__dict__, "bits": bits[name]})
-        wq = make_quantizer(wspec, is_weight=True, channels=layer.weight.shape[0])
+        w = layer.weight
+        wq = make_quantizer(wspec, is_weight=True, channels=w.shape[0], row_size=w[0].numel())
         aq = make_quantizer(cfg.act, is_weight=False)
         model.set_submodule(name, QuantLayer(layer, wq, aq))
     if plan is not None:

@@ -12,7 +12,8 @@ SCHEMES = {
     "companding": "qpexp.core.quant.log.CompandingQuantizer",
     "codebook": "qpexp.core.quant.codebook.CodebookQuantizer",
 }
-GRANULARITIES = ("tensor", "channel")
+GRANULARITIES = ("tensor", "channel", "group")
+GROUP_SIZE = 128  # quant.group_size default (GPTQ/AWQ/torchao use 128)
 RANGES = ("minmax", "ema", "lsq")
 
 
@@ -27,6 +28,12 @@ class QuantSpec:
     (3 levels at 2 bits); False gives the full signed range ``[-2^(b-1), 2^(b-1)-1]`` (4 levels at 2
     bits), as LSQ's paper quantizes weights. The scale ``S`` and ``Z = 0`` are the same either way;
     only a learned step size (``lsq``) or learned rounding reaches the extra negative code.
+
+    ``granularity``: one scale (and zero point) per ``tensor``, per output ``channel``, or (weights
+    only) per ``group`` of ``group_size`` consecutive input elements of an output row (the weight seen
+    as ``(C_out, K)``, ``K`` the product of the other dimensions in their order; the last group of a
+    row is shorter when ``group_size`` does not divide ``K``): ``C_out * ceil(K / group_size)`` scales.
+    Groups take a linear, min/max (or ``ema``: the same for weights) quantizer.
     """
 
     bits: int = 8
@@ -36,6 +43,7 @@ class QuantSpec:
     range: str = "minmax"
     ema_decay: float = 0.9
     narrow_range: bool = True
+    group_size: int = GROUP_SIZE
 
     def validate(self, key: str, bits_key: str | None = None) -> None:
         """Raise ValueError naming the config key (``key.scheme``...; ``bits_key`` for the width)."""
@@ -48,6 +56,8 @@ class QuantSpec:
             raise ValueError(f"{key}.scheme={self.scheme!r} is unknown: use one of {sorted(SCHEMES)}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"{key}.granularity={self.granularity!r} is unknown: use one of {GRANULARITIES}")
+        if self.granularity == "group":
+            self._validate_group(key)
         if self.range not in RANGES:
             raise ValueError(f"{key}.range={self.range!r} is unknown: use one of {RANGES}")
         if not 0.0 < self.ema_decay < 1.0:
@@ -65,6 +75,21 @@ class QuantSpec:
                 f"{key}.narrow_range=false needs a symmetric linear quantizer ({key}.scheme=linear, "
                 f"{key}.symmetric=true): asymmetric codes already use the full range, log codes have no "
                 f"unused pattern; got scheme={self.scheme!r}, symmetric={self.symmetric}"
+            )
+
+    def _validate_group(self, key: str) -> None:
+        gs = self.group_size
+        if isinstance(gs, bool) or not isinstance(gs, int) or gs <= 0:
+            raise ValueError(f"{key}.group_size={gs!r} must be an integer > 0 (input elements per scale)")
+        if self.scheme != "linear":
+            raise ValueError(
+                f"{key}.granularity=group supports {key}.scheme=linear only (got scheme={self.scheme!r}): "
+                "use granularity=tensor or channel with it"
+            )
+        if self.range == "lsq":
+            raise ValueError(
+                f"{key}.granularity=group takes its scales from each group's min/max: "
+                f"{key}.range=lsq (learned step sizes) is not supported with it; use range=minmax"
             )
 
     @property
@@ -93,6 +118,11 @@ class QuantConfig:
     fold_bn: bool = True
 
     def validate(self) -> None:
+        if self.act.granularity == "group":  # before the act spec's own checks: one error, this one
+            raise ValueError(
+                "quant.act.granularity='group' is not supported: activations are per-tensor "
+                "(groups are for weights: quant.granularity=group)"
+            )
         self.weight.validate("quant", "quant.bits_w")
         self.act.validate("quant.act", "quant.bits_a")
         if self.act.scheme == "codebook":
