@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qpexp.core.quant import package as P
 from qpexp.core.quant.export import dequantize_linear
 from qpexp.core.quant.graph_export import IntQuant, IntWeight, set_quantized
 from qpexp.core.quant.package import CONTAINER_RANGE, container
@@ -212,6 +213,8 @@ def _weight(g: _Graph, op: dict, name: str, quantized: bool) -> str:
     g.info["weight_containers"].append(ename.lower())
     if cbits != w["bits"]:
         g.info["simulated"].append(f"{w['bits']}-bit weights run in {ename.lower()}")
+    if w.get("group_size") is not None:
+        return _group_weight(g, w, name, t, elem, shift)
     n_ch = w["shape"][0]
     codes = w["codes"].T if t else w["codes"]
     g.inits.append(_int_tensor(f"{name}_wq", codes.astype(np.int64) + shift, elem, codes.shape))
@@ -227,6 +230,35 @@ def _weight(g: _Graph, op: dict, name: str, quantized: bool) -> str:
         sname = g.const(f"{name}_w_scale", np.float32(scale[0]))
         g.inits.append(_int_tensor(f"{name}_w_zero", zero[:1], elem, []))
     return g.node("DequantizeLinear", [f"{name}_wq", sname, f"{name}_w_zero"], [f"{name}_w"], **attrs)
+
+
+def _group_weight(g: _Graph, w: dict, name: str, t: bool, elem: int, shift: int) -> str:
+    """A per-group weight: DequantizeLinear (``axis=0``) on its ``(C * G, g)`` padded codes, Reshape
+    to ``(C, G g)``, Slice to ``K`` columns, Reshape to the weight's shape (channel axis first), and a
+    Transpose where the channel axis is another or MatMul takes ``W^T`` (exact in any opset >= 13)."""
+    shape, ax, gs = w["shape"], int(w.get("ch_axis", 0)), int(w["group_size"])
+    zp = w.get("zero_point")
+    padded = P.group_padded(w["codes"], zp, shape, ax, gs)
+    g.inits.append(_int_tensor(f"{name}_wq", padded + shift, elem, padded.shape))
+    scale = np.asarray(w["scale"], np.float32).reshape(-1)
+    zero = (np.zeros(scale.shape, np.int64) if zp is None else zp.reshape(-1).astype(np.int64)) + shift
+    sname = g.const(f"{name}_w_scale", scale)
+    g.inits.append(_int_tensor(f"{name}_w_zero", zero, elem, [scale.size]))
+    y = g.node("DequantizeLinear", [f"{name}_wq", sname, f"{name}_w_zero"], [f"{name}_w_groups"], axis=0)
+    c = shape[ax]
+    k = int(np.prod(shape)) // c if c else 0
+    moved = [c] + [d for i, d in enumerate(shape) if i != ax]
+    i64 = lambda v: np.asarray(v, np.int64)  # noqa: E731
+    y = g.node("Reshape", [y, g.const(f"{name}_w_rows", i64([c, -1]))], [f"{name}_w_rows_y"])
+    starts, ends, axes = (g.const(f"{name}_w_{k_}", i64(v)) for k_, v in (("s", [0]), ("e", [k]), ("a", [1])))
+    y = g.node("Slice", [y, starts, ends, axes], [f"{name}_w_sliced"])
+    y = g.node("Reshape", [y, g.const(f"{name}_w_shape", i64(moved))], [f"{name}_w_moved"])
+    perm = [*range(1, ax + 1), 0, *range(ax + 1, len(shape))]
+    if t:  # MatMul takes W^T of the (C_out, C_in) weight
+        perm = [perm[i] for i in (1, 0)] if len(shape) == 2 else perm
+    if perm != list(range(len(shape))):
+        return g.node("Transpose", [y], [f"{name}_w"], perm=perm)
+    return g.node("Identity", [y], [f"{name}_w"])
 
 
 # -- the graph format -----------------------------------------------------------------------------

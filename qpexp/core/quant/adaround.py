@@ -191,6 +191,10 @@ def round_layer(
         raise ValueError(
             f"quant.rounding=adaround supports the linear weight scheme only; got {type(wq).__name__}"
         )
+    if getattr(wq, "per_group", False):
+        raise ValueError(
+            "quant.granularity=group is not supported with quant.rounding=adaround: use quant.rounding=gptq or nearest"
+        )
     grid = _Grid(layer, wq)
     v = grid.initial_v()
     with torch.no_grad():

@@ -282,7 +282,13 @@ class IntegerLayer(nn.Module):
         else:
             codes = t(w["codes"]).to(torch.int32)
             self.register_buffer("weight_codes", codes)
-            if self.w_scheme == "linear":
+            if self.w_scheme == "linear" and w.get("group_size") is not None:
+                # per group: the flat scales (and zero points), C * G of them; dequantized arithmetic
+                self.register_buffer("w_scale", t(np.asarray(w["scale"], np.float32).reshape(-1)))
+                zp = w.get("zero_point")
+                self.register_buffer("w_zero", torch.zeros(()) if zp is None else t(zp.reshape(-1)).float())
+                self.register_buffer("w_hat", t(dequantize_linear(w)))
+            elif self.w_scheme == "linear":
                 scale = t(w["scale"]).float().reshape(bshape if w["per_channel"] else [])
                 zero = (
                     t(w["zero_point"]).float().reshape(bshape if w["per_channel"] else [])
@@ -310,8 +316,11 @@ class IntegerLayer(nn.Module):
         elif self.a_scheme is not None:
             self.alog = _log_quantizer(a, False, 1)
             self.register_buffer("a_max", t(a["max_abs"]).float())
-        self.integer = (
-            arithmetic == "integer" and self.w_scheme == "linear" and self.a_scheme in ("linear", None)
+        self.integer = (  # per-group scales vary along the sum: those layers dequantize
+            arithmetic == "integer"
+            and self.w_scheme == "linear"
+            and self.a_scheme in ("linear", None)
+            and w.get("group_size") is None
         )
         if arithmetic not in ("integer", "float"):
             raise ValueError(f"arithmetic={arithmetic!r}: use 'integer' or 'float'")

@@ -336,6 +336,30 @@ class _DQ(torch.autograd.Function):
         return g.op("DequantizeLinear", codes, scale, zero, **attrs)
 
 
+class _GroupDQ(torch.autograd.Function):
+    """In ONNX export: a per-group weight as ``DequantizeLinear(axis=0)`` on its ``(C * G, g)``
+    padded codes (:func:`~qpexp.core.quant.package.group_padded`), ``Reshape (C, G g)``, ``Slice``
+    to ``K`` columns, ``Reshape`` to the weight's shape with the channel axis first, ``Transpose``
+    where the channel axis is another (exact: the same ``(q - Z) S`` per element)."""
+
+    @staticmethod
+    def forward(ctx, codes, w_hat, scale, zero, elem: str, c: int, k: int, moved, perm):
+        return w_hat.clone()
+
+    @staticmethod
+    def symbolic(g, codes, w_hat, scale, zero, elem, c, k, moved, perm):
+        def ints(v):
+            return g.op("Constant", value_t=torch.tensor(v, dtype=torch.int64))
+
+        y = g.op("DequantizeLinear", codes, scale, zero, axis_i=0, qpexp_elem_s=elem)
+        y = g.op("Reshape", y, ints([c, -1]))
+        y = g.op("Slice", y, ints([0]), ints([k]), ints([1]))
+        y = g.op("Reshape", y, ints(list(moved)))
+        if perm is not None:
+            y = g.op("Transpose", y, perm_i=list(perm))
+        return y
+
+
 class IntQuant(nn.Module):
     """An activation quantizer from the file: fake quantization with the stored scale and zero point
     (torch's kernel: the prepared model's numbers), or the log scheme's codes."""
@@ -389,6 +413,7 @@ class IntWeight(nn.Module):
         t = torch.from_numpy
         shape = w["shape"]
         self.axis = int(w.get("ch_axis", 0)) if w.get("per_channel") else None
+        self.group_size = w.get("group_size") if self.scheme == "linear" else None
         if self.scheme == "float":
             self.register_buffer("w_hat", t(w["values"]).float())
             return
@@ -399,7 +424,9 @@ class IntWeight(nn.Module):
         bshape = [1] * len(shape)
         if self.axis is not None:
             bshape[self.axis] = -1
-        if self.scheme == "linear":
+        if self.group_size is not None:
+            self._init_groups(w, codes)
+        elif self.scheme == "linear":
             scale = t(w["scale"]).float().reshape(bshape if self.axis is not None else [])
             zero = (
                 t(w["zero_point"]).float().reshape(scale.shape)
@@ -429,7 +456,32 @@ class IntWeight(nn.Module):
                     self.wlog.dequantize(codes.float(), _bcast(m, codes, w["per_channel"], self.axis or 0)),
                 )
 
+    def _init_groups(self, w: dict, codes: torch.Tensor) -> None:
+        """Per-group scales: the flat ``C * G`` scales and zero points, the dequantized weight and
+        the ONNX form's padded codes (:class:`_GroupDQ`)."""
+        t = torch.from_numpy
+        shape, ax, gs = w["shape"], int(w.get("ch_axis", 0)), int(w["group_size"])
+        scale = t(np.asarray(w["scale"], np.float32).reshape(-1))
+        zp = w.get("zero_point")
+        zero = torch.zeros(scale.shape) if zp is None else t(zp.reshape(-1)).float()
+        self.register_buffer("w_scale", scale)
+        self.register_buffer("w_zero", zero)
+        self.register_buffer("w_hat", t(P.dequantize_linear(w)))
+        self.elem, _, shift = P.container(w["bits"], w["qmin"] < 0)
+        padded = P.group_padded(np.asarray(w["codes"]), None if zp is None else zp, shape, ax, gs)
+        self.register_buffer("onnx_codes", t(padded + shift).to(torch.int32))
+        self.register_buffer("onnx_zero", zero.round().to(torch.int32) + shift)
+        self.register_buffer("onnx_scale", scale.clone())
+        c = shape[ax]
+        moved = [c] + [d for i, d in enumerate(shape) if i != ax]
+        perm = None if ax == 0 else [*range(1, ax + 1), 0, *range(ax + 1, len(shape))]
+        self.group_geometry = (c, math.prod(shape) // c if c else 0, moved, perm)
+
     def forward(self):
+        if self.quantized and self.group_size is not None and torch.onnx.is_in_onnx_export():
+            return _GroupDQ.apply(
+                self.onnx_codes, self.w_hat, self.onnx_scale, self.onnx_zero, self.elem, *self.group_geometry
+            )
         if self.quantized and self.scheme == "linear" and torch.onnx.is_in_onnx_export():
             axis = -1 if self.axis is None else self.axis
             return _DQ.apply(self.onnx_codes, self.w_hat, self.onnx_scale, self.onnx_zero, axis, self.elem)
@@ -543,6 +595,8 @@ def _integer_op(fn, node, nodes, qmods) -> IntAccum | None:
     )
     if not (linear_q and ok_b):
         return None
+    if isinstance(b, IntWeight) and b.group_size is not None:
+        return None  # per-group scales vary along the sum: dequantized arithmetic
     if isinstance(b, IntWeight) and b.axis is not None:
         # per-channel scales must lie on the output axis of the product
         ndim = b.codes.dim()

@@ -274,9 +274,9 @@ class LinearQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._lsq is not None:
             return self._lsq.forward(self, x)
-        if self.per_group:
-            return self._group_forward(x)
         if self.is_weight:
+            if self.per_group:
+                return self._group_forward(x)
             if self.symmetric:
                 y = symmetric_weight(x, self.qmax, self.ch_axis if self.per_channel else None)
                 if y is not None:

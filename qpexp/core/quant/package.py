@@ -64,6 +64,8 @@ def _weight_ir(layer: nn.Module, wq: nn.Module | None) -> dict:
         "ch_axis": int(wq.ch_axis),
         "mask": mask,
     }
+    if getattr(wq, "per_group", False):
+        ir["group_size"] = int(wq.group_size)  # scales: C * ceil(K / group_size), row by row
     with torch.no_grad():
         codes = wq.int_repr(w)
         if isinstance(wq, LinearQuantizer):
@@ -140,15 +142,59 @@ def unpack_bits(buf: np.ndarray, bits: int, count: int) -> np.ndarray:
     return (planes << np.arange(bits)).sum(1)
 
 
+def group_full(values: np.ndarray, shape, ch_axis: int, group_size: int) -> np.ndarray:
+    """Per-group values (``C * G``, row by row: :mod:`~qpexp.core.quant.groups`) at every position of
+    a weight of ``shape``."""
+    ax = ch_axis % len(shape)
+    c = shape[ax]
+    k = math.prod(shape) // c if c else 0
+    g = -(-k // group_size)
+    full = np.repeat(np.asarray(values).reshape(c, g), group_size, axis=1)[:, :k]
+    moved = [c] + [d for i, d in enumerate(shape) if i != ax]
+    return np.moveaxis(full.reshape(moved), 0, ax)
+
+
+def group_padded(
+    codes: np.ndarray, zero: np.ndarray | None, shape, ch_axis: int, group_size: int
+) -> np.ndarray:
+    """A weight's codes per group as ``(C * G, group_size)``: its ``(C, K)`` rows (channel axis first)
+    padded to whole groups with each group's zero point (a code that means 0.0; 0 if symmetric).
+    The ONNX form: DequantizeLinear on this along axis 0, then the padding sliced off."""
+    ax = ch_axis % len(shape)
+    c = shape[ax]
+    rows = np.moveaxis(np.asarray(codes), ax, 0).reshape(c, -1).astype(np.int64)
+    k = rows.shape[1]
+    g = -(-k // group_size)
+    z = np.zeros(c * g, np.int64) if zero is None else np.asarray(zero).astype(np.int64).reshape(-1)
+    out = np.repeat(z.reshape(c, g), group_size, axis=1)
+    out[:, :k] = rows
+    return out.reshape(c * g, group_size)
+
+
+def qparam_count(w: dict) -> int:
+    """How many scales (and stored zero points) a linear weight of this IR holds: 1 per tensor,
+    ``shape[ch_axis]`` per channel, ``C * ceil(K / group_size)`` per group."""
+    shape = w["shape"]
+    c = shape[w.get("ch_axis", 0)]
+    if w.get("group_size") is not None:
+        return c * -(-(math.prod(shape) // c) // w["group_size"]) if c else 0
+    return c if w["per_channel"] else 1
+
+
 def dequantize_linear(w: dict) -> np.ndarray:
     """A linear-quantized weight's values from its IR (:func:`model_ir`): ``(q - Z) * S`` in float32,
-    per tensor or per output channel; the fake-quantize kernel's arithmetic, so bit for bit the
-    weight the fake-quantized model computes with."""
+    per tensor, per output channel or per group; the fake-quantize kernel's arithmetic, so bit for
+    bit the weight the fake-quantized model computes with."""
+    zp = w.get("zero_point")
+    if w.get("group_size") is not None:
+        args = (w["shape"], w.get("ch_axis", 0), w["group_size"])
+        scale = group_full(np.asarray(w["scale"], np.float32), *args)
+        zero = np.float32(0) if zp is None else group_full(np.asarray(zp).astype(np.float32), *args)
+        return ((np.asarray(w["codes"]).astype(np.float32) - zero) * scale).astype(np.float32)
     shape = [1] * len(w["shape"])
     shape[w.get("ch_axis", 0)] = -1
     bshape = shape if w["per_channel"] else []
     scale = np.asarray(w["scale"], np.float32).reshape(bshape)
-    zp = w.get("zero_point")
     zero = np.float32(0) if zp is None else np.asarray(zp).astype(np.float32).reshape(bshape)
     return ((np.asarray(w["codes"]).astype(np.float32) - zero) * scale).astype(np.float32)
 
@@ -162,6 +208,8 @@ def _zero_codes(ir: dict) -> np.ndarray:
     if zero is None:
         return np.zeros(shape, np.int64)
     zero = zero.astype(np.int64)
+    if ir.get("group_size") is not None:
+        return group_full(zero, shape, ir.get("ch_axis", 0), ir["group_size"]).copy()
     if ir["per_channel"]:
         bshape = [1] * len(shape)
         bshape[ir["ch_axis"]] = -1
@@ -350,6 +398,8 @@ def _decode_weight(w: dict, blob: np.ndarray, name: str = "") -> dict:
     for k in ("scale", "zero_point", "max_abs"):
         if k in w:
             ir[k] = _decode_segment(blob, w[k])
+    if w.get("scheme") == "linear":
+        _check_qparams(ir, name)
     values = _decode_segment(blob, w["values"])
     flat = _zero_codes(ir).reshape(-1)
     keep = None
@@ -376,6 +426,33 @@ def _decode_weight(w: dict, blob: np.ndarray, name: str = "") -> dict:
     ir["values" if w["scheme"] == "float" else "codes"] = flat.reshape(w["shape"])
     ir["mask"] = keep.reshape(w["shape"]) if w["pruned"] else None
     return ir
+
+
+def _check_qparams(ir: dict, name: str) -> None:
+    """A linear weight's ``shape``, ``ch_axis``, ``per_channel``/``group_size`` and the sizes of its
+    scale and zero-point arrays agree, or ``ValueError`` naming the layer (before anything is built)."""
+    shape, axis, gs = ir.get("shape"), ir.get("ch_axis", 0), ir.get("group_size")
+    if not (isinstance(shape, list) and shape and all(type(d) is int and d >= 0 for d in shape)):
+        raise ValueError(f"layer {name!r}: weight shape {shape!r} is not a list of sizes")
+    if type(axis) is not int or not 0 <= axis < len(shape):
+        raise ValueError(f"layer {name!r}: weight ch_axis={axis!r} is not an axis of shape {shape}")
+    if gs is not None and (type(gs) is not int or gs < 1 or ir.get("per_channel")):
+        raise ValueError(
+            f"layer {name!r}: weight group_size={gs!r} must be an integer >= 1 (not per channel)"
+        )
+    n = qparam_count(ir)
+    what = (
+        f"group_size={gs}" if gs is not None else ("per channel" if ir.get("per_channel") else "per tensor")
+    )
+    for k in ("scale", "zero_point"):
+        arr = ir.get(k)
+        if k == "scale" and arr is None:
+            raise ValueError(f"layer {name!r}: a linear weight without its scale")
+        if arr is not None and (arr.size != n or arr.ndim > 1):
+            raise ValueError(
+                f"layer {name!r}: weight {k} has shape {list(arr.shape)}, but a {shape} weight {what} "
+                f"needs {n} values"
+            )
 
 
 def _nm_decode_positions(w: dict, blob: np.ndarray, name: str) -> np.ndarray:
