@@ -294,6 +294,43 @@ def test_file_round_trip_and_onnx(tmp_path, graph, symmetric, bits):
     np.testing.assert_allclose(got, ref.numpy(), rtol=0, atol=1e-5)
 
 
+class _RawMatmul(nn.Module):
+    """``relu(x @ W)`` with a raw ``W`` (K, N): channels last, quantized in the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(10, 7))
+        self.fc = nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(x @ self.W))
+
+
+def test_raw_weight_with_channels_last_round_trips_and_runs_in_onnx(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from qpexp.core.quant.export import convert, load
+    from qpexp.deploy import ort_session
+    from qpexp.deploy.emit import onnx_graph_model
+
+    torch.manual_seed(6)
+    model, x = _RawMatmul(), torch.randn(32, 10)
+    w = QuantSpec(bits=4, granularity="group", group_size=4, symmetric=False)
+    quantize_(model, QuantConfig(weight=w, act=QuantSpec(bits=8)), example=x[:2])
+    assert model.W_wq.ch_axis == 1 and model.W_wq.n_qparams() == (7 * 3, 7 * 3)  # K = 10: 3 groups
+    model.train()
+    model(x)
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    convert(model, tmp_path / "m.npz", graph=True)
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "m.npz", "integer")(x), ref)
+    qm, _ = onnx_graph_model(load(tmp_path / "m.npz", "float"), x[:2])
+    assert "Transpose" in {n.op_type for n in qm.graph.node}
+    got = ort_session(qm, 1, tmp_path / "o.onnx").run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, ref.numpy(), rtol=0, atol=1e-5)
+
+
 def _rewrite(path, out, edit):
     """The file at ``path`` with its JSON header edited by ``edit(entries)``, written to ``out``."""
     header, blob = read_package(path)
@@ -360,6 +397,19 @@ def test_pipeline_gptq_groups_end_to_end(tmp_path):
     entries = header.get("ops") or header.get("nodes")
     weights = [e["weight"] for e in entries if e.get("weight") and e["weight"]["scheme"] == "linear"]
     assert weights and all(w["group_size"] == 8 and w["zero_point"] for w in weights)
+
+
+def test_pipeline_qat_with_groups(tmp_path):
+    """One QAT epoch on per-group fake-quantized weights (nearest rounding), exported and checked."""
+    from conftest import TINY, compose
+
+    from qpexp.pipeline import Pipeline
+
+    over = ["prune.ratio=0", "quant.granularity=group", "quant.group_size=16", "export.enabled=true"]
+    rec = Pipeline(compose([*TINY, f"cache_dir={tmp_path / 'c'}", *over]), tmp_path / "run").run()
+    assert rec["status"] == "ok", rec.get("status_reason")
+    assert rec["final/quant_mode"] == "qat" and rec["deploy/roundtrip_codes_equal"] is True
+    assert rec["deploy/accounted_payload_bits"] == rec["final/size_bits"]
 
 
 @pytest.mark.parametrize(
