@@ -265,3 +265,31 @@ def test_dense_bn_model_counts_as_its_folded_fp32_model():
         copy.deepcopy(model), QuantConfig(QuantSpec(bits=32), QuantSpec(bits=32)), example=x[:1]
     )
     assert size_bits(quantized) == deployable_size_bits(quantized, x[:1]) == 1546 * 32  # folded alike
+
+
+def test_raw_parameter_not_named_weight_has_no_bias_counted():
+    """``x @ W`` with a raw ``W``: no bias is known by name, so none is counted (it used to count
+    ``W`` a second time as 32-bit bias: 70 x 32 = 2240 bits); the Linear's bias is its 3 x 32 bits."""
+
+    class RawMatmul(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W = nn.Parameter(torch.randn(10, 7))
+            self.fc = nn.Linear(7, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(x @ self.W))
+
+    torch.manual_seed(0)
+    model, x = RawMatmul(), torch.randn(8, 10)
+    quantize_(
+        model,
+        QuantConfig(weight=QuantSpec(bits=4, granularity="tensor"), act=QuantSpec(bits=8)),
+        example=x[:2],
+    )
+    model.train()
+    model(x)
+    model.eval()
+    total, layers, _ = size_bits(model, detail=True)
+    assert layers["W"]["bias_bits"] == 0 and layers["fc"]["bias_bits"] == 3 * 32
+    assert total == sum(v["weight_bits"] + v["qparam_bits"] + v["bias_bits"] for v in layers.values())

@@ -58,7 +58,10 @@ class LayerView:
 
     @property
     def bias(self) -> torch.Tensor | None:
-        """The bias added to this weight's product (``in_proj_bias`` for ``in_proj_weight``)."""
+        """The bias added to this weight's product (``in_proj_bias`` for ``in_proj_weight``); None for a
+        raw parameter whose name does not say ``weight`` (``W`` in ``x @ W``): no bias is known by name."""
+        if "weight" not in self.param:
+            return None
         return getattr(self.layer, self.param.replace("weight", "bias"), None)
 
     @property
