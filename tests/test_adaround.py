@@ -94,20 +94,32 @@ def test_pruned_weights_stay_zero():
     assert bool((q.wq.int_repr(q.layer.weight)[mask == 0] == 0).all())
 
 
-def test_raw_weight_parameters_are_refused():
+def test_raw_weight_parameters_keep_nearest_rounding_as_under_gptq():
+    """A weight quantized in the graph (a raw parameter) is left at nearest rounding and listed under
+    ``nearest_only``; the conv/linear layer beside it is rounded by AdaRound."""
+
     class RawW(nn.Module):
         def __init__(self):
             super().__init__()
-            self.w = nn.Parameter(torch.randn(4, 8))
+            self.w = nn.Parameter(torch.randn(16, 8))
+            self.fc = nn.Linear(16, 4)
 
         def forward(self, x):
-            return F.linear(x, self.w)
+            return self.fc(F.linear(x, self.w))
 
-    model = RawW()
-    example = torch.randn(2, 8)
-    quantize_(model, QuantConfig(weight=QuantSpec(bits=4), act=QuantSpec(bits=8)), example=example)
-    with pytest.raises(ValueError, match="quant.rounding"):
-        adaround_(model, [example], iters=2)
+    torch.manual_seed(0)
+    model, x = RawW(), torch.randn(64, 8)
+    quantize_(model, QuantConfig(weight=QuantSpec(bits=3), act=QuantSpec(bits=8)), example=x[:2])
+    model.train()
+    model(x)
+    model.eval()
+    raw_before = model.w.detach().clone()
+    out = adaround_(model, [x], iters=50)
+    assert out["nearest_only"] == ["w_wq"] and list(
+        k for k in out if k not in ("seconds", "nearest_only")
+    ) == ["fc"]
+    assert torch.equal(model.w, raw_before)  # untouched: its quantizer rounds it to nearest as before
+    assert 0 <= out["fc"]["changed"] <= 1
 
 
 @pytest.mark.parametrize(
@@ -177,7 +189,7 @@ def test_models_round_through_the_graph(build, shape):
     layers = [m for m in model.modules() if type(m).__name__ == "QuantLayer"]
     before = [q.layer.weight.detach().clone() for q in layers]
     info = adaround_(model, [x[:32], x[32:]], iters=100)
-    assert len(info) - 1 == len(layers)  # every layer rounded ("seconds" besides)
+    assert len(info) - 2 == len(layers) and info["nearest_only"] == []  # every layer rounded
     changed = 0
     for q, w in zip(layers, before):
         s = w.abs().flatten(1).amax(1).div(7).reshape(-1, *[1] * (w.dim() - 1))

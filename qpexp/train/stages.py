@@ -530,10 +530,11 @@ class QATStage(Stage):
     def stage_meta(self) -> dict:
         if not self.rounding_info:
             return {}
-        layers = [v for k, v in self.rounding_info.items() if k != "seconds"]
+        layers = [v for k, v in self.rounding_info.items() if k not in ("seconds", "nearest_only")]
         out = {
             "rounding_seconds": self.rounding_info["seconds"],
             "rounding_changed": sum(v["changed"] for v in layers) / max(len(layers), 1),
+            "nearest_only": self.rounding_info.get("nearest_only", []),
         }
         info = getattr(self, "oneshot_info", None)
         if info:  # gptq: the calibration passes against a plain forward, per-layer time and memory

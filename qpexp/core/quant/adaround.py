@@ -246,14 +246,11 @@ def adaround_(model: nn.Module, batches: list[torch.Tensor], iters: int = 500, *
 
     ``batches``: calibration inputs (a few training batches). Returns, per layer,
     ``{name: {"changed": fraction of codes other than nearest rounding, "mse_nearest", "mse_adaround"}}``
-    (the layer's output error against its float weight on the same inputs) and ``"seconds"``.
+    (the layer's output error against its float weight on the same inputs), ``"seconds"`` and
+    ``"nearest_only"``: the weights quantized in the graph (raw parameters such as attention's
+    ``in_proj_weight``), which keep nearest rounding, as under GPTQ.
     """
     raw = [n for n, q in graph_quantizers(model) if getattr(q, "is_weight", False)]
-    if raw:
-        raise ValueError(
-            f"quant.rounding=adaround rounds conv/linear layers only; this model also quantizes raw weight "
-            f"parameters {raw}: use quant.rounding=nearest"
-        )
     start = time.perf_counter()
     was = model.training
     model.eval()
@@ -273,4 +270,5 @@ def adaround_(model: nn.Module, batches: list[torch.Tensor], iters: int = 500, *
     finally:
         model.train(was)
     out["seconds"] = time.perf_counter() - start
+    out["nearest_only"] = raw
     return out
