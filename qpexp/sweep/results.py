@@ -144,10 +144,17 @@ def budget(sweep: Path) -> str:
     bits = c.get("config.quant.bits_w")
     train = f"QAT {g('quant.epochs')} epochs at lr {g('quant.lr')}" if c.get("config.quant.epochs") else "PTQ"
     width = "at the swept width" if first is None else f"{fr._fmt(first)}-bit weights"
+    over = [
+        f"{k.split('overrides.', 1)[1]} {fr._fmt(v)}-bit"
+        for k, v in c.items()
+        if k.startswith("config.quant.overrides.")
+    ]
+    scheme = c.get("config.quant.scheme")
     quant = (
         "float weights (no quantization)"
         if isinstance(bits, (int, float)) and bits >= 32
-        else f"{train}; first layer {width}"
+        else f"{train}{'' if scheme in (None, 'linear') else f' ({scheme} weights)'}; first layer {width}"
+        + (f"; per-layer widths: {', '.join(over)}" if over else "")
     )
     return (
         f"Budget: baseline {g('baseline.epochs')} epochs at lr {g('baseline.lr')}; {prune}; {quant}; {split}."
