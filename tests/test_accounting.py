@@ -271,14 +271,7 @@ def test_raw_parameter_not_named_weight_has_no_bias_counted():
     """``x @ W`` with a raw ``W``: no bias is known by name, so none is counted (it used to count
     ``W`` a second time as 32-bit bias: 70 x 32 = 2240 bits); the Linear's bias is its 3 x 32 bits."""
 
-    class RawMatmul(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.W = nn.Parameter(torch.randn(10, 7))
-            self.fc = nn.Linear(7, 3)
-
-        def forward(self, x):
-            return self.fc(torch.relu(x @ self.W))
+    from test_group_quant import _RawMatmul as RawMatmul  # W (10 x 7), then a Linear(7, 3)
 
     torch.manual_seed(0)
     model, x = RawMatmul(), torch.randn(8, 10)
