@@ -93,7 +93,10 @@ def _when(stamp: str) -> float:
 
 
 # -- a sweep as a job array -----------------------------------------------------------------------
-POINTS = {"a": (4, 16), "b": (8, 96)}  # experiment -> (bits_w, QAT epochs): b's QAT outlasts a signal
+POINTS = {
+    "a": (4, 48),
+    "b": (8, 96),
+}  # experiment -> (bits_w, QAT epochs): b's QAT outlasts a signal; a's outlasts a requeue on a loaded machine
 
 
 def _sweep_conf(root: Path, name: str = "pair", points: dict = POINTS) -> Path:
