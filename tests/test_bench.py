@@ -47,7 +47,7 @@ def test_oneshot_bench_quick_every_method(capsys):
 
 
 def test_oneshot_bench_transformer(capsys):
-    """Attention's packed ``in_proj_weight``: pruned by all, not reached by GPTQ, refused by AdaRound."""
+    """Attention's packed ``in_proj_weight``: pruned by all, rounded by GPTQ, refused by AdaRound."""
     from qpexp.bench import oneshot
 
     methods = "sparsegpt_2:4,gptq_3bit,adaround_4bit"
@@ -55,7 +55,7 @@ def test_oneshot_bench_transformer(capsys):
         oneshot, ["--quick", "--no-memory", "--models", "transformer", "--methods", methods], capsys
     )
     assert fig["transformer/sparsegpt_2:4/layers"] == 18  # 4 blocks x (in_proj, out_proj, fc1, fc2) + 2
-    assert fig["transformer/gptq_3bit/layers"] == 14
+    assert fig["transformer/gptq_3bit/layers"] == 18  # in_proj_weight too (one F.linear on it)
     assert fig["transformer/adaround_4bit/refused"] is True
     for key in ("sparsegpt_2:4", "gptq_3bit"):
         assert all(fig[f"transformer/{key}/{t}"] > 0 for t in TIMES)

@@ -417,6 +417,149 @@ def test_bad_oneshot_config_refused(tmp_path, overrides, key):
     assert not any(tmp_path.iterdir())
 
 
+# -- GPTQ on raw weights quantized in the graph (attention's packed in_proj_weight) -------------------
+class _Attention(nn.Module):
+    """Self-attention (``calls=("self",)``), cross-attention (``("cross",)``) or both, one module."""
+
+    def __init__(self, batch_first=True, calls=("self",)):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=batch_first)
+        self.calls = calls
+
+    def forward(self, x):
+        out = 0
+        for c in self.calls:
+            kv = x if c == "self" else torch.flip(x, [0])
+            out = out + self.attn(x, kv, kv, need_weights=False)[0]
+        return out
+
+
+class _RawLinear(nn.Module):
+    """A raw weight consumed by one ``F.linear``."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(12, 16, generator=gen(5)) / 4)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.w)
+
+
+def _prepared(model, act_bits, x):
+    cfg = QuantConfig(weight=QuantSpec(bits=3, granularity="channel"), act=QuantSpec(bits=act_bits))
+    quantize_(model, cfg, example=x)
+    with torch.no_grad():  # activation ranges
+        model.train()
+        model(x)
+    return model.eval()
+
+
+def _on_own_grid(wq, w, w0):
+    """The weight the model computes with, checked to be ``S (q - Z)`` with integer codes ``q`` in
+    ``[qmin, qmax]`` and the per-channel scale and zero point ``wq`` recomputes from the written
+    weight ``w`` (the same as from the float weight ``w0``: the range is kept)."""
+    scale, zero = (t.double().reshape(-1, 1) for t in wq.qparams(w))
+    for a, b in zip(wq.qparams(w), wq.qparams(w0)):
+        assert torch.allclose(a.double(), b.double(), rtol=1e-6, atol=0)
+    codes = torch.clamp(torch.round(w.double() / scale) + zero, wq.qmin, wq.qmax)
+    deq = wq(w).detach()
+    assert torch.allclose(deq.double(), (codes - zero) * scale, rtol=0, atol=1e-6)
+    assert torch.equal(wq.int_repr(w).double(), codes)
+    return deq
+
+
+@pytest.mark.parametrize("act_bits", [8, 32])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_gptq_rounds_self_attention_in_proj_weight(act_bits, batch_first):
+    """Self-attention's packed ``in_proj_weight`` (one ``F.linear`` on the whole weight) is rounded by
+    GPTQ onto its own quantizer's grid: codes on the grid of the scales its quantizer recomputes from
+    the written weight, the layer's output error on the calibration inputs (taken here: the attention
+    input through the pass's input quantizer of that product) no larger than nearest rounding's, and
+    nothing left in ``nearest_only``."""
+    torch.manual_seed(0)
+    x = correlated(8 * 6, 16, 3).reshape(8, 6, 16)  # (N, L, E), or (L, N, E) when not batch_first
+    model = _prepared(_Attention(batch_first), act_bits, x)
+    attn = model.attn
+    wq = attn.in_proj_weight_wq
+    linear_q = getattr(attn, "linear_q0", None)
+    assert (linear_q is None) == (act_bits == 32)
+    w0 = attn.in_proj_weight.detach().clone()
+    nearest = wq(w0).detach()
+    seen = []
+    hook = attn.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    model(x)
+    hook.remove()
+    assert len(seen) == 1 and torch.equal(seen[0], x)  # the attention's input is the model's
+    with torch.no_grad():
+        rows = (linear_q(x) if linear_q is not None else x).reshape(-1, 16).double()
+
+    info = gptq_(model, [x])
+    assert info["nearest_only"] == []
+    rec = info["layers"]["attn.in_proj_weight"]
+    assert not rec["kept_nearest"] and rec["changed"] > 0
+    w = attn.in_proj_weight.detach()
+    deq = _on_own_grid(wq, w, w0)
+    assert not torch.equal(deq, nearest)
+
+    def err(v):
+        return float((rows @ (v.double() - w0.double()).T).pow(2).sum())
+
+    assert err(deq) <= err(nearest) * (1 + 1e-9), (err(deq), err(nearest))
+
+
+@pytest.mark.parametrize("calls", [("cross",), ("self", "cross")])
+def test_gptq_leaves_cross_attention_in_proj_weight_at_nearest(calls):
+    """Cross-attention multiplies three chunks of ``in_proj_weight`` by three inputs: no single
+    product to calibrate on, so the weight is left as it is (nearest rounding, by its quantizer) and
+    named in ``nearest_only``, also when the same module is called in self-attention too."""
+    torch.manual_seed(0)
+    x = correlated(8 * 6, 16, 3).reshape(8, 6, 16)
+    model = _prepared(_Attention(True, calls), 8, x)
+    w0 = model.attn.in_proj_weight.detach().clone()
+    info = gptq_(model, [x])
+    assert info["nearest_only"] == ["attn.in_proj_weight_wq"]
+    assert "attn.in_proj_weight" not in info["layers"] and "attn.out_proj" in info["layers"]
+    assert torch.equal(model.attn.in_proj_weight, w0)
+
+
+@pytest.mark.parametrize("act_bits", [8, 32])
+def test_gptq_on_a_raw_weight_under_one_linear(act_bits):
+    """Any raw weight whose only consumer is one ``F.linear``, behind an input quantizer, is rounded
+    by GPTQ (codes on its quantizer's grid, output error not above nearest's); without an input
+    quantizer (activations in float) its input is not captured: nearest rounding, named."""
+    x = correlated(64, 16, 4)
+    model = _prepared(_RawLinear(), act_bits, x)
+    w0 = model.w.detach().clone()
+    nearest = model.w_wq(w0).detach()
+    info = gptq_(model, [x])
+    if act_bits == 32:
+        assert info["nearest_only"] == ["w_wq"] and torch.equal(model.w, w0)
+        return
+    assert info["nearest_only"] == [] and "w" in info["layers"]
+    deq = _on_own_grid(model.w_wq, model.w.detach(), w0)
+    assert not torch.equal(deq, nearest)
+    with torch.no_grad():
+        rows = model.linear_q0(x).double()
+
+    def err(v):
+        return float((rows @ (v.double() - w0.double()).T).pow(2).sum())
+
+    assert err(deq) <= err(nearest) * (1 + 1e-9), (err(deq), err(nearest))
+
+
+def test_oneshot_gptq_on_the_transformer_end_to_end(tmp_path):
+    """The transformer through the pipeline, GPTQ without training after it: in_proj_weight rounded
+    too (nothing at nearest rounding), and the integer file and ONNX agree with the model."""
+    rec = _run(tmp_path, ["model=transformer", "model.dim=16", "model.depth=1", "model.heads=2",
+                          "quant.rounding=gptq", "quant.epochs=0", "quant.bits_w=4"])  # fmt: skip
+    assert rec["quant/rounding"] == "gptq" and 0 < rec["quant/rounding_changed"] < 1
+    assert (
+        not rec.get("quant/nearest_only")
+        and "quant/oneshot/blocks.0.attn.in_proj_weight/compress_seconds" in rec
+    )
+    assert rec["status"] == "ok", rec.get("status_reason")
+
+
 # -- every built-in model -------------------------------------------------------------------------------
 EVERY_MODEL = {  # name: (one sample's shape, builder options: small widths, as tests/test_archs.py)
     "mlp": ((40,), {}),
@@ -482,11 +625,16 @@ def test_every_method_on_every_built_in_model(name):
     spec = QuantSpec(bits=4, granularity="channel")
     quantize_(model, QuantConfig(weight=spec, act=QuantSpec(bits=32)), example=x)
     info = gptq_(model, [x])
-    layers = dict(quant_layers(model))
-    assert set(info["layers"]) == set(layers)  # every conv/linear layer reached
-    for lname, q in layers.items():
-        codes = q.wq.int_repr(q.layer.weight)
-        assert q.wq.qmin <= int(codes.min()) and int(codes.max()) <= q.wq.qmax, lname
-    raw = {n for n, q in graph_quantizers(model) if getattr(q, "is_weight", False)}
-    assert set(info.get("nearest_only", [])) == raw  # raw weights (attention, GRU) keep nearest, named
+    layers = {n: (q.wq, q.layer.weight) for n, q in quant_layers(model)}
+    raw = dict((n, q) for n, q in graph_quantizers(model) if getattr(q, "is_weight", False))
+    # self-attention's packed in_proj_weight (one F.linear on the whole weight) is rounded by GPTQ too
+    attn = {n: q for n, q in raw.items() if n.endswith(".in_proj_weight_wq")}
+    for n, q in attn.items():
+        layers[n.removesuffix("_wq")] = (q, model.get_submodule(n.rpartition(".")[0]).in_proj_weight)
+    assert set(info["layers"]) == set(layers)  # every conv/linear layer and in_proj_weight reached
+    for lname, (wq, w) in layers.items():
+        codes = wq.int_repr(w)
+        assert wq.qmin <= int(codes.min()) and int(codes.max()) <= wq.qmax, lname
+        assert "skipped" not in info["layers"][lname], lname
+    assert set(info.get("nearest_only", [])) == set(raw) - set(attn)  # the others (GRU) keep nearest, named
     assert torch.isfinite(model(x)).all()

@@ -17,8 +17,8 @@ Methods (``--methods``; 50%: every prunable weight at that fraction; ``2:4``: N:
   the batches per weight, on the already-pruned earlier weights; block 128, damping 0.01);
 * ``gptq_4bit`` / ``gptq_3bit``: :func:`gptq_` (sequential, block 128, damping 0.01, no act-order) on the
   model prepared by ``quantize_`` with weights only (per output channel, symmetric, min/max; no
-  activation quantizers); self-attention's packed ``in_proj_weight`` is quantized in the graph and
-  keeps nearest rounding (GPTQ does not reach it), so the transformer has fewer GPTQ layers;
+  activation quantizers); self-attention's packed ``in_proj_weight``, quantized in the graph, is
+  rounded too (calibrated on the attention's input: no input quantizer);
 * ``adaround_4bit``: :func:`adaround_`'s loop (its forward order and input collection, then
   ``round_layer`` with ``--iters`` Adam steps per layer) with a timer around each part; refused on
   models that quantize raw weights in the graph (the transformer), as ``adaround_`` refuses them;

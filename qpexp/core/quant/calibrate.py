@@ -9,8 +9,11 @@ layer multiplies, or a conv's unfolded patches, :func:`input_rows`) without labe
 * ``sq_norms``: ``sum_n x_j^2`` per input column (``groups x d``): Wanda's ``||X_j||_2^2``.
 
 :func:`calibrate_` walks the model's weights (:func:`sites`: every conv/linear layer, its
-quantization wrapper's input quantizer applied, and self-attention's packed ``in_proj_weight``) in
-forward order and hands each weight's statistics to a callback that compresses it.
+quantization wrapper's input quantizer applied, self-attention's packed ``in_proj_weight``, and the
+raw weights quantized in the graph that the quantization pass linked to the input of their single
+``F.linear``, :class:`~qpexp.core.quant.graph.LinearInput`: their inputs are that input quantizer's
+outputs, hooked on the quantizer itself) in forward order and hands each weight's statistics to a
+callback that compresses it.
 ``sequential=True`` (the papers' order) measures each weight's inputs on the model whose earlier
 weights are already compressed: one pass over the batches per weight. ``sequential=False`` measures
 every weight in one pass on the uncompressed model, then compresses them all (cheaper, and the
@@ -36,7 +39,8 @@ from qpexp.core.quant.traceable import TRACEABLE, _supported
 @dataclass
 class Site:
     """One weight to compress: ``getattr(owner, pname)``; its inputs are the first positional
-    argument of ``hook``'s forward (after ``aq``, the input quantizer, when quantized)."""
+    argument of ``hook``'s forward (after ``aq``, the input quantizer, when quantized), or, when
+    ``hook`` is ``aq`` itself, that quantizer's outputs."""
 
     name: str
     owner: nn.Module  # the conv/linear layer (or the attention module for ``in_proj_weight``)
@@ -108,6 +112,25 @@ def input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return rows.transpose(0, 1)
 
 
+def _raw_sites(name: str, m: nn.Module) -> list[Site]:
+    """``m``'s raw weights quantized in the graph whose product the pass linked to its input
+    (``<param>_wq`` with a :class:`~qpexp.core.quant.graph.LinearInput`, a single ``F.linear`` on
+    the whole quantized weight): their inputs are those of that call, through its input quantizer
+    (hooked itself), or attention's ``query`` when that call has no input quantizer."""
+    out = []
+    for pname, p in m._parameters.items():
+        wq = m._modules.get(f"{pname}_wq")
+        link = getattr(wq, "_qpexp_linear_input", None) if wq is not None else None
+        if p is None or link is None or p.dim() != 2 or getattr(wq, "ch_axis", 0) != 0:
+            continue
+        full = f"{name}.{pname}" if name else pname
+        if link.quantizer is not None:
+            out.append(Site(full, m, pname, link.quantizer, link.quantizer, wq))
+        elif isinstance(m, nn.MultiheadAttention) and pname == "in_proj_weight":
+            out.append(Site(full, m, pname, m, None, wq))
+    return out
+
+
 def sites(model: nn.Module) -> list[Site]:
     """Every weight one-shot methods compress, in module order (not yet forward order)."""
     out, wrapped = [], set()
@@ -118,17 +141,23 @@ def sites(model: nn.Module) -> list[Site]:
             wrapped.add(id(inner))
         elif isinstance(m, CONV_LINEAR) and id(m) not in wrapped:
             out.append(Site(name, m, "weight", m))
-        elif isinstance(m, nn.MultiheadAttention) and m._qkv_same_embed_dim:
-            out.append(Site(f"{name}.in_proj_weight", m, "in_proj_weight", m))
+        else:
+            raw = _raw_sites(name, m)
+            out += raw
+            if isinstance(m, nn.MultiheadAttention) and m._qkv_same_embed_dim:
+                if not any(s.pname == "in_proj_weight" for s in raw):
+                    out.append(Site(f"{name}.in_proj_weight", m, "in_proj_weight", m))
     return out
 
 
-def _accumulate(site: Site, stats: LayerStats, x: torch.Tensor, hessian: bool) -> None:
+def _accumulate(
+    site: Site, stats: LayerStats, x: torch.Tensor, hessian: bool, quantized: bool = False
+) -> None:
     start = time.perf_counter()
     x = x.detach()
-    if site.aq is not None:
+    if site.aq is not None and not quantized:
         x = site.aq(x)
-    layer = site.owner if isinstance(site.owner, CONV_LINEAR) else None
+    layer = site.owner if isinstance(site.owner, CONV_LINEAR) and site.pname == "weight" else None
     rows = input_rows(layer, x) if layer is not None else x.reshape(-1, x.shape[-1]).unsqueeze(0)
     rows = rows.double()
     stats.count += rows.shape[1]
@@ -141,9 +170,16 @@ def _accumulate(site: Site, stats: LayerStats, x: torch.Tensor, hessian: bool) -
 
 
 def _hook(site: Site, stats: LayerStats, hessian: bool):
+    if site.hook is site.aq:  # hooked on the input quantizer itself: its output is what is multiplied
+
+        def post(mod, args, out):
+            _accumulate(site, stats, out, hessian, quantized=True)
+
+        return site.hook.register_forward_hook(post)
+
     def pre(mod, args, kwargs):
         x = args[0] if args else kwargs["query"]
-        if site.pname == "in_proj_weight":  # self-attention only: query, key and value the same tensor
+        if isinstance(site.hook, nn.MultiheadAttention):  # self-attention only: q, k and v the same tensor
             rest = list(args[1:3]) + [kwargs.get(k) for k in ("key", "value") if k in kwargs]
             if any(r is not x for r in rest):
                 raise ValueError(f"one-shot calibration of {site.name}: only self-attention (q = k = v)")

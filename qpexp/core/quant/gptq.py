@@ -306,10 +306,14 @@ def gptq_(model: nn.Module, batches: list[torch.Tensor], block: int = 128, damp:
     """GPTQ on every quantized conv/linear weight of the calibrated ``model``, in place, from its
     inputs on ``batches`` (each layer's inputs after its input quantizer, measured on the model whose
     earlier layers are already quantized when ``sequential``). Weights quantized in the graph (raw
-    parameters such as attention's ``in_proj_weight``) keep nearest rounding; they are listed under
-    ``"nearest_only"``. Returns :func:`~qpexp.core.quant.calibrate.calibrate_`'s record."""
+    parameters) are rounded too when the quantization pass linked their product to its input (a
+    single ``F.linear`` on the whole quantized weight: self-attention's packed ``in_proj_weight``;
+    :class:`~qpexp.core.quant.graph.LinearInput`), onto their own quantizer's grid; the others
+    (cross-attention's chunks of ``in_proj_weight``, recurrent weights, ...) keep nearest rounding
+    and are listed under ``"nearest_only"`` (their quantizers' names). Returns
+    :func:`~qpexp.core.quant.calibrate.calibrate_`'s record."""
 
-    raw = [n for n, q in graph_quantizers(model) if getattr(q, "is_weight", False)]
+    raw = [(n, q) for n, q in graph_quantizers(model) if getattr(q, "is_weight", False)]
 
     def compress(site: Site, stats: LayerStats):
         if site.wq is None:
@@ -319,7 +323,8 @@ def gptq_(model: nn.Module, batches: list[torch.Tensor], block: int = 128, damp:
     def quantized(s: Site) -> bool:
         return s.wq is not None
 
-    names = {s.name for s in sites(model) if quantized(s)}
-    out = calibrate_(model, batches, compress, sequential=sequential, names=names)
-    out["nearest_only"] = raw
+    found = [s for s in sites(model) if quantized(s)]
+    out = calibrate_(model, batches, compress, sequential=sequential, names={s.name for s in found})
+    done = {id(s.wq) for s in found if s.name in out["layers"]}
+    out["nearest_only"] = [n for n, q in raw if id(q) not in done]
     return out

@@ -41,7 +41,10 @@ What :func:`prepare` does (``quantize_`` calls it):
    Quantizers are submodules of the module whose forward contains the op (the nearest one that
    is not a container), named ``<op>_q<i>`` (input ``i``) or ``<op>_q`` (output); a pooling
    module's input quantizer is its own ``input_q`` (so an ``nn.Sequential`` never gains a child).
-   Checkpoints of prepared models load into freshly prepared ones.
+   Checkpoints of prepared models load into freshly prepared ones. When, in every graph, a raw
+   weight's quantized value is the whole weight of exactly one ``F.linear`` call, its quantizer
+   records that call's input (:class:`LinearInput`, :func:`link_linear_inputs`), for one-shot
+   rounding (GPTQ) to calibrate on.
 5. The instrumented graph becomes the model's forward (a per-instance subclass of the model's own
    class; a different graph for eval mode when the model's forward depends on ``self.training``).
    Nothing is installed when no graph-level quantizer was needed (plain ``nn.Sequential`` models:
@@ -1041,6 +1044,99 @@ class _Instrumenter:
                 object.__setattr__(weights[0], "_qpexp_input_q", mod)
 
 
+@dataclass(frozen=True)
+class LinearInput:
+    """Recorded by the pass on a raw weight's quantizer (``_qpexp_linear_input``) when, in every
+    graph of the model (train and eval mode, every call site), the quantized weight is consumed by
+    exactly one ``F.linear`` call, as that call's whole weight (no view in between), so that the
+    weight's product is ``x @ W_q^T`` with ``x`` the rows that call multiplies (one-shot rounding,
+    :mod:`qpexp.core.quant.gptq`, calibrates on them):
+
+    * ``quantizer``: the activation quantizer whose output is that call's input; it is called on
+      nothing else (every call of it in every graph feeds such a call);
+    * ``quantizer`` None: the call's input is a placeholder of its module's graph (the module's own
+      input), directly or through ``transpose(0, 1)`` of an input of known rank 3 or more (which
+      keeps its rows); only attention's ``in_proj_weight`` uses this (its input is ``query``).
+
+    Absent: some use is another op, a view of the weight, or an input that is neither."""
+
+    quantizer: nn.Module | None
+
+
+def _linear_use(n: fx.Node, modules: dict, gi: int, ranks: dict) -> tuple | None:
+    """How the quantized weight ``n`` is used in graph ``gi``: ``("q", quantizer, (gi, input node))``,
+    ``("input", None, None)`` (see :class:`LinearInput`) or None (anything else)."""
+    users = list(n.users)
+    if len(users) != 1:
+        return None
+    u = users[0]
+    if not (
+        u.op == "call_function"
+        and op_name(u, modules) == "linear"
+        and len(u.args) >= 2
+        and u.args[1] is n
+        and u.args[0] is not n
+        and n not in u.args[2:]
+        and n not in u.kwargs.values()
+        and "weight" not in u.kwargs
+        and "input" not in u.kwargs
+    ):
+        return None
+    x = u.args[0]
+    if not isinstance(x, fx.Node):
+        return None
+    if x.op == "call_module" and x.meta.get("qpexp_quantizer"):
+        q = modules[x.target]
+        return None if getattr(q, "is_weight", False) else ("q", q, (gi, x.name))
+    transposed = False
+    while x.op == "call_method" and x.target == "transpose" and len(x.args) == 3 and not x.kwargs:
+        if set(x.args[1:]) != {0, 1} or not isinstance(x.args[0], fx.Node):
+            return None
+        transposed, x = True, x.args[0]
+    if x.op != "placeholder":
+        return None
+    if transposed and (ranks.get(x.name) is None or ranks[x.name] < 3):
+        return None
+    return ("input", None, None)
+
+
+def link_linear_inputs(mgs: list[ModuleGraph]) -> None:
+    """Record :class:`LinearInput` on every raw weight quantizer whose uses allow it (and remove a
+    stale record from the others), from the instrumented graphs of ``mgs``."""
+    uses: dict[int, list] = {}
+    weights: dict[int, nn.Module] = {}
+    calls: dict[int, set] = {}  # id(quantizer) -> {(graph, node)}: every call of it
+    gi = 0
+    for mg in mgs:
+        modules = dict(mg.module.named_modules())
+        for g in mg.graphs.values():
+            gi += 1
+            phs = [n for n in g.nodes if n.op == "placeholder"]
+            ranks = {p.name: r for p, r in zip(phs, mg.site.ranks or [])}
+            for n in g.nodes:
+                if n.op != "call_module" or not n.meta.get("qpexp_quantizer"):
+                    continue
+                q = modules[n.target]
+                calls.setdefault(id(q), set()).add((gi, n.name))
+                if getattr(q, "is_weight", False):
+                    weights[id(q)] = q
+                    uses.setdefault(id(q), []).append(_linear_use(n, modules, gi, ranks))
+    for key, wq in weights.items():
+        if "_qpexp_linear_input" in wq.__dict__:
+            del wq.__dict__["_qpexp_linear_input"]
+        found = uses[key]
+        if not found or any(f is None for f in found):
+            continue
+        kinds = {f[0] for f in found}
+        inputs = {id(f[1]) for f in found}
+        if kinds == {"input"}:
+            object.__setattr__(wq, "_qpexp_linear_input", LinearInput(None))
+        elif kinds == {"q"} and len(inputs) == 1:
+            iq = found[0][1]
+            if calls.get(id(iq), set()) == {f[2] for f in found}:
+                object.__setattr__(wq, "_qpexp_linear_input", LinearInput(iq))
+
+
 def _compile(graph: fx.Graph, label: str):
     code = graph.python_code(root_module="self")
     ns = dict(code.globals)
@@ -1136,6 +1232,7 @@ def instrument_(model: nn.Module, cfg: QuantConfig, plan: Plan, bits: dict[str, 
         for mode in (True, False):
             mg.quantized |= _Instrumenter(model, cfg, plan, bits, registry, mg).run(mg.graphs[mode])
             mg.graphs[mode].lint()
+    link_linear_inputs(mgs)
     by_module: dict[int, list[_Specialization]] = {}
     modules: dict[int, nn.Module] = {}
     for mg in mgs:
