@@ -245,15 +245,13 @@ def _group_weight(g: _Graph, w: dict, name: str, t: bool, elem: int, shift: int)
     sname = g.const(f"{name}_w_scale", scale)
     g.inits.append(_int_tensor(f"{name}_w_zero", zero, elem, [scale.size]))
     y = g.node("DequantizeLinear", [f"{name}_wq", sname, f"{name}_w_zero"], [f"{name}_w_groups"], axis=0)
-    c = shape[ax]
-    k = int(np.prod(shape)) // c if c else 0
-    moved = [c] + [d for i, d in enumerate(shape) if i != ax]
+    c, k, moved, perm = P.group_geometry(shape, ax)
     i64 = lambda v: np.asarray(v, np.int64)  # noqa: E731
     y = g.node("Reshape", [y, g.const(f"{name}_w_rows", i64([c, -1]))], [f"{name}_w_rows_y"])
     starts, ends, axes = (g.const(f"{name}_w_{k_}", i64(v)) for k_, v in (("s", [0]), ("e", [k]), ("a", [1])))
     y = g.node("Slice", [y, starts, ends, axes], [f"{name}_w_sliced"])
     y = g.node("Reshape", [y, g.const(f"{name}_w_shape", i64(moved))], [f"{name}_w_moved"])
-    perm = [*range(1, ax + 1), 0, *range(ax + 1, len(shape))]
+    perm = perm or list(range(len(shape)))
     if t:  # MatMul takes W^T of the (C_out, C_in) weight
         perm = [perm[i] for i in (1, 0)] if len(shape) == 2 else perm
     if perm != list(range(len(shape))):

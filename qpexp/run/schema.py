@@ -16,6 +16,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from qpexp.core.prune import PruneConfig
 from qpexp.core.quant import QuantConfig, QuantSpec
+from qpexp.core.quant.spec import GROUP_SIZE
 from qpexp.errors import ConfigError
 
 
@@ -77,7 +78,7 @@ class QuantSchema:
     bits_a: int = 8
     scheme: str = "linear"
     granularity: str = "channel"
-    group_size: int = 128  # granularity=group: input elements per scale
+    group_size: int = GROUP_SIZE  # granularity=group: input elements per scale
     symmetric: bool = True
     narrow_range: bool = True
     range: str = "minmax"

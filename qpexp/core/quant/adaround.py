@@ -31,7 +31,7 @@ from torch import nn
 from qpexp.core.quant.graph import graph_quantizers
 from qpexp.core.quant.layers import quant_layers
 from qpexp.core.quant.linear import LinearQuantizer
-from qpexp.core.quant.qparams import hold_range
+from qpexp.core.quant.qparams import hold_range, range_setters
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -64,11 +64,7 @@ def _range_setters(wq: LinearQuantizer, w: torch.Tensor) -> torch.Tensor | None:
     """Elements whose value sets a min/max weight quantizer's range (None for LSQ: its scale is learned)."""
     if wq.range == "lsq":
         return None
-    dims = _reduce_dims(wq, w)
-    if wq.symmetric:
-        a = w.abs()
-        return a == a.amax(dims, keepdim=True)
-    return (w == w.amin(dims, keepdim=True)) | (w == w.amax(dims, keepdim=True))
+    return range_setters(w, _reduce_dims(wq, w), wq.symmetric)
 
 
 class _Grid:

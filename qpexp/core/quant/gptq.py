@@ -43,7 +43,7 @@ from qpexp.core.quant.adaround import _qparams, _range_setters
 from qpexp.core.quant.calibrate import LayerStats, Site, calibrate_, sites
 from qpexp.core.quant.graph import graph_quantizers
 from qpexp.core.quant.linear import LinearQuantizer
-from qpexp.core.quant.qparams import hold_range
+from qpexp.core.quant.qparams import hold_range, range_setters
 
 
 def inverse_hessian_upper(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -136,28 +136,18 @@ def _write_back(wq: LinearQuantizer, weight: torch.Tensor, w: torch.Tensor, code
 def _group_grid(wq: LinearQuantizer, w2: torch.Tensor, group_size: int) -> dict:
     """A weight's ``(rows, K)`` view ``w2`` (its own dtype) on per-group grids of ``group_size``
     columns, computed by the layer's quantizer: per element (``(rows, K)``) the scale and zero point
-    (float64), the nearest code, whether it sets its group's min/max range, and that range (zero
-    included, symmetric when the quantizer is: :func:`~qpexp.core.quant.qparams.hold_range`'s)."""
+    (float64), the nearest code, and whether it sets its group's min/max range."""
     c, k = w2.shape
     wg = G.padded(w2, group_size)  # zero padding changes no range (module doc of groups)
     scale, zero = wq._weight_qparams(wg)
     code = torch.round(wg * (1.0 / scale).reshape(-1, 1)) + zero.reshape(-1, 1)  # int_repr's arithmetic
     code = code.clamp(wq.qmin, wq.qmax)
-    if wq.symmetric:
-        a = wg.abs()
-        hi = a.amax(1, keepdim=True)
-        lo, setters = -hi, a == hi
-    else:
-        mn, mx = wg.amin(1, keepdim=True), wg.amax(1, keepdim=True)
-        lo, hi, setters = mn.clamp(max=0), mx.clamp(min=0), (wg == mn) | (wg == mx)
     full = lambda v: G.expand(v.reshape(-1), c, k, group_size)  # noqa: E731
     return {
         "scale": full(scale.double()),
         "zero": full(zero.double()),
         "codes": G.unpadded(code, c, k).to(torch.int32),
-        "setters": G.unpadded(setters, c, k),
-        "lo": full(lo),
-        "hi": full(hi),
+        "setters": G.unpadded(range_setters(wg, (1,), wq.symmetric), c, k),
     }
 
 
@@ -219,7 +209,8 @@ def _gptq_groups(site: Site, stats: LayerStats, block: int, damp: float, act_ord
     kept_nearest = errors["gptq"] > errors["nearest"]
     final, gr, val = (near["codes"], near, w2) if kept_nearest else (codes, grid, value)
     new = ((final.double() - gr["zero"]) * gr["scale"]).to(w.dtype)
-    new = torch.where(gr["setters"], val, torch.minimum(torch.maximum(new, gr["lo"]), gr["hi"]))
+    pad = lambda v: G.padded(v, gs)  # noqa: E731  (per group: each row of the padded view)
+    new = G.unpadded(hold_range(pad(val), pad(new), pad(gr["setters"]), (1,), wq.symmetric), rows, k)
     if mask2 is not None:
         new = new * mask2
     weight.copy_(new.reshape(w.shape))

@@ -472,10 +472,7 @@ class IntWeight(nn.Module):
         self.register_buffer("onnx_codes", t(padded + shift).to(torch.int32))
         self.register_buffer("onnx_zero", zero.round().to(torch.int32) + shift)
         self.register_buffer("onnx_scale", scale.clone())
-        c = shape[ax]
-        moved = [c] + [d for i, d in enumerate(shape) if i != ax]
-        perm = None if ax == 0 else [*range(1, ax + 1), 0, *range(ax + 1, len(shape))]
-        self.group_geometry = (c, math.prod(shape) // c if c else 0, moved, perm)
+        self.group_geometry = P.group_geometry(shape, ax)
 
     def forward(self):
         if self.quantized and self.group_size is not None and torch.onnx.is_in_onnx_export():

@@ -32,6 +32,7 @@ from qpexp.core.accounting import (
     nm_positions,
     relative_entries,
 )
+from qpexp.core.quant.groups import n_groups
 from qpexp.core.quant.linear import LinearQuantizer
 from qpexp.core.quant.log import CompandingQuantizer, Pow2Quantizer
 from qpexp.core.quant.spec import QuantSpec
@@ -142,16 +143,25 @@ def unpack_bits(buf: np.ndarray, bits: int, count: int) -> np.ndarray:
     return (planes << np.arange(bits)).sum(1)
 
 
-def group_full(values: np.ndarray, shape, ch_axis: int, group_size: int) -> np.ndarray:
-    """Per-group values (``C * G``, row by row: :mod:`~qpexp.core.quant.groups`) at every position of
-    a weight of ``shape``."""
+def group_geometry(shape, ch_axis: int) -> tuple[int, int, list[int], list[int] | None]:
+    """A per-group weight's geometry (:mod:`~qpexp.core.quant.groups`): ``C``, ``K`` (elements per
+    output channel), the shape with the channel axis moved first, and the permutation that moves it
+    back (None when it is already first)."""
     ax = ch_axis % len(shape)
     c = shape[ax]
     k = math.prod(shape) // c if c else 0
-    g = -(-k // group_size)
-    full = np.repeat(np.asarray(values).reshape(c, g), group_size, axis=1)[:, :k]
     moved = [c] + [d for i, d in enumerate(shape) if i != ax]
-    return np.moveaxis(full.reshape(moved), 0, ax)
+    perm = None if ax == 0 else [*range(1, ax + 1), 0, *range(ax + 1, len(shape))]
+    return c, k, moved, perm
+
+
+def group_full(values: np.ndarray, shape, ch_axis: int, group_size: int) -> np.ndarray:
+    """Per-group values (``C * G``, row by row: :mod:`~qpexp.core.quant.groups`) at every position of
+    a weight of ``shape``."""
+    c, k, moved, _ = group_geometry(shape, ch_axis)
+    g = n_groups(k, group_size)
+    full = np.repeat(np.asarray(values).reshape(c, g), group_size, axis=1)[:, :k]
+    return np.moveaxis(full.reshape(moved), 0, ch_axis % len(shape))
 
 
 def group_padded(
@@ -160,11 +170,9 @@ def group_padded(
     """A weight's codes per group as ``(C * G, group_size)``: its ``(C, K)`` rows (channel axis first)
     padded to whole groups with each group's zero point (a code that means 0.0; 0 if symmetric).
     The ONNX form: DequantizeLinear on this along axis 0, then the padding sliced off."""
-    ax = ch_axis % len(shape)
-    c = shape[ax]
-    rows = np.moveaxis(np.asarray(codes), ax, 0).reshape(c, -1).astype(np.int64)
-    k = rows.shape[1]
-    g = -(-k // group_size)
+    c, k, _, _ = group_geometry(shape, ch_axis)
+    rows = np.moveaxis(np.asarray(codes), ch_axis % len(shape), 0).reshape(c, k).astype(np.int64)
+    g = n_groups(k, group_size)
     z = np.zeros(c * g, np.int64) if zero is None else np.asarray(zero).astype(np.int64).reshape(-1)
     out = np.repeat(z.reshape(c, g), group_size, axis=1)
     out[:, :k] = rows
@@ -174,11 +182,10 @@ def group_padded(
 def qparam_count(w: dict) -> int:
     """How many scales (and stored zero points) a linear weight of this IR holds: 1 per tensor,
     ``shape[ch_axis]`` per channel, ``C * ceil(K / group_size)`` per group."""
-    shape = w["shape"]
-    c = shape[w.get("ch_axis", 0)]
     if w.get("group_size") is not None:
-        return c * -(-(math.prod(shape) // c) // w["group_size"]) if c else 0
-    return c if w["per_channel"] else 1
+        c, k, _, _ = group_geometry(w["shape"], w.get("ch_axis", 0))
+        return c * n_groups(k, w["group_size"])
+    return w["shape"][w.get("ch_axis", 0)] if w["per_channel"] else 1
 
 
 def dequantize_linear(w: dict) -> np.ndarray:

@@ -104,6 +104,15 @@ def symmetric_scale(w: torch.Tensor, qmax: int, ch_axis: int | None) -> torch.Te
     return amax.div_(qmax).clamp_min_(TINY_SCALE)
 
 
+def range_setters(w: torch.Tensor, dims, symmetric: bool) -> torch.Tensor:
+    """The entries of ``w`` whose value sets a min/max quantizer's range over ``dims`` (``max|w|`` when
+    symmetric, else the min and the max): :func:`hold_range` keeps them as they are."""
+    if symmetric:
+        a = w.abs()
+        return a == a.amax(dims, keepdim=True)
+    return (w == w.amin(dims, keepdim=True)) | (w == w.amax(dims, keepdim=True))
+
+
 def hold_range(
     w: torch.Tensor, new: torch.Tensor, setters: torch.Tensor, dims, symmetric: bool
 ) -> torch.Tensor:
