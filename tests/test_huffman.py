@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qpexp.core.accounting import size_bits
+from qpexp.core.accounting import relative_entries, size_bits
 from qpexp.core.huffman import coded_layouts, huffman_code_lengths, huffman_record, size_bits_huffman
 from qpexp.core.quant import QuantConfig, QuantSpec, quantize_
 
@@ -72,9 +72,31 @@ def test_model_sizes_and_record_by_hand():
     assert rec["final/compression_ratio_huffman"] == 640 * 32 / (184 + codebook)
     assert rec["layers/0/huffman_bits_per_weight"] == 1.0
     assert rec["layers/0/huffman_bits_per_index"] == 1.0
-    # the paper's way: weights and indices only against 32 bits a weight
-    assert rec["final/paper_ratio"] == 640 * 32 / 240
+    # the paper's way: weights and indices only against 32 bits a weight, with the Tables' 5-bit
+    # indices: every gap is 15 < 32, so 40 entries x (2 + 5) bits; coded: 40 + 40 bits of payload
+    assert rec["final/paper_ratio"] == 640 * 32 / 280
     assert rec["final/paper_ratio_huffman"] == 640 * 32 / 80
+
+
+def test_relative_entries_at_the_papers_five_bit_index():
+    # kept flat positions 20 and 41 of 64: gaps 20 and 20. 4 bits (span 16): each gap needs one filler
+    # (15, then 4): entries d = [15, 4, 15, 4]; 5 bits (span 32): no filler, d = [20, 20]
+    keep = np.zeros(64, bool)
+    keep[[20, 41]] = True
+    d4, pos4 = relative_entries(keep)
+    assert d4.tolist() == [15, 4, 15, 4] and pos4.tolist() == [15, 20, 36, 41]
+    d5, pos5 = relative_entries(keep, 5)
+    assert d5.tolist() == [20, 20] and pos5.tolist() == [20, 41]
+    # a 2-bit codebook layer with these two weights: the paper's count is 2 x (2 + 5) = 14 bits against
+    # 64 x 32; qpexp's own file keeps 4-bit gaps: 4 entries x (2 + 4) = 24 bits (+ flag + codebook)
+    model = nn.Sequential(nn.Linear(16, 4, bias=False))
+    w = torch.zeros(64)
+    w[[20, 41]] = torch.tensor([1.0, -1.0])
+    model[0].weight.data.copy_(w.reshape(4, 16))
+    quantize_(model, QuantConfig(weight=QuantSpec(bits=2, scheme="codebook", symmetric=False), act=QuantSpec(bits=32)))
+    rec = huffman_record(model, dense_bits=64 * 32)
+    assert rec["final/paper_ratio"] == 64 * 32 / 14
+    assert size_bits(model) == 24 + 2 + 3 * 32
 
 
 def test_unquantized_layers_count_as_size_bits():

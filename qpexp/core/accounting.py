@@ -127,17 +127,18 @@ def unique_views(model: nn.Module) -> list[LayerView]:
 
 
 # -- the storage layouts: the one definition, used here to count and by the integer export to write ---
-def relative_entries(keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Deep Compression relative indexing of the kept positions of a flat mask.
+def relative_entries(keep: np.ndarray, index_bits: int = INDEX_BITS) -> tuple[np.ndarray, np.ndarray]:
+    """Deep Compression relative indexing of the kept positions of a flat mask, ``index_bits`` a gap
+    (``span = 2^index_bits``; qpexp's files use :data:`INDEX_BITS`).
 
-    Returns (gap index per entry in ``[0, 15]``, flat position per entry). An entry ``d`` says
-    "skip ``d`` positions, then one stored value"; a run of ``d >= 16`` positions without a kept
-    one takes ``d // 16`` filler entries (each ``d = 15`` with the zero code as its value).
+    Returns (gap index per entry in ``[0, span)``, flat position per entry). An entry ``d`` says
+    "skip ``d`` positions, then one stored value"; a run of ``d >= span`` positions without a kept
+    one takes ``d // span`` filler entries (each ``d = span - 1`` with the zero code as its value).
     """
     pos = np.flatnonzero(keep)
     if pos.size == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    span = 2**INDEX_BITS
+    span = 2**index_bits
     d = np.diff(pos, prepend=-1) - 1
     fillers = d // span
     reps = fillers + 1

@@ -22,8 +22,9 @@ and the cheapest plus the 2-bit format flag is the tensor's size. Everything els
 codebooks, zero points, float tensors, shared weights) is counted exactly as ``size_bits`` counts it.
 
 :func:`paper_sizes` counts the way Deep Compression's Tables 2-3 do: weights and indices only (the
-relative layout, value bits + index bits per entry; with Huffman, the coded payloads without tables),
-against 32 bits per conv/linear weight; no biases, codebooks, code tables or format flags.
+relative layout with the Tables' 5-bit indices, :data:`PAPER_INDEX_BITS`; value bits + index bits per
+entry; with Huffman, the coded payloads without tables), against 32 bits per conv/linear weight; no
+biases, codebooks, code tables or format flags.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ from qpexp.core.prune.masks import get_mask
 LEN_BITS = 5  # a canonical table stores each symbol's code length in this many bits
 MAX_LEN = 2**LEN_BITS - 1
 CHOICE_BITS = 1  # per stream: fixed width or Huffman
+# Deep Compression's Tables 2-3 (arXiv:1510.00149v5): "Index bits (P+Q)" is 5 for every layer of both
+# LeNets (the text's 4-bit index is AlexNet's). The paper's-way count uses it; qpexp's files INDEX_BITS.
+PAPER_INDEX_BITS = 5
 
 
 def huffman_code_lengths(freqs) -> np.ndarray:
@@ -92,18 +96,19 @@ def stream_bits(symbols: np.ndarray, alphabet: int, width: int) -> dict:
     return {"bits": (huff if coded else fixed) + CHOICE_BITS, "huffman_payload": payload, "coded": coded}
 
 
-def coded_layouts(codes: np.ndarray, keep: np.ndarray, bits: int) -> dict:
+def coded_layouts(codes: np.ndarray, keep: np.ndarray, bits: int, index_bits: int = INDEX_BITS) -> dict:
     """Each layout's coded size for flat integer ``codes`` (values in a ``2^bits`` alphabet after
-    subtracting their minimum) and the flat mask ``keep`` of stored (nonzero) positions."""
+    subtracting their minimum) and the flat mask ``keep`` of stored (nonzero) positions; the relative
+    layout with ``index_bits`` a gap."""
     codes = np.asarray(codes, dtype=np.int64).reshape(-1)
     keep = np.asarray(keep, dtype=bool).reshape(-1)
     alphabet = 2**bits
     sym = codes - (codes.min() if codes.size else 0)
     if sym.size and sym.max() >= alphabet:
         raise ValueError(f"coded_layouts: codes span {int(sym.max()) + 1} values, more than 2^{bits}")
-    gaps, pos = relative_entries(keep)
+    gaps, pos = relative_entries(keep, index_bits)
     values = stream_bits(sym[pos], alphabet, bits)
-    index = stream_bits(gaps, 2**INDEX_BITS, INDEX_BITS)
+    index = stream_bits(gaps, 2**index_bits, index_bits)
     options = {
         "dense": stream_bits(sym, alphabet, bits)["bits"],
         "bitmask": keep.size + stream_bits(sym[keep], alphabet, bits)["bits"],
@@ -112,11 +117,11 @@ def coded_layouts(codes: np.ndarray, keep: np.ndarray, bits: int) -> dict:
     return {"options": options, "entries": int(gaps.size), "values": values, "index": index}
 
 
-def float_layouts(keep: np.ndarray) -> dict:
+def float_layouts(keep: np.ndarray, index_bits: int = INDEX_BITS) -> dict:
     """A pruned float tensor: values at 32 bits (uncoded), the gap stream coded."""
     keep = np.asarray(keep, dtype=bool).reshape(-1)
-    gaps, _ = relative_entries(keep)
-    index = stream_bits(gaps, 2**INDEX_BITS, INDEX_BITS)
+    gaps, _ = relative_entries(keep, index_bits)
+    index = stream_bits(gaps, 2**index_bits, index_bits)
     nnz = int(keep.sum())
     options = {
         "dense": keep.size * FLOAT_BITS,
@@ -128,16 +133,16 @@ def float_layouts(keep: np.ndarray) -> dict:
 
 
 @torch.no_grad()
-def view_layouts(v) -> dict:
+def view_layouts(v, index_bits: int = INDEX_BITS) -> dict:
     """:func:`coded_layouts` (or :func:`float_layouts`) of one layer view's stored weight: the codes of a
     copy of its quantizer in eval mode (no state changes), stored positions = nonzero effective weights."""
     w = v.weight.detach()
     if v.wq is None:
-        return float_layouts((w.reshape(-1) != 0).cpu().numpy())
+        return float_layouts((w.reshape(-1) != 0).cpu().numpy(), index_bits)
     q = copy.deepcopy(v.wq).eval()
     eff = q(w)  # initializes the copy as the first forward would
     codes = q.int_repr(w).reshape(-1).cpu().numpy()
-    return coded_layouts(codes, (eff.reshape(-1) != 0).cpu().numpy(), v.bits_w)
+    return coded_layouts(codes, (eff.reshape(-1) != 0).cpu().numpy(), v.bits_w, index_bits)
 
 
 def size_bits_huffman(model, detail: bool = False):
@@ -169,11 +174,14 @@ def size_bits_huffman(model, detail: bool = False):
 
 def paper_sizes(model, dense_params: int | None = None) -> dict:
     """Deep Compression's count (Tables 2-3): ``dense`` = 32 bits per conv/linear weight of the dense
-    model; ``pq`` = per compressed tensor, relative-layout entries x (value bits + 4 index bits);
-    ``pqh`` = the Huffman payloads of the value and gap streams (no tables). Uncompressed weights at
-    32 bits; biases, codebooks, scales, tables and flags not counted (as the paper's tables)."""
+    model; ``pq`` = per compressed tensor, relative-layout entries x (value bits + :data:`PAPER_INDEX_BITS`
+    index bits); ``pqh`` = the Huffman payloads of the value and gap streams (no tables); ``layers``:
+    per compressed tensor the mean code length of its value and gap streams (the Tables' "Weight bits"
+    and "Index bits (P+Q+H)" columns). Uncompressed weights at 32 bits; biases, codebooks, scales,
+    tables and flags not counted (as the paper's tables)."""
     dense = FLOAT_BITS * (dense_params or getattr(model, DENSE_PARAMS_ATTR, None) or 0)
     pq = pqh = n = 0
+    layers = {}
     for v in unique_views(model):
         n += v.weight.numel()
         compressed = v.wq is not None or get_mask(v.layer, v.param) is not None  # as size_bits
@@ -181,18 +189,24 @@ def paper_sizes(model, dense_params: int | None = None) -> dict:
             pq += v.weight.numel() * FLOAT_BITS
             pqh += v.weight.numel() * FLOAT_BITS
             continue
-        lay = view_layouts(v)
-        pq += lay["entries"] * (v.bits_w + INDEX_BITS)
+        lay = view_layouts(v, PAPER_INDEX_BITS)
+        pq += lay["entries"] * (v.bits_w + PAPER_INDEX_BITS)
         pqh += lay["values"]["huffman_payload"] + lay["index"]["huffman_payload"]
+        e = max(lay["entries"], 1)
+        layers[v.name] = {
+            "bits_per_weight": lay["values"]["huffman_payload"] / e,
+            "bits_per_index": lay["index"]["huffman_payload"] / e,
+        }
     dense = dense or FLOAT_BITS * n
-    return {"dense": dense, "pq": pq, "pqh": pqh}
+    return {"dense": dense, "pq": pq, "pqh": pqh, "layers": layers}
 
 
 def huffman_record(model, dense_bits: int, dense_params: int | None = None) -> dict:
     """The record keys: ``final/size_bits_huffman``, ``final/compression_ratio_huffman`` (honest: the
     dense model's ``size_bits`` over the coded total), the paper's-way ratios
     ``final/paper_ratio`` (P+Q) and ``final/paper_ratio_huffman`` (P+Q+H), and per compressed layer
-    ``layers/<name>/huffman_bits_per_weight`` / ``huffman_bits_per_index`` / ``huffman_format``."""
+    ``layers/<name>/huffman_format`` (the honest count's layout) and ``huffman_bits_per_weight`` /
+    ``huffman_bits_per_index`` (the paper's Tables 2-3 columns, on its layout: :func:`paper_sizes`)."""
     total, rows = size_bits_huffman(model, detail=True)
     paper = paper_sizes(model, dense_params)
     out = {
@@ -204,7 +218,8 @@ def huffman_record(model, dense_bits: int, dense_params: int | None = None) -> d
         "final/paper_ratio_huffman": paper["dense"] / max(paper["pqh"], 1),
     }
     for name, r in rows.items():
+        out[f"layers/{name}/huffman_format"] = r["format"]
+    for name, r in paper["layers"].items():
         out[f"layers/{name}/huffman_bits_per_weight"] = r["bits_per_weight"]
         out[f"layers/{name}/huffman_bits_per_index"] = r["bits_per_index"]
-        out[f"layers/{name}/huffman_format"] = r["format"]
     return out
