@@ -93,7 +93,10 @@ def test_relative_entries_at_the_papers_five_bit_index():
     w = torch.zeros(64)
     w[[20, 41]] = torch.tensor([1.0, -1.0])
     model[0].weight.data.copy_(w.reshape(4, 16))
-    quantize_(model, QuantConfig(weight=QuantSpec(bits=2, scheme="codebook", symmetric=False), act=QuantSpec(bits=32)))
+    quantize_(
+        model,
+        QuantConfig(weight=QuantSpec(bits=2, scheme="codebook", symmetric=False), act=QuantSpec(bits=32)),
+    )
     rec = huffman_record(model, dense_bits=64 * 32)
     assert rec["final/paper_ratio"] == 64 * 32 / 14
     assert size_bits(model) == 24 + 2 + 3 * 32

@@ -402,7 +402,9 @@ def test_frontier_mnist_reference_is_the_published_rows():
         "sweeps/references/lenet5_mnist_papers.csv"
     )
     points = []
-    for paper in dict.fromkeys(r["paper"] for r in TABLE["rows"] if r["experiment"] == "repro_deep_compression_lenet5_mnist"):
+    for paper in dict.fromkeys(
+        r["paper"] for r in TABLE["rows"] if r["experiment"] == "repro_deep_compression_lenet5_mnist"
+    ):
         rows = [r for r in TABLE["rows"] if r["paper"] == paper and r["setting"].startswith("LeNet-5, MNIST")]
         error = next(r["published"] for r in rows if r["metric"].get("as") == "error")
         ratios = [r["published"] for r in rows if "ratio" in r["metric"].get("key", "") and r["published"]]

@@ -127,9 +127,9 @@ def unique_views(model: nn.Module) -> list[LayerView]:
 
 
 # -- the storage layouts: the one definition, used here to count and by the integer export to write ---
-def relative_entries(keep: np.ndarray, index_bits: int = INDEX_BITS) -> tuple[np.ndarray, np.ndarray]:
-    """Deep Compression relative indexing of the kept positions of a flat mask, ``index_bits`` a gap
-    (``span = 2^index_bits``; qpexp's files use :data:`INDEX_BITS`).
+def relative_entries(keep: np.ndarray, gap_bits: int = INDEX_BITS) -> tuple[np.ndarray, np.ndarray]:
+    """Deep Compression relative indexing of the kept positions of a flat mask, ``gap_bits`` a gap
+    (``span = 2^gap_bits``; qpexp's files use :data:`INDEX_BITS`).
 
     Returns (gap index per entry in ``[0, span)``, flat position per entry). An entry ``d`` says
     "skip ``d`` positions, then one stored value"; a run of ``d >= span`` positions without a kept
@@ -138,7 +138,7 @@ def relative_entries(keep: np.ndarray, index_bits: int = INDEX_BITS) -> tuple[np
     pos = np.flatnonzero(keep)
     if pos.size == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    span = 2**index_bits
+    span = 2**gap_bits
     d = np.diff(pos, prepend=-1) - 1
     fillers = d // span
     reps = fillers + 1

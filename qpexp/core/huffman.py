@@ -149,8 +149,8 @@ def size_bits_huffman(model, detail: bool = False):
     """Total storage in bits with every compressed weight tensor Huffman-coded (module doc).
 
     With ``detail``: ``(total, rows)``, ``rows[name]`` holding ``bits`` (the tensor's coded size, flag
-    included), ``format``, ``bits_per_weight`` and ``bits_per_index`` (mean Huffman code length of the
-    relative layout's value and gap streams, tables excluded: the numbers of the paper's tables)."""
+    included), ``format`` and ``entries`` (of its relative layout; the paper's per-layer columns are
+    :func:`paper_sizes`')."""
     total, rows, _ = size_bits(model, detail=True)
     views = {v.name: v for v in layer_views(model)}
     out = {}
@@ -161,14 +161,7 @@ def size_bits_huffman(model, detail: bool = False):
         fmt = min(lay["options"], key=lay["options"].get)
         bits = lay["options"][fmt] + FLAG_BITS
         total += bits - r["weight_bits"]
-        n = max(lay["entries"], 1)
-        out[name] = {
-            "bits": bits,
-            "format": fmt,
-            "bits_per_weight": lay["values"]["huffman_payload"] / n,
-            "bits_per_index": lay["index"]["huffman_payload"] / n,
-            "entries": lay["entries"],
-        }
+        out[name] = {"bits": bits, "format": fmt, "entries": lay["entries"]}
     return (total, out) if detail else total
 
 
