@@ -96,19 +96,19 @@ def stream_bits(symbols: np.ndarray, alphabet: int, width: int) -> dict:
     return {"bits": (huff if coded else fixed) + CHOICE_BITS, "huffman_payload": payload, "coded": coded}
 
 
-def coded_layouts(codes: np.ndarray, keep: np.ndarray, bits: int, index_bits: int = INDEX_BITS) -> dict:
+def coded_layouts(codes: np.ndarray, keep: np.ndarray, bits: int, gap_bits: int = INDEX_BITS) -> dict:
     """Each layout's coded size for flat integer ``codes`` (values in a ``2^bits`` alphabet after
     subtracting their minimum) and the flat mask ``keep`` of stored (nonzero) positions; the relative
-    layout with ``index_bits`` a gap."""
+    layout with ``gap_bits`` a gap."""
     codes = np.asarray(codes, dtype=np.int64).reshape(-1)
     keep = np.asarray(keep, dtype=bool).reshape(-1)
     alphabet = 2**bits
     sym = codes - (codes.min() if codes.size else 0)
     if sym.size and sym.max() >= alphabet:
         raise ValueError(f"coded_layouts: codes span {int(sym.max()) + 1} values, more than 2^{bits}")
-    gaps, pos = relative_entries(keep, index_bits)
+    gaps, pos = relative_entries(keep, gap_bits)
     values = stream_bits(sym[pos], alphabet, bits)
-    index = stream_bits(gaps, 2**index_bits, index_bits)
+    index = stream_bits(gaps, 2**gap_bits, gap_bits)
     options = {
         "dense": stream_bits(sym, alphabet, bits)["bits"],
         "bitmask": keep.size + stream_bits(sym[keep], alphabet, bits)["bits"],
@@ -117,11 +117,11 @@ def coded_layouts(codes: np.ndarray, keep: np.ndarray, bits: int, index_bits: in
     return {"options": options, "entries": int(gaps.size), "values": values, "index": index}
 
 
-def float_layouts(keep: np.ndarray, index_bits: int = INDEX_BITS) -> dict:
+def float_layouts(keep: np.ndarray, gap_bits: int = INDEX_BITS) -> dict:
     """A pruned float tensor: values at 32 bits (uncoded), the gap stream coded."""
     keep = np.asarray(keep, dtype=bool).reshape(-1)
-    gaps, _ = relative_entries(keep, index_bits)
-    index = stream_bits(gaps, 2**index_bits, index_bits)
+    gaps, _ = relative_entries(keep, gap_bits)
+    index = stream_bits(gaps, 2**gap_bits, gap_bits)
     nnz = int(keep.sum())
     options = {
         "dense": keep.size * FLOAT_BITS,
@@ -133,16 +133,16 @@ def float_layouts(keep: np.ndarray, index_bits: int = INDEX_BITS) -> dict:
 
 
 @torch.no_grad()
-def view_layouts(v, index_bits: int = INDEX_BITS) -> dict:
+def view_layouts(v, gap_bits: int = INDEX_BITS) -> dict:
     """:func:`coded_layouts` (or :func:`float_layouts`) of one layer view's stored weight: the codes of a
     copy of its quantizer in eval mode (no state changes), stored positions = nonzero effective weights."""
     w = v.weight.detach()
     if v.wq is None:
-        return float_layouts((w.reshape(-1) != 0).cpu().numpy(), index_bits)
+        return float_layouts((w.reshape(-1) != 0).cpu().numpy(), gap_bits)
     q = copy.deepcopy(v.wq).eval()
     eff = q(w)  # initializes the copy as the first forward would
     codes = q.int_repr(w).reshape(-1).cpu().numpy()
-    return coded_layouts(codes, (eff.reshape(-1) != 0).cpu().numpy(), v.bits_w, index_bits)
+    return coded_layouts(codes, (eff.reshape(-1) != 0).cpu().numpy(), v.bits_w, gap_bits)
 
 
 def size_bits_huffman(model, detail: bool = False):
