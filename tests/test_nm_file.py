@@ -97,16 +97,16 @@ def test_2_4_model_roundtrip_in_the_nm_layout(tmp_path, suffix):
     x = torch.randn(50, 40) * 1.3
     with torch.no_grad():
         exact(load(path, arithmetic="float")(x), model(x))  # bit for bit
-    # conv2 by hand: 24 rows x 18 groups x (2 codes x 4 bits + 3 index bits), plus the 2-bit flag
+    # conv2 by hand: 24 rows x 18 groups x (2 codes x 4 bits + 3 index bits), plus the 3-bit flag (110)
     conv2 = entries["conv2"]
-    assert conv2["payload_bits"] == 24 * 18 * (2 * 4 + 3) + 2
+    assert conv2["payload_bits"] == 24 * 18 * (2 * 4 + 3) + 3
     assert conv2["nm"] == [2, 4] and conv2["tail_positions"] is None
     assert conv2["positions"]["bits"] == 3 and conv2["positions"]["nbytes"] == math.ceil(24 * 18 * 3 / 8)
     assert conv2["values"]["nbytes"] == math.ceil(24 * 18 * 2 * 4 / 8)
     # the file's payload agrees with the formulas, and with the accounting's N:M count
     st = package_stats(path)
     assert st["accounted_payload_bits"] == size_bits(model, nm=(2, 4)) < size_bits(model)
-    assert 0 <= st["payload_bytes"] * 8 - (st["accounted_payload_bits"] - 4 * 2) < 8 * 4 * 7
+    assert 0 <= st["payload_bytes"] * 8 - (st["accounted_payload_bits"] - 4 * 3) < 8 * 4 * 7
 
 
 def test_short_last_group(tmp_path):
@@ -117,9 +117,9 @@ def test_short_last_group(tmp_path):
     entries, decoded = weights(tmp_path / "m.npz")
     conv2, conv1 = entries["conv2"], entries["conv1"]
     assert conv2["layout"] == conv1["layout"] == "nm"
-    assert conv2["payload_bits"] == 25 * (18 * (2 * 4 + 3) + 2 * 4 + 2) + 2
+    assert conv2["payload_bits"] == 25 * (18 * (2 * 4 + 3) + 2 * 4 + 2) + 3
     assert conv2["tail_positions"]["bits"] == 2 and conv2["tail_positions"]["count"] == 25
-    assert conv1["payload_bits"] == 25 * ((2 * 4 + 3) + 1 * 4 + 0) + 2
+    assert conv1["payload_bits"] == 25 * ((2 * 4 + 3) + 1 * 4 + 0) + 3
     for name, w in quant_layers(model):
         exact(torch.from_numpy(decoded[name]["codes"]), w.wq.int_repr(w.layer.weight).to(torch.int64))
         exact(torch.from_numpy(decoded[name]["mask"]), w.layer.weight_mask != 0)

@@ -1,13 +1,21 @@
 """Honest counts, computed from the tensors: sparsity, parameters, storage bits, MACs and BOPs.
 
 Storage of one weight tensor that is pruned or quantized, with ``n`` weights, ``nnz`` nonzeros
-(counted after quantization) at ``b`` bits, is the cheapest of three formats plus a 2-bit flag
-saying which one was used::
+(counted after quantization) at ``b`` bits, is the cheapest of these formats plus the flag saying
+which one was used (a prefix code: 2 bits for dense, bitmask and relative, 3 for rowcol and N:M)::
 
     dense     n * b
     bitmask   nnz * b + n                     (1 bit per position)
     relative  (nnz + pad) * (b + 4)           (Deep Compression: 4-bit gaps, a filler entry per
                                                16-position run without a nonzero)
+    rowcol    r + c + 3 + (nnz + pad_g) * (b + g)
+                                              (a weight of r rows of c positions, 2-d or more: a bit
+                                               per row and per column saying which hold a nonzero,
+                                               then the relative layout over those rows and columns
+                                               only, with g-bit gaps, g in 1..8 the cheapest for
+                                               the tensor, in a 3-bit field: an input no kept row
+                                               reads, such as an image's always-zero border pixel,
+                                               costs one bit, not gaps)
 
 Every scale and stored zero point costs 32 bits (a symmetric quantizer's Z = 0 is implicit), those of
 the graph-level activation quantizers (adds, concatenations, matmuls, pooling) included; every
@@ -41,6 +49,13 @@ from qpexp.core.quant.layers import is_quant_layer
 FLOAT_BITS = 32
 INDEX_BITS = 4
 FLAG_BITS = 2
+# the format flag is a prefix code: dense 00, bitmask 01, relative 10, nm 110, rowcol 111
+LAYOUT_FLAG_BITS = {"dense": 2, "bitmask": 2, "relative": 2, "nm": 3, "rowcol": 3}
+
+
+def flag_bits(layout: str) -> int:
+    """Bits of the format flag naming ``layout`` (:data:`LAYOUT_FLAG_BITS`)."""
+    return LAYOUT_FLAG_BITS[layout]
 
 
 @dataclass
@@ -149,6 +164,20 @@ def relative_entries(keep: np.ndarray, gap_bits: int = INDEX_BITS) -> tuple[np.n
     return entry_d, entry_pos
 
 
+def rowcol_entries(keep: np.ndarray, gap_bits: int = INDEX_BITS):
+    """The ``rowcol`` layout of a ``(rows, cols)`` mask (a weight's rows by everything else): the
+    rows and the columns that hold a kept position (bool vectors), and :func:`relative_entries` of
+    the mask restricted to them, its positions mapped back to the full flat tensor.
+
+    Returns (gap index per entry, flat position per entry in the full tensor, rows, cols)."""
+    keep = np.asarray(keep, dtype=bool)
+    rows, cols = keep.any(1), keep.any(0)
+    d, sub = relative_entries(keep[rows][:, cols].reshape(-1), gap_bits)
+    width = int(cols.sum())
+    r, c = (sub // width, sub % width) if width else (sub, sub)
+    return d, np.flatnonzero(rows)[r] * keep.shape[1] + np.flatnonzero(cols)[c], rows, cols
+
+
 def relative_index_padding(w: torch.Tensor) -> int:
     """Filler entries :func:`relative_entries` needs for the nonzeros of ``w``."""
     keep = (w.detach().reshape(-1) != 0).cpu().numpy()
@@ -199,10 +228,30 @@ def nm_positions(
     return pos.reshape(-1).numpy()
 
 
-def layout_bits(n: int, nnz: int, n_entries: int, bits: int) -> dict[str, int]:
+def layout_bits(n: int, nnz: int, n_entries: int, bits: int, rowcol: int | None = None) -> dict:
     """Payload bits of each layout (format flag excluded) for ``n`` positions, ``nnz`` stored values
-    at ``bits`` bits and ``n_entries`` relative-index entries (stored values plus fillers)."""
-    return {"dense": n * bits, "bitmask": nnz * bits + n, "relative": n_entries * (bits + INDEX_BITS)}
+    at ``bits`` bits and ``n_entries`` relative-index entries (stored values plus fillers);
+    ``rowcol``: the rowcol layout's bits (:func:`rowcol_bits`) where the tensor may take it."""
+    out = {"dense": n * bits, "bitmask": nnz * bits + n, "relative": n_entries * (bits + INDEX_BITS)}
+    if rowcol is not None:
+        out["rowcol"] = rowcol
+    return out
+
+
+ROWCOL_GAP_BITS = range(1, 9)  # the gap widths the rowcol layout may take
+GAP_FIELD_BITS = 3  # the rowcol layout's gap width, stored as g - 1
+
+
+def rowcol_bits(keep: np.ndarray, bits: int) -> tuple[int, int]:
+    """``(payload bits, gap width)`` of the cheapest rowcol layout of a ``(rows, cols)`` mask with
+    values at ``bits``: the row and column bits, the gap-width field and its entries x (bits + g)."""
+    keep = np.asarray(keep, dtype=bool)
+    rows, cols = keep.any(1), keep.any(0)
+    block = keep[rows][:, cols].reshape(-1)
+    fixed = keep.shape[0] + keep.shape[1] + GAP_FIELD_BITS
+    cost = {g: fixed + relative_entries(block, g)[0].size * (bits + g) for g in ROWCOL_GAP_BITS}
+    g = min(cost, key=cost.get)
+    return cost[g], g
 
 
 def tensor_bits(w: torch.Tensor, bits: int, nm: tuple[int, int] | None = None) -> dict:
@@ -213,13 +262,18 @@ def tensor_bits(w: torch.Tensor, bits: int, nm: tuple[int, int] | None = None) -
     nonzeros."""
     n = w.numel()
     nnz = int(torch.count_nonzero(w))
-    options = layout_bits(n, nnz, nnz + relative_index_padding(w), bits)
+    rowcol = (
+        rowcol_bits((w.detach().reshape(w.shape[0], -1) != 0).cpu().numpy(), bits)[0]
+        if w.dim() >= 2
+        else None
+    )
+    options = layout_bits(n, nnz, nnz + relative_index_padding(w), bits, rowcol)
     if nm is not None and w.dim() >= 2:
         b = nm_bits(w, nm[0], nm[1], bits)
         if b is not None:
             options["nm"] = b
-    fmt = min(options, key=options.get)
-    return {"bits": options[fmt] + FLAG_BITS, "format": fmt, "n": n, "nnz": nnz}
+    fmt = min(options, key=lambda k: options[k] + flag_bits(k))
+    return {"bits": options[fmt] + flag_bits(fmt), "format": fmt, "n": n, "nnz": nnz}
 
 
 def _quantizer_bits(q: nn.Module | None) -> int:

@@ -17,8 +17,12 @@ its fixed width). The three layouts, after coding, are
     dense     values(all n codes)
     bitmask   n + values(nnz codes)                  (the bitmask itself uncoded)
     relative  gaps(entries) + values(entry codes)
+    rowcol    r + c + 3 + gaps(entries') + values(entry' codes)   (2-d or more: the relative layout
+                                          over the rows and columns holding a stored position, with
+                                          the cheapest gap width g in 1..8 in a 3-bit field)
 
-and the cheapest plus the 2-bit format flag is the tensor's size. Everything else (biases, scales,
+and the cheapest plus its format flag (:func:`~qpexp.core.accounting.flag_bits`) is the tensor's
+size. Everything else (biases, scales,
 codebooks, zero points, float tensors, shared weights) is counted exactly as ``size_bits`` counts it.
 
 :func:`paper_sizes` counts the way Deep Compression's Tables 2-3 do: weights and indices only (the
@@ -37,11 +41,14 @@ import torch
 
 from qpexp.core.accounting import (
     DENSE_PARAMS_ATTR,
-    FLAG_BITS,
     FLOAT_BITS,
+    GAP_FIELD_BITS,
     INDEX_BITS,
+    ROWCOL_GAP_BITS,
+    flag_bits,
     layer_views,
     relative_entries,
+    rowcol_entries,
     size_bits,
     unique_views,
 )
@@ -96,10 +103,13 @@ def stream_bits(symbols: np.ndarray, alphabet: int, width: int) -> dict:
     return {"bits": (huff if coded else fixed) + CHOICE_BITS, "huffman_payload": payload, "coded": coded}
 
 
-def coded_layouts(codes: np.ndarray, keep: np.ndarray, bits: int, gap_bits: int = INDEX_BITS) -> dict:
+def coded_layouts(
+    codes: np.ndarray, keep: np.ndarray, bits: int, gap_bits: int = INDEX_BITS, rows: int | None = None
+) -> dict:
     """Each layout's coded size for flat integer ``codes`` (values in a ``2^bits`` alphabet after
     subtracting their minimum) and the flat mask ``keep`` of stored (nonzero) positions; the relative
-    layout with ``gap_bits`` a gap."""
+    layout with ``gap_bits`` a gap. ``rows``: the tensor's first dimension (2-d or more), which adds
+    the rowcol layout (``entries`` stays the relative layout's)."""
     codes = np.asarray(codes, dtype=np.int64).reshape(-1)
     keep = np.asarray(keep, dtype=bool).reshape(-1)
     alphabet = 2**bits
@@ -114,10 +124,27 @@ def coded_layouts(codes: np.ndarray, keep: np.ndarray, bits: int, gap_bits: int 
         "bitmask": keep.size + stream_bits(sym[keep], alphabet, bits)["bits"],
         "relative": index["bits"] + values["bits"],
     }
+    if rows:
+        options["rowcol"] = rowcol_coded(
+            keep.reshape(rows, -1), lambda p: stream_bits(sym[p], alphabet, bits)["bits"]
+        )
     return {"options": options, "entries": int(gaps.size), "values": values, "index": index}
 
 
-def float_layouts(keep: np.ndarray, gap_bits: int = INDEX_BITS) -> dict:
+def rowcol_coded(keep: np.ndarray, value_bits) -> int:
+    """The coded rowcol layout of a ``(rows, cols)`` mask: row and column bits, the gap-width field,
+    the coded gap stream and ``value_bits(positions)`` (the value stream's cost), at the cheapest gap
+    width of :data:`~qpexp.core.accounting.ROWCOL_GAP_BITS`."""
+    fixed = keep.shape[0] + keep.shape[1] + GAP_FIELD_BITS
+    best = None
+    for g in ROWCOL_GAP_BITS:
+        d, p, _, _ = rowcol_entries(keep, g)
+        cost = fixed + stream_bits(d, 2**g, g)["bits"] + value_bits(p)
+        best = cost if best is None else min(best, cost)
+    return best
+
+
+def float_layouts(keep: np.ndarray, gap_bits: int = INDEX_BITS, rows: int | None = None) -> dict:
     """A pruned float tensor: values at 32 bits (uncoded), the gap stream coded."""
     keep = np.asarray(keep, dtype=bool).reshape(-1)
     gaps, _ = relative_entries(keep, gap_bits)
@@ -128,21 +155,25 @@ def float_layouts(keep: np.ndarray, gap_bits: int = INDEX_BITS) -> dict:
         "bitmask": nnz * FLOAT_BITS + keep.size,
         "relative": index["bits"] + gaps.size * FLOAT_BITS,
     }
+    if rows:
+        options["rowcol"] = rowcol_coded(keep.reshape(rows, -1), lambda p: p.size * FLOAT_BITS)
     values = {"bits": gaps.size * FLOAT_BITS, "huffman_payload": gaps.size * FLOAT_BITS, "coded": False}
     return {"options": options, "entries": int(gaps.size), "values": values, "index": index}
 
 
 @torch.no_grad()
-def view_layouts(v, gap_bits: int = INDEX_BITS) -> dict:
+def view_layouts(v, gap_bits: int = INDEX_BITS, rowcol: bool = True) -> dict:
     """:func:`coded_layouts` (or :func:`float_layouts`) of one layer view's stored weight: the codes of a
-    copy of its quantizer in eval mode (no state changes), stored positions = nonzero effective weights."""
+    copy of its quantizer in eval mode (no state changes), stored positions = nonzero effective weights;
+    ``rowcol=False`` leaves the rowcol layout out (the paper's count does not use it)."""
     w = v.weight.detach()
+    rows = w.shape[0] if w.dim() >= 2 and rowcol else None
     if v.wq is None:
-        return float_layouts((w.reshape(-1) != 0).cpu().numpy(), gap_bits)
+        return float_layouts((w.reshape(-1) != 0).cpu().numpy(), gap_bits, rows)
     q = copy.deepcopy(v.wq).eval()
     eff = q(w)  # initializes the copy as the first forward would
     codes = q.int_repr(w).reshape(-1).cpu().numpy()
-    return coded_layouts(codes, (eff.reshape(-1) != 0).cpu().numpy(), v.bits_w, gap_bits)
+    return coded_layouts(codes, (eff.reshape(-1) != 0).cpu().numpy(), v.bits_w, gap_bits, rows)
 
 
 def size_bits_huffman(model, detail: bool = False):
@@ -158,8 +189,8 @@ def size_bits_huffman(model, detail: bool = False):
         if r["format"] in ("float", "shared"):
             continue
         lay = view_layouts(views[name])
-        fmt = min(lay["options"], key=lay["options"].get)
-        bits = lay["options"][fmt] + FLAG_BITS
+        fmt = min(lay["options"], key=lambda k: lay["options"][k] + flag_bits(k))
+        bits = lay["options"][fmt] + flag_bits(fmt)
         total += bits - r["weight_bits"]
         out[name] = {"bits": bits, "format": fmt, "entries": lay["entries"]}
     return (total, out) if detail else total
@@ -182,7 +213,7 @@ def paper_sizes(model, dense_params: int | None = None) -> dict:
             pq += v.weight.numel() * FLOAT_BITS
             pqh += v.weight.numel() * FLOAT_BITS
             continue
-        lay = view_layouts(v, PAPER_INDEX_BITS)
+        lay = view_layouts(v, PAPER_INDEX_BITS, rowcol=False)
         pq += lay["entries"] * (v.bits_w + PAPER_INDEX_BITS)
         pqh += lay["values"]["huffman_payload"] + lay["index"]["huffman_payload"]
         e = max(lay["entries"], 1)

@@ -479,6 +479,8 @@ class Pipeline:
         frag["prune/criterion"] = c.prune.criterion
         frag["prune/mode"] = "oneshot" if c.prune.finetune_epochs == 0 else "finetune"
         frag.update(oneshot_keys("prune", meta))
+        for layer, n in meta.get("units_removed", {}).items():  # prune.compact: dead units removed
+            frag[f"prune/units_removed/{layer}"] = n
         for point in meta.get("curve", []):  # every step's candidate: the sparsity curve
             for k in ("sparsity", "val_acc", "test_acc"):
                 frag[f"prune/curve/{point['step']}/{k}"] = point[k]

@@ -47,6 +47,7 @@ class PruneSchema:
     taylor_mode: str = "squared"
     auto_batches: int = 8
     quality: Any = None  # {layer: q}: per-layer qualities (Han et al. 2015), scope=global
+    compact: bool = False  # remove the units unstructured pruning left dead
     finetune_epochs: int = 30
     lr: float = 1e-3
     weight_decay: float = 0.0

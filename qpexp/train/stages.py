@@ -17,7 +17,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from qpexp.core.accounting import layer_sparsity, sparsity
 from qpexp.core.modules import clone_state
 from qpexp.core.prune import MaskKeeper, PruneConfig, ensure_masks, make_criterion, prune_step, schedule
-from qpexp.core.prune.channel import physically_prune
+from qpexp.core.prune.channel import groups, physically_prune
+from qpexp.core.prune.compact import remove_dead_units
 from qpexp.core.prune.masks import strip_masks
 from qpexp.core.quant.adaround import adaround_
 from qpexp.core.quant.gptq import gptq_
@@ -430,11 +431,17 @@ class PruneStage(Stage):
         return out
 
     def finalize(self, example: torch.Tensor) -> None:
-        """Channel structure: remove the masked channels for real (the model becomes smaller)."""
-        self.structure = None
+        """Channel structure: remove the masked channels for real (the model becomes smaller).
+        ``compact``: remove the units unstructured pruning left dead (:mod:`qpexp.core.prune.compact`)."""
+        self.structure, self.units_removed = None, {}
         if self.cfg.structure == "channel":
             self.structure = physically_prune(self.model, example)
-            self.keeper.refresh(self.model)
+        elif self.cfg.compact and getattr(self, "selected_step", -1) >= 0:
+            n = {g.name: g.n for g in groups(self.model, example)}
+            self.structure = remove_dead_units(self.model, example) or None
+            self.units_removed = {k: n[k] - len(v) for k, v in (self.structure or {}).items()}
+            self.realized_ratio = sparsity(self.model)
+        self.keeper.refresh(self.model)
 
     def stage_state(self) -> dict:
         return {"structure": self.structure} if getattr(self, "structure", None) is not None else {}
@@ -448,6 +455,7 @@ class PruneStage(Stage):
             "targets": self.targets,
             "selected_target": self.targets[step] if step >= 0 else 0.0,
             "realized_ratio": self.realized_ratio,
+            "units_removed": getattr(self, "units_removed", {}),
             "curve": getattr(self, "curve", []),
             **self.oneshot_meta(),
         }

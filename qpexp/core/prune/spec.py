@@ -35,7 +35,8 @@ class PruneConfig:
     ``quality``: per-layer qualities (layer name -> q > 0, unnamed layers 1) for ``scope=global``:
     each layer's scores are divided by its q, so one global threshold t is Han et al.'s rule
     ``|w| < t q_l std_l`` with ``criterion=std``: relative qualities per layer, their common scale t
-    set by ``ratio``."""
+    set by ``ratio``. ``compact``: after unstructured pruning, remove the units it left dead (no
+    consumer reads them, or no input feeds them: :mod:`qpexp.core.prune.compact`), function unchanged."""
 
     ratio: float = 0.5
     scope: str = "global"
@@ -59,6 +60,7 @@ class PruneConfig:
     damp: float = 0.01  # sparsegpt: Hessian damping, a fraction of mean(diag H)
     block: int = 128  # sparsegpt: columns per mask-selection block
     quality: dict[str, float] | None = None
+    compact: bool = False  # remove the units pruning left dead (qpexp.core.prune.compact)
 
     def validate(self) -> None:
         number = isinstance(self.ratio, (int, float)) and not isinstance(self.ratio, bool)
@@ -89,6 +91,11 @@ class PruneConfig:
             raise ValueError(f"prune.auto_batches={self.auto_batches!r} must be an integer >= 1")
         self.validate_oneshot()
         self.validate_quality()
+        if self.compact and self.structure != "unstructured":
+            raise ValueError(
+                f"prune.compact removes the units unstructured pruning left dead: it needs "
+                f"prune.structure=unstructured (got {self.structure!r})"
+            )
         if self.taylor_batches < 1:
             raise ValueError(f"prune.taylor_batches={self.taylor_batches!r} must be >= 1")
 

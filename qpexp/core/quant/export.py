@@ -7,7 +7,8 @@ by ``quantize_``), ReLU, max-pooling, Flatten, Reshape, BatchNorm, Dropout and I
   bit-packed, ``code - qmin`` in ``b`` bits, little-endian), laid out like the accounting in
   :mod:`qpexp.core.accounting` does it: ``dense``, ``bitmask`` (1 bit per position, then the stored
   codes) or ``relative`` (4-bit gaps between stored positions, a filler entry per 16-position run
-  without one, Deep Compression style), and with ``convert(..., nm=(n, m))`` ``nm`` (per group of
+  without one, Deep Compression style), ``rowcol`` (a bit per row and per column saying which hold a
+  stored position, then the relative layout over those rows and columns only), and with ``convert(..., nm=(n, m))`` ``nm`` (per group of
   ``m`` columns the rank of its kept set among the ``C(m, n)``, then its ``n`` codes), the cheapest
   one. A pruned layer (a ``weight_mask`` that is
   not all ones) always uses a sparse layout over its *mask*, so the pruning layout comes back
@@ -33,12 +34,12 @@ within float rounding, except that a value sitting on a rounding edge can flip o
 downstream (``qpexp.deploy`` counts such flips). Log/companding layers dequantize in either mode.
 
 Why ``file bytes * 8`` differs from ``size_bits``: the accounting counts the payload only (codes in
-the cheapest layout, a 2-bit format flag per weight tensor, 32 bits per scale, stored zero point,
+the cheapest layout, a format flag per weight tensor (2 bits; 3 for rowcol and N:M), 32 bits per scale, stored zero point,
 bias and other float). The file adds the JSON header (architecture, settings, tensor offsets), the
 container (zip entries of ``.pt``/``.npz``), up to 7 bits of padding per packed tensor (every tensor
 starts on a byte), and, for pruned layers, the codes of kept weights that quantized to zero (the
 accounting's layout covers nonzero codes only; the file keeps the pruning mask); it stores the
-format flag in the header rather than as 2 bits. :func:`package_stats` breaks the bytes down.
+format flag in the header rather than as 2 or 3 bits. :func:`package_stats` breaks the bytes down.
 """
 
 from __future__ import annotations

@@ -22,15 +22,17 @@ import torch
 from torch import nn
 
 from qpexp.core.accounting import (
-    FLAG_BITS,
     INDEX_BITS,
     check_nm,
+    flag_bits,
     index_bits,
     layout_bits,
     nm_bits,
     nm_entries,
     nm_positions,
     relative_entries,
+    rowcol_bits,
+    rowcol_entries,
 )
 from qpexp.core.quant.groups import n_groups
 from qpexp.core.quant.linear import LinearQuantizer
@@ -281,7 +283,7 @@ def _encode_weight(ir: dict, blob: _Blob, nm: tuple[int, int] | None = None) -> 
     out = {
         k: v for k, v in ir.items() if k not in ("codes", "values", "mask", "scale", "zero_point", "max_abs")
     }
-    out.update(layout=layout, pruned=pruned, payload_bits=costs[layout] + FLAG_BITS)
+    out.update(layout=layout, pruned=pruned, payload_bits=costs[layout] + flag_bits(layout))
     out["positions"] = None
     if layout == "dense":
         stored = flat
@@ -289,10 +291,14 @@ def _encode_weight(ir: dict, blob: _Blob, nm: tuple[int, int] | None = None) -> 
         stored = flat[keep]
         bitmask = np.packbits(keep.astype(np.uint8), bitorder="little")
         out["positions"] = blob.add(bitmask, dtype="bitmask", count=int(keep.size))
-    elif layout == "relative":
-        entry_d, entry_pos = entries
+    elif layout in ("relative", "rowcol"):
+        entry_d, entry_pos = entries[:2]
         stored = flat[entry_pos]
-        out["positions"] = _add_packed(blob, entry_d, INDEX_BITS)
+        out["positions"] = _add_packed(blob, entry_d, entries[4] if layout == "rowcol" else INDEX_BITS)
+        if layout == "rowcol":  # which rows and columns the relative layout runs over
+            for key, live in zip(("rows", "cols"), entries[2:4]):
+                out[key] = blob.add(np.packbits(live.astype(np.uint8), bitorder="little"),
+                                    dtype="bitmask", count=int(live.size))  # fmt: skip
     else:
         entry_pos, ranks, tail = entries
         stored = flat[entry_pos]
@@ -301,7 +307,7 @@ def _encode_weight(ir: dict, blob: _Blob, nm: tuple[int, int] | None = None) -> 
         out["nm"] = [n, m]
         out["positions"] = _add_packed(blob, ranks, index_bits(n, m))
         out["tail_positions"] = None if tail is None else _add_packed(blob, tail, index_bits(min(n, r), r))
-    if pruned and layout in ("relative", "nm"):  # a stored position outside the mask: the filler
+    if pruned and layout in ("relative", "rowcol", "nm"):  # a stored position outside the mask: the filler
         stored = stored.astype(np.float32 if scheme == "float" else np.int64)
         outside = ~keep[entry_pos]
         if outside.any():  # (an asymmetric weight has no filler code: its N:M groups are full)
@@ -328,19 +334,26 @@ def _choose_layout(ir: dict, keep: np.ndarray, bits: int, nm: tuple[int, int] | 
     code can mark the entries outside it); an unpruned one dense, or its nonzero codes in a sparse
     layout (a float weight stays dense, as counted); with ``nm=(n, m)`` also the N:M layout where
     every group of ``keep`` holds at most ``n`` positions (:func:`_nm_candidate`). The cheapest
-    wins, ties to the earlier, as :func:`~qpexp.core.accounting.tensor_bits` chooses. The entries:
-    :func:`relative_entries` (relative), :func:`nm_entries` (nm), else None."""
+    wins, ties to the earlier, as :func:`~qpexp.core.accounting.tensor_bits` chooses; a weight of two
+    or more dimensions may take the rowcol layout where it may take the relative one. The entries:
+    :func:`relative_entries` (relative), :func:`rowcol_entries` (rowcol), :func:`nm_entries` (nm),
+    else None."""
     if ir["mask"] is not None:
         candidates = ("bitmask", "relative") if _filler_code(ir) is not None else ("bitmask",)
     else:
         candidates = ("dense",) if ir["scheme"] == "float" else ("dense", "bitmask", "relative")
     entries = {"relative": relative_entries(keep)}
-    costs = layout_bits(keep.size, int(keep.sum()), entries["relative"][0].size, bits)
+    rowcol = None
+    if "relative" in candidates and len(ir["shape"]) >= 2 and ir["shape"][0]:
+        rowcol, g = rowcol_bits(keep.reshape(ir["shape"][0], -1), bits)
+        entries["rowcol"] = (*rowcol_entries(keep.reshape(ir["shape"][0], -1), g), g)
+        candidates += ("rowcol",)
+    costs = layout_bits(keep.size, int(keep.sum()), entries["relative"][0].size, bits, rowcol)
     nm_layout = _nm_candidate(ir, keep, bits, nm) if candidates != ("dense",) else None
     if nm_layout is not None:
         costs["nm"], entries["nm"] = nm_layout
         candidates += ("nm",)
-    layout = min(candidates, key=costs.get)
+    layout = min(candidates, key=lambda k: costs[k] + flag_bits(k))
     return layout, costs, entries.get(layout)
 
 
@@ -393,7 +406,7 @@ def _decode_segment(blob: np.ndarray, seg: dict | None) -> np.ndarray | None:
     return raw.view(np.dtype(seg["dtype"])).reshape(seg["shape"]).copy()
 
 
-LAYOUTS = ("dense", "bitmask", "relative", "nm")  # the weight layouts a file may name
+LAYOUTS = ("dense", "bitmask", "relative", "rowcol", "nm")  # the weight layouts a file may name
 
 
 def _decode_weight(w: dict, blob: np.ndarray, name: str = "") -> dict:
@@ -401,7 +414,8 @@ def _decode_weight(w: dict, blob: np.ndarray, name: str = "") -> dict:
     ``name``: the layer, for the errors (a layout outside :data:`LAYOUTS`, bad N:M ranks)."""
     if w.get("layout") not in LAYOUTS:
         raise ValueError(f"layer {name!r}: weight layout {w.get('layout')!r} is not one of {LAYOUTS}")
-    ir = {k: v for k, v in w.items() if k not in ("values", "positions", "scale", "zero_point", "max_abs")}
+    skip = ("values", "positions", "rows", "cols", "scale", "zero_point", "max_abs")
+    ir = {k: v for k, v in w.items() if k not in skip}
     for k in ("scale", "zero_point", "max_abs"):
         if k in w:
             ir[k] = _decode_segment(blob, w[k])
@@ -420,8 +434,12 @@ def _decode_weight(w: dict, blob: np.ndarray, name: str = "") -> dict:
             pos = _nm_decode_positions(w, blob, name)
             if values.size != pos.size:
                 raise ValueError(f"layer {name!r}: {values.size} stored values for {pos.size} N:M positions")
+        elif w["layout"] == "rowcol":
+            pos = _rowcol_decode_positions(w, blob, name)
         else:
             pos = np.cumsum(_decode_segment(blob, w["positions"]) + 1) - 1
+        if pos.size and (pos.max() >= flat.size or values.size != pos.size):
+            raise ValueError(f"layer {name!r}: the {w['layout']} positions do not fit a {w['shape']} weight")
         real = np.ones(pos.size, bool)
         if w["pruned"]:
             marker = _filler_code(ir)
@@ -460,6 +478,24 @@ def _check_qparams(ir: dict, name: str) -> None:
                 f"layer {name!r}: weight {k} has shape {list(arr.shape)}, but a {shape} weight {what} "
                 f"needs {n} values"
             )
+
+
+def _rowcol_decode_positions(w: dict, blob: np.ndarray, name: str) -> np.ndarray:
+    """The flat positions of a rowcol entry (:func:`rowcol_entries`), or ``ValueError`` naming the
+    layer when its row or column bits do not fit the shape or a gap runs past the live block."""
+    shape = w["shape"]
+    rows, cols = _decode_segment(blob, w.get("rows")), _decode_segment(blob, w.get("cols"))
+    n_cols = math.prod(shape[1:]) if len(shape) >= 2 else -1
+    if rows is None or cols is None or rows.size != shape[0] or cols.size != n_cols:
+        raise ValueError(f"layer {name!r}: the rowcol row/column bits do not fit a {shape} weight")
+    sub = np.cumsum(_decode_segment(blob, w["positions"]) + 1) - 1
+    width = int(cols.sum())
+    if sub.size and sub.max() >= int(rows.sum()) * width:
+        raise ValueError(
+            f"layer {name!r}: the rowcol gaps run past its {int(rows.sum())} x {width} live block"
+        )
+    r, c = (sub // width, sub % width) if width else (sub, sub)
+    return np.flatnonzero(rows)[r] * n_cols + np.flatnonzero(cols)[c]
 
 
 def _nm_decode_positions(w: dict, blob: np.ndarray, name: str) -> np.ndarray:
