@@ -36,6 +36,8 @@ def test_rowcol_by_hand():
     assert t == {"bits": 54 + 3, "format": "rowcol", "n": 80, "nnz": 3}
     # at 4-bit gaps it would be 4 + 20 + 3 + 3 x 12 = 63: the width is the cheapest
     assert rowcol_bits(_keep(), 8) == (54, 1)
+    # codes with no pattern free for a filler: only the widths that need none (here every width)
+    assert rowcol_bits(_keep(), 8, fillers=False) == (54, 1)
 
 
 def test_relative_when_every_row_and_column_is_live():
@@ -96,3 +98,41 @@ def test_hand_made_rowcol_that_does_not_fit_is_refused(damage):
         raw[seg["offset"]] = 0xFF  # 1-bit gaps 1, 1, 1: positions 1, 3, 5 of a block of 4
     with pytest.raises(ValueError, match="layer 'w'.*rowcol"):
         P._decode_weight(entry, raw, "w")
+
+
+def _formula(keep: np.ndarray, bits: int, fillers: bool) -> tuple[int, int] | None:
+    """The rowcol cost written out: block of live rows and columns, gaps d between its kept positions
+    (row-major), sum(d // 2^g) fillers at g-bit gaps; the cheapest g (only filler-free ones when asked)."""
+    block = keep[keep.any(1)][:, keep.any(0)].reshape(-1)
+    d = np.diff(np.flatnonzero(block), prepend=-1) - 1
+    best = None
+    for g in range(1, 9):
+        pad = int((d // 2**g).sum())
+        if fillers or pad == 0:
+            cost = keep.shape[0] + keep.shape[1] + 3 + (len(d) + pad) * (bits + g)
+            best = (cost, g) if best is None or cost < best[0] else best
+    return best
+
+
+@pytest.mark.parametrize("fillers", [True, False])
+def test_rowcol_gap_width_is_the_cheapest_allowed(fillers):
+    keep = np.zeros((2, 41), bool)
+    keep[0, :10] = keep[0, 40] = keep[1, 10:40:7] = True  # ten in a row, then long runs of zeros
+    rng = np.random.default_rng(0)
+    sparse = rng.random((12, 50)) < 0.05
+    for k in (keep, sparse):
+        for bits in (2, 4, 8):
+            assert rowcol_bits(k, bits, fillers) == _formula(k, bits, fillers)
+    assert rowcol_bits(keep, 2)[1] < rowcol_bits(keep, 2, fillers=False)[1]  # fillers pay at 2 bits
+
+
+def test_which_codes_leave_a_filler_pattern_free():
+    from qpexp.core.accounting import filler_free
+    from qpexp.core.quant import QuantSpec
+    from qpexp.core.quant.linear import LinearQuantizer
+
+    assert filler_free(None)  # float: NaN
+    sym = LinearQuantizer(QuantSpec(4, symmetric=True), is_weight=True)  # [-7, 7]: -8 is free
+    asym = LinearQuantizer(QuantSpec(4, symmetric=False), is_weight=True)  # [0, 15]: every pattern taken
+    assert (sym.qmin, sym.qmax) == (-7, 7) and filler_free(sym)
+    assert (asym.qmin, asym.qmax) == (0, 15) and not filler_free(asym)

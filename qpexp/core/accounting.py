@@ -242,32 +242,48 @@ ROWCOL_GAP_BITS = range(1, 9)  # the gap widths the rowcol layout may take
 GAP_FIELD_BITS = 3  # the rowcol layout's gap width, stored as g - 1
 
 
-def rowcol_bits(keep: np.ndarray, bits: int) -> tuple[int, int]:
+def rowcol_bits(keep: np.ndarray, bits: int, fillers: bool = True) -> tuple[int, int] | None:
     """``(payload bits, gap width)`` of the cheapest rowcol layout of a ``(rows, cols)`` mask with
-    values at ``bits``: the row and column bits, the gap-width field and its entries x (bits + g)."""
+    values at ``bits``: the row and column bits, the gap-width field and its entries x (bits + g).
+    ``fillers=False`` (a pruned weight whose codes leave no pattern free to mark a filler entry,
+    :func:`filler_free`): only the gap widths that need no filler; None when none does."""
     keep = np.asarray(keep, dtype=bool)
     rows, cols = keep.any(1), keep.any(0)
     block = keep[rows][:, cols].reshape(-1)
     fixed = keep.shape[0] + keep.shape[1] + GAP_FIELD_BITS
-    cost = {g: fixed + relative_entries(block, g)[0].size * (bits + g) for g in ROWCOL_GAP_BITS}
+    cost = {}
+    for g in ROWCOL_GAP_BITS:
+        n_entries = relative_entries(block, g)[0].size
+        if fillers or n_entries == int(block.sum()):
+            cost[g] = fixed + n_entries * (bits + g)
+    if not cost:
+        return None
     g = min(cost, key=cost.get)
     return cost[g], g
 
 
-def tensor_bits(w: torch.Tensor, bits: int, nm: tuple[int, int] | None = None) -> dict:
+def filler_free(wq: nn.Module | None) -> bool:
+    """Whether a pruned weight's stored codes leave a pattern free to mark a filler entry (the integer
+    file keeps the pruning mask, so a filler must differ from a kept weight that quantized to 0):
+    float weights (NaN), symmetric narrow-range linear and log codes do; asymmetric or full-range
+    linear codes (every one of the ``2^b`` patterns taken) do not."""
+    if wq is None or not hasattr(wq, "qmin"):
+        return True
+    return bool(getattr(wq, "symmetric", True)) and wq.qmax - wq.qmin + 1 < 2**wq.bits
+
+
+def tensor_bits(w: torch.Tensor, bits: int, nm: tuple[int, int] | None = None, fillers: bool = True) -> dict:
     """Storage of one compressed weight tensor: the cheapest format, plus the format flag.
 
     ``nm=(n, m)`` adds the N:M layout (:func:`qpexp.core.prune.nm.nm_bits`: ``n`` values at ``bits``
     plus ``ceil(log2 C(m, n))`` index bits per group of ``m``) where every group holds at most ``n``
-    nonzeros."""
+    nonzeros. ``fillers``: whether the rowcol layout may use filler entries (:func:`rowcol_bits`)."""
     n = w.numel()
     nnz = int(torch.count_nonzero(w))
-    rowcol = (
-        rowcol_bits((w.detach().reshape(w.shape[0], -1) != 0).cpu().numpy(), bits)[0]
-        if w.dim() >= 2
-        else None
-    )
-    options = layout_bits(n, nnz, nnz + relative_index_padding(w), bits, rowcol)
+    rowcol = None
+    if w.dim() >= 2:
+        rowcol = rowcol_bits((w.detach().reshape(w.shape[0], -1) != 0).cpu().numpy(), bits, fillers)
+    options = layout_bits(n, nnz, nnz + relative_index_padding(w), bits, rowcol and rowcol[0])
     if nm is not None and w.dim() >= 2:
         b = nm_bits(w, nm[0], nm[1], bits)
         if b is not None:
@@ -295,7 +311,8 @@ def size_bits(model: nn.Module, detail: bool = False, nm: tuple[int, int] | None
         if id(v.weight) in counted:  # a tied weight: stored once, with the first layer using it
             t = {"bits": 0, "format": "shared", "n": 0, "nnz": 0}
         elif compressed:
-            t = tensor_bits(v.effective_weight(), v.bits_w, nm)
+            fillers = get_mask(v.layer, v.param) is None or filler_free(v.wq)  # as the integer file
+            t = tensor_bits(v.effective_weight(), v.bits_w, nm, fillers)
         else:
             w = v.weight.detach()
             t = {

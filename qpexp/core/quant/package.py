@@ -344,10 +344,13 @@ def _choose_layout(ir: dict, keep: np.ndarray, bits: int, nm: tuple[int, int] | 
         candidates = ("dense",) if ir["scheme"] == "float" else ("dense", "bitmask", "relative")
     entries = {"relative": relative_entries(keep)}
     rowcol = None
-    if "relative" in candidates and len(ir["shape"]) >= 2 and ir["shape"][0]:
-        rowcol, g = rowcol_bits(keep.reshape(ir["shape"][0], -1), bits)
-        entries["rowcol"] = (*rowcol_entries(keep.reshape(ir["shape"][0], -1), g), g)
+    if candidates != ("dense",) and len(ir["shape"]) >= 2 and ir["shape"][0]:
+        fillers = ir["mask"] is None or _filler_code(ir) is not None  # as accounting.size_bits asks
+        rowcol = rowcol_bits(keep.reshape(ir["shape"][0], -1), bits, fillers)
+    if rowcol is not None:
+        entries["rowcol"] = (*rowcol_entries(keep.reshape(ir["shape"][0], -1), rowcol[1]), rowcol[1])
         candidates += ("rowcol",)
+        rowcol = rowcol[0]
     costs = layout_bits(keep.size, int(keep.sum()), entries["relative"][0].size, bits, rowcol)
     nm_layout = _nm_candidate(ir, keep, bits, nm) if candidates != ("dense",) else None
     if nm_layout is not None:
