@@ -87,7 +87,10 @@ def test_repro_config_runs_on_a_tiny_budget(exp, tmp_path):
     assert rec["status"] == ("ok" if pipe.quant_on and cfg.export.enabled else "not_deployed")
     assert 0 <= rec["final/test_acc"] <= 1
     if cfg.prune.ratio > 0:  # the pruned fraction counted from the model, at the configured target
-        assert rec["final/sparsity"] == pytest.approx(cfg.prune.ratio, abs=0.05)
+        if cfg.prune.compact:  # dead units removed after the last step: at least the target
+            assert rec["final/sparsity"] >= cfg.prune.ratio - 0.05
+        else:
+            assert rec["final/sparsity"] == pytest.approx(cfg.prune.ratio, abs=0.05)
         steps = 1 if cfg.prune.schedule == "oneshot" else cfg.prune.steps
         curve = [rec[f"prune/curve/{s}/sparsity"] for s in range(1, steps + 1) if cfg.prune.schedule != "agp"]
         assert curve == sorted(curve)  # every step's model, sparser step by step
