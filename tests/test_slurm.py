@@ -95,8 +95,10 @@ def _when(stamp: str) -> float:
 # -- a sweep as a job array -----------------------------------------------------------------------
 POINTS = {
     "a": (4, 48),
-    "b": (8, 96),
-}  # experiment -> (bits_w, QAT epochs): b's QAT outlasts a signal; a's outlasts a requeue on a loaded machine
+    "b": (8, 480),
+}  # experiment -> (bits_w, QAT epochs): a's QAT outlasts a requeue on a loaded machine; b's outlasts the
+# wait for SLURM's time-limit signal, which slurmctld sends at its next periodic time-limit check (up
+# to a minute after the limit is shortened: with 96 epochs an idle machine finished b first)
 
 
 def _sweep_conf(root: Path, name: str = "pair", points: dict = POINTS) -> Path:
