@@ -131,14 +131,14 @@ def test_pipeline_removes_dead_units_and_the_cache_restores_them(tmp_path):
     state = safe_torch_load(Path(rec["artifacts/prune"]) / "model.pt")
     for layer, kept in state["structure"].items():
         assert state["model"][f"{layer}.weight"].shape[0] == len(kept)
-        assert removed[layer] == safe_n_out(over, layer) - len(kept)
+        assert removed[layer] == dense_width(over, layer) - len(kept)
     again = Pipeline(compose(over), tmp_path / "r2").run()
     assert again["cache/prune_hit"]
     for k in ("prune/test_acc", "final/test_acc", "final/params", "final/size_bits", "final/sparsity"):
         assert again[k] == rec[k], k
 
 
-def safe_n_out(over: list[str], layer: str) -> int:
+def dense_width(over: list[str], layer: str) -> int:
     """The layer's output width in a freshly built (dense) model of the same config."""
     from hydra.utils import instantiate
 

@@ -164,6 +164,13 @@ def relative_entries(keep: np.ndarray, gap_bits: int = INDEX_BITS) -> tuple[np.n
     return entry_d, entry_pos
 
 
+def live_block(keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(the flat block of a ``(rows, cols)`` mask over its rows and columns holding a kept position,
+    those rows, those columns): what the rowcol layout indexes."""
+    rows, cols = keep.any(1), keep.any(0)
+    return keep[rows][:, cols].reshape(-1), rows, cols
+
+
 def rowcol_entries(keep: np.ndarray, gap_bits: int = INDEX_BITS):
     """The ``rowcol`` layout of a ``(rows, cols)`` mask (a weight's rows by everything else): the
     rows and the columns that hold a kept position (bool vectors), and :func:`relative_entries` of
@@ -171,8 +178,8 @@ def rowcol_entries(keep: np.ndarray, gap_bits: int = INDEX_BITS):
 
     Returns (gap index per entry, flat position per entry in the full tensor, rows, cols)."""
     keep = np.asarray(keep, dtype=bool)
-    rows, cols = keep.any(1), keep.any(0)
-    d, sub = relative_entries(keep[rows][:, cols].reshape(-1), gap_bits)
+    block, rows, cols = live_block(keep)
+    d, sub = relative_entries(block, gap_bits)
     width = int(cols.sum())
     r, c = (sub // width, sub % width) if width else (sub, sub)
     return d, np.flatnonzero(rows)[r] * keep.shape[1] + np.flatnonzero(cols)[c], rows, cols
@@ -248,8 +255,7 @@ def rowcol_bits(keep: np.ndarray, bits: int, fillers: bool = True) -> tuple[int,
     ``fillers=False`` (a pruned weight whose codes leave no pattern free to mark a filler entry,
     :func:`filler_free`): only the gap widths that need no filler; None when none does."""
     keep = np.asarray(keep, dtype=bool)
-    rows, cols = keep.any(1), keep.any(0)
-    block = keep[rows][:, cols].reshape(-1)
+    block = live_block(keep)[0]
     fixed = keep.shape[0] + keep.shape[1] + GAP_FIELD_BITS
     cost = {}
     for g in ROWCOL_GAP_BITS:
@@ -269,7 +275,13 @@ def filler_free(wq: nn.Module | None) -> bool:
     linear codes (every one of the ``2^b`` patterns taken) do not."""
     if wq is None or not hasattr(wq, "qmin"):
         return True
-    return bool(getattr(wq, "symmetric", True)) and wq.qmax - wq.qmin + 1 < 2**wq.bits
+    return code_left_free(bool(getattr(wq, "symmetric", True)), wq.qmin, wq.qmax, wq.bits)
+
+
+def code_left_free(symmetric: bool, qmin: int, qmax: int, bits: int) -> bool:
+    """Whether integer codes in ``[qmin, qmax]`` at ``bits`` bits leave one of the ``2^bits`` patterns
+    unused (symmetric narrow range), so that it can mark a filler entry; asymmetric codes never do."""
+    return symmetric and qmax - qmin + 1 < 2**bits
 
 
 def tensor_bits(w: torch.Tensor, bits: int, nm: tuple[int, int] | None = None, fillers: bool = True) -> dict:

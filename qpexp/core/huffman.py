@@ -22,8 +22,8 @@ its fixed width). The three layouts, after coding, are
                                           the cheapest gap width g in 1..8 in a 3-bit field)
 
 and the cheapest plus its format flag (:func:`~qpexp.core.accounting.flag_bits`) is the tensor's
-size. Everything else (biases, scales,
-codebooks, zero points, float tensors, shared weights) is counted exactly as ``size_bits`` counts it.
+size. Everything else (biases, scales, codebooks, zero points, float tensors, shared weights) is
+counted exactly as ``size_bits`` counts it.
 
 :func:`paper_sizes` counts the way Deep Compression's Tables 2-3 do: weights and indices only (the
 relative layout with the Tables' 5-bit indices, :data:`PAPER_INDEX_BITS`; value bits + index bits per

@@ -17,9 +17,9 @@ from torchmetrics.classification import MulticlassAccuracy
 from qpexp.core.accounting import layer_sparsity, sparsity
 from qpexp.core.modules import clone_state
 from qpexp.core.prune import MaskKeeper, PruneConfig, ensure_masks, make_criterion, prune_step, schedule
-from qpexp.core.prune.channel import groups, physically_prune
+from qpexp.core.prune.channel import physically_prune
 from qpexp.core.prune.compact import remove_dead_units
-from qpexp.core.prune.masks import strip_masks
+from qpexp.core.prune.masks import prunable_layers, strip_masks
 from qpexp.core.quant.adaround import adaround_
 from qpexp.core.quant.gptq import gptq_
 from qpexp.core.quant.layers import warn_symmetric_nonnegative
@@ -437,9 +437,9 @@ class PruneStage(Stage):
         if self.cfg.structure == "channel":
             self.structure = physically_prune(self.model, example)
         elif self.cfg.compact and getattr(self, "selected_step", -1) >= 0:
-            n = {g.name: g.n for g in groups(self.model, example)}
+            width = {name: m.weight.shape[0] for name, m in prunable_layers(self.model)}  # before removal
             self.structure = remove_dead_units(self.model, example) or None
-            self.units_removed = {k: n[k] - len(v) for k, v in (self.structure or {}).items()}
+            self.units_removed = {k: width[k] - len(v) for k, v in (self.structure or {}).items()}
             self.realized_ratio = sparsity(self.model)
         self.keeper.refresh(self.model)
 

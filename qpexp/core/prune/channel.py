@@ -641,13 +641,18 @@ def physically_prune(model: nn.Module, example: torch.Tensor, atol: float = 1e-4
             kept[g.name] = [c for c in range(g.n) if c not in pruned]
     strip_masks(model)
     _apply_structure(model, example, kept)
-    after = _logits(model, example)
+    check_same_logits(
+        before, _logits(model, example), atol, "physically pruned model differs from the masked one"
+    )
+    return kept
+
+
+def check_same_logits(before: torch.Tensor, after: torch.Tensor, atol: float, what: str) -> None:
+    """``RuntimeError`` (``what``, with the largest difference) unless ``after`` matches ``before``
+    within ``atol`` relative to the largest logit (at least 1)."""
     diff = float((after - before).abs().max()) if after.shape == before.shape else math.inf
     if not diff <= atol * max(1.0, float(before.abs().max())):
-        raise RuntimeError(
-            f"physically pruned model differs from the masked one (max abs logit diff {diff:.3g})"
-        )
-    return kept
+        raise RuntimeError(f"{what} (max abs logit diff {diff:.3g})")
 
 
 def restore_structure(model: nn.Module, structure: dict[str, list[int]], example: torch.Tensor) -> None:
@@ -737,6 +742,7 @@ __all__ = [
     "Plan",
     "analyse",
     "channel_prune_step",
+    "check_same_logits",
     "dry_run",
     "group_scores",
     "groups",

@@ -26,8 +26,6 @@ together) are left alone, as are channels read by anything but conv/linear weigh
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -37,6 +35,7 @@ from qpexp.core.prune.channel import (
     _apply_structure,
     _logits,
     _remember_dense_params,
+    check_same_logits,
     groups,
 )
 from qpexp.core.prune.masks import get_mask, prunable_weights, set_mask, strip_masks
@@ -144,10 +143,7 @@ def remove_dead_units(model: nn.Module, example: torch.Tensor, atol: float = 1e-
     for _, m, p in prunable_weights(model):  # the unstructured masks of what remains: its nonzeros
         if (id(m), p) in masked:
             set_mask(m, (getattr(m, p) != 0).to(getattr(m, p).dtype), p)
-    after = _logits(model, example)
-    diff = float((after - before).abs().max()) if after.shape == before.shape else math.inf
-    if not diff <= atol * max(1.0, float(before.abs().max())):
-        raise RuntimeError(f"removing the dead units changed the logits (max abs diff {diff:.3g})")
+    check_same_logits(before, _logits(model, example), atol, "removing the dead units changed the logits")
     return kept
 
 

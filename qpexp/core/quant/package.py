@@ -24,6 +24,7 @@ from torch import nn
 from qpexp.core.accounting import (
     INDEX_BITS,
     check_nm,
+    code_left_free,
     flag_bits,
     index_bits,
     layout_bits,
@@ -260,7 +261,7 @@ def _filler_code(ir: dict) -> int | float | None:
     or symmetric over the full range: ``quant.narrow_range=false``)."""
     if ir["scheme"] == "float":
         return float("nan")
-    if not ir["symmetric"] or ir["qmax"] - ir["qmin"] + 1 >= 2 ** ir["bits"]:  # asymmetric, full range
+    if not code_left_free(ir["symmetric"], ir["qmin"], ir["qmax"], ir["bits"]):  # asymmetric, full range
         return None
     return ir["qmin"] - 1 if _int8_codes(ir) else ir["qmax"] + 1
 
