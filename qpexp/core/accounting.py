@@ -18,9 +18,11 @@ which one was used (a prefix code: 2 bits for dense, bitmask and relative, 3 for
                                                costs one bit, not gaps)
 
 Every scale and stored zero point costs 32 bits (a symmetric quantizer's Z = 0 is implicit), those of
-the graph-level activation quantizers (adds, concatenations, matmuls, pooling) included; every
-tensor left in float (biases, BatchNorm, LayerNorm, position embeddings, unpruned float weights)
-costs 32 bits per element. A raw weight matrix quantized by ``quantize_`` (attention
+the graph-level activation quantizers (adds, concatenations, matmuls, pooling) included, and a
+codebook entry 32 bits or 16 with ``quant.table_bits=16``; every tensor left in float (biases,
+BatchNorm, LayerNorm, position embeddings, unpruned float weights) costs 32 bits per element, but a
+bias stored by a bias quantizer (``quant.bias_bits`` 16: 16 bits per element; 8: 8 bits per element
+plus a 32-bit scale). A raw weight matrix quantized by ``quantize_`` (attention
 ``in_proj_weight``) is counted like a layer's weight, at its bit width. A tensor shared by several
 layers (tied weights) is stored and counted once. Nothing here changes the model.
 """
@@ -66,6 +68,7 @@ class LayerView:
     aq: nn.Module | None
     owner: nn.Module  # the module whose forward computes this layer (a quantization wrapper or the layer)
     param: str = "weight"  # the weight's parameter name on ``layer`` (``in_proj_weight`` for attention)
+    bq: nn.Module | None = None  # the bias quantizer (quant.bias_bits < 32), else the bias is fp32
 
     @property
     def weight(self) -> torch.Tensor:
@@ -107,7 +110,7 @@ def layer_views(model: nn.Module) -> list[LayerView]:
     views, wrapped = [], set()
     for name, m in model.named_modules():
         if is_quant_layer(m) and isinstance(m.layer, CONV_LINEAR):
-            views.append(LayerView(name, m.layer, m.wq, m.aq, m))
+            views.append(LayerView(name, m.layer, m.wq, m.aq, m, bq=m._modules.get("bq")))
             wrapped.add(id(m.layer))
         elif isinstance(m, CONV_LINEAR):
             if id(m) not in wrapped:
@@ -305,10 +308,18 @@ def tensor_bits(w: torch.Tensor, bits: int, nm: tuple[int, int] | None = None, f
 
 
 def _quantizer_bits(q: nn.Module | None) -> int:
+    """A quantizer's parameters (scales, zero points, codebook entries), each at its ``qparam_bits``
+    (fp32 unless the quantizer says otherwise: a float16 codebook)."""
     if q is None:
         return 0
     scales, zeros = q.n_qparams()
-    return (scales + zeros) * FLOAT_BITS
+    return (scales + zeros) * getattr(q, "qparam_bits", FLOAT_BITS)
+
+
+def bias_bits(v: LayerView) -> int:
+    """Bits of ``v``'s bias: fp32, or as its bias quantizer stores it (:mod:`qpexp.core.quant.bias`)."""
+    n = v.bias.numel()
+    return v.bq.storage_bits(n) if v.bq is not None else n * FLOAT_BITS
 
 
 def size_bits(model: nn.Module, detail: bool = False, nm: tuple[int, int] | None = None):
@@ -336,7 +347,7 @@ def size_bits(model: nn.Module, detail: bool = False, nm: tuple[int, int] | None
         qbits = sum(_quantizer_bits(q) for q in (v.wq, v.aq) if id(q) not in counted_q)
         counted_q.update({id(v.wq), id(v.aq)})
         has_bias = v.bias is not None and id(v.bias) not in counted
-        bias = v.bias.numel() * FLOAT_BITS if has_bias else 0
+        bias = bias_bits(v) if has_bias else 0
         rows[v.name] = {**t, "weight_bits": t["bits"], "qparam_bits": qbits, "bias_bits": bias}
         total += t["bits"] + qbits + bias
         counted.update({id(v.weight), id(v.bias)})

@@ -89,6 +89,8 @@ class QuantSchema:
     last_bits: int | None = None
     overrides: dict[str, int] = field(default_factory=dict)
     fold_bn: bool = True
+    bias_bits: int = 32  # 8 | 16 | 32: biases as stored (scheme=codebook only; qpexp.core.quant.bias)
+    table_bits: int = 32  # 16 | 32: codebook centroids in float16 or fp32 (scheme=codebook only)
     epochs: int = 20
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -200,10 +202,18 @@ def quant_config(q) -> QuantConfig:
     """The core's settings; with ``bits_w=auto`` weights at ``AUTO_BITS`` until widths are assigned."""
     bits = AUTO_BITS if q.bits_w == AUTO else q.bits_w
     weight = QuantSpec(
-        bits, q.scheme, q.granularity, q.symmetric, q.range, q.ema_decay, q.narrow_range, q.group_size
+        bits,
+        q.scheme,
+        q.granularity,
+        q.symmetric,
+        q.range,
+        q.ema_decay,
+        q.narrow_range,
+        q.group_size,
+        q.table_bits,
     )
     act = QuantSpec(q.bits_a, q.act.scheme, q.act.granularity, q.act.symmetric, q.act.range, q.act.ema_decay)
-    return QuantConfig(weight, act, q.first_bits, q.last_bits, dict(q.overrides), q.fold_bn)
+    return QuantConfig(weight, act, q.first_bits, q.last_bits, dict(q.overrides), q.fold_bn, q.bias_bits)
 
 
 def _positive(key: str, value, allow_zero: bool = False) -> None:

@@ -2,7 +2,9 @@
 
 A ``b``-bit codebook quantizer stores each weight as a ``b``-bit code into a table of ``2^b`` values:
 code 0 is the exact zero (pruned weights, and the filler entries of the relative-index layout need
-it), codes ``1 .. 2^b - 1`` are the layer's ``K = 2^b - 1`` shared values (centroids), stored in fp32.
+it), codes ``1 .. 2^b - 1`` are the layer's ``K = 2^b - 1`` shared values (centroids), stored in fp32
+(or, with ``quant.table_bits=16``, in float16: the forward reads them rounded to half precision, the
+gradient passing straight through to the fp32 latent centroids).
 
 On its first forward (QAT's calibration batch, or PTQ) the quantizer clusters the layer's surviving
 (nonzero) weights: the ``K`` centroids start linearly spaced between the smallest and the largest
@@ -15,7 +17,8 @@ The assignment is then fixed. Forward returns the table entry of each weight's c
 autograd gives each centroid the SUM of the gradients of the weights that share it (the paper's
 centroid update); the latent weight gets no gradient and stays as it was. Size, as
 :func:`qpexp.core.accounting.size_bits` counts any quantizer: ``b`` bits per stored code and
-:meth:`n_qparams` = ``(K, 0)``: the ``K`` centroids at 32 bits each (the zero code costs nothing).
+:meth:`n_qparams` = ``(K, 0)``: the ``K`` centroids at :attr:`qparam_bits` (32 or 16) bits each (the
+zero code costs nothing).
 Weights only: activations keep the linear quantizer. Neither the integer file nor ONNX has a
 codebook form (:func:`no_integer_form`).
 """
@@ -79,13 +82,16 @@ class CodebookQuantizer(nn.Module):
         self.per_channel = False
         self.ch_axis = ch_axis
         self.symmetric = False
+        self.qparam_bits = spec.table_bits  # what each centroid is stored in (accounting reads it)
         self.centroids = nn.Parameter(torch.zeros(2**self.bits - 1))
         self.register_buffer("codes", torch.zeros(0, dtype=torch.int64))  # per weight: 0 zero, j+1 centroid j
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self._register_load_state_dict_pre_hook(_resize_hook, with_module=True)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, codebook of {self.centroids.numel()} + zero, per-layer"
+        return (
+            f"bits={self.bits}, codebook of {self.centroids.numel()} + zero, per-layer, fp{self.qparam_bits}"
+        )
 
     @torch.no_grad()
     def init_codebook(self, w: torch.Tensor) -> None:
@@ -102,8 +108,12 @@ class CodebookQuantizer(nn.Module):
         self.initialized.fill_(True)
 
     def table(self) -> torch.Tensor:
-        """The decoding table: ``[0, c_1, ..., c_K]`` (differentiable in the centroids)."""
-        return torch.cat([self.centroids.new_zeros(1), self.centroids])
+        """The decoding table: ``[0, c_1, ..., c_K]`` (differentiable in the centroids), the centroids
+        as stored (rounded to float16 when ``qparam_bits`` is 16, straight through)."""
+        c = self.centroids
+        if self.qparam_bits == 16:
+            c = c + (c.detach().half().to(c.dtype) - c.detach())
+        return torch.cat([c.new_zeros(1), c])
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not bool(self.initialized) or self.codes.shape != w.shape:
@@ -119,7 +129,7 @@ class CodebookQuantizer(nn.Module):
         return self.codes.to(torch.int32)
 
     def n_qparams(self) -> tuple[int, int]:
-        """The codebook: ``2^b - 1`` fp32 centroids (counted like scales), no zero points."""
+        """The codebook: ``2^b - 1`` centroids (counted like scales, at :attr:`qparam_bits`), no zero points."""
         return self.centroids.numel(), 0
 
 

@@ -19,13 +19,17 @@ class QuantLayer(nn.Module):
     """A conv or linear layer whose input and weight pass through fake quantizers.
 
     The wrapped layer keeps its parameters and buffers (pruning masks included) under ``layer.``.
+    ``bq`` (``quant.bias_bits`` < 32, :mod:`qpexp.core.quant.bias`) rounds the bias as it is stored.
     """
 
-    def __init__(self, layer: nn.Module, wq: nn.Module | None, aq: nn.Module | None):
+    def __init__(
+        self, layer: nn.Module, wq: nn.Module | None, aq: nn.Module | None, bq: nn.Module | None = None
+    ):
         super().__init__()
         self.layer = layer
         self.wq = wq
         self.aq = aq
+        self.bq = bq
 
     @property
     def weight(self) -> torch.Tensor:
@@ -44,9 +48,12 @@ class QuantLayer(nn.Module):
         w = layer.weight
         if wq is not None:
             w = wq(w)
+        b, bq = layer.bias, mods.get("bq")
+        if bq is not None and b is not None:
+            b = bq(b)
         if isinstance(layer, nn.Linear):
-            return F.linear(x, w, layer.bias)
-        return layer._conv_forward(x, w, layer.bias)
+            return F.linear(x, w, b)
+        return layer._conv_forward(x, w, b)
 
 
 def is_quant_layer(m: nn.Module) -> bool:

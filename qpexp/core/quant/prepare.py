@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from qpexp.core.quant import graph
+from qpexp.core.quant.bias import make_bias_quantizer
 from qpexp.core.quant.layers import (
     QuantLayer,
     fold_batchnorm_,
@@ -45,7 +46,8 @@ def quantize_(model: nn.Module, cfg: QuantConfig, example=None) -> nn.Module:
         w = layer.weight
         wq = make_quantizer(wspec, is_weight=True, channels=w.shape[0], row_size=w[0].numel())
         aq = make_quantizer(cfg.act, is_weight=False)
-        model.set_submodule(name, QuantLayer(layer, wq, aq))
+        bq = make_bias_quantizer(cfg.bias_bits) if layer.bias is not None else None
+        model.set_submodule(name, QuantLayer(layer, wq, aq, bq))
     if plan is not None:
         try:
             info = graph.instrument_(model, cfg, plan, bits)

@@ -15,6 +15,8 @@ SCHEMES = {
 GRANULARITIES = ("tensor", "channel", "group")
 GROUP_SIZE = 128  # quant.group_size default (GPTQ/AWQ/torchao use 128)
 RANGES = ("minmax", "ema", "lsq")
+TABLE_BITS = (16, 32)  # codebook centroids: float16 or fp32
+BIAS_BITS = (8, 16, 32)  # biases: int8 + one fp32 scale, float16, or fp32 (qpexp.core.quant.bias)
 
 
 @dataclass
@@ -34,6 +36,9 @@ class QuantSpec:
     as ``(C_out, K)``, ``K`` the product of the other dimensions in their order; the last group of a
     row is shorter when ``group_size`` does not divide ``K``): ``C_out * ceil(K / group_size)`` scales.
     Groups take a linear, min/max (or ``ema``: the same for weights) quantizer.
+
+    ``table_bits`` (``scheme=codebook`` only): the precision the codebook's centroids are stored and
+    computed at, 32 (fp32) or 16 (float16, rounded straight through in the forward).
     """
 
     bits: int = 8
@@ -44,6 +49,7 @@ class QuantSpec:
     ema_decay: float = 0.9
     narrow_range: bool = True
     group_size: int = GROUP_SIZE
+    table_bits: int = FLOAT_BITS
 
     def validate(self, key: str, bits_key: str | None = None) -> None:
         """Raise ValueError naming the config key (``key.scheme``...; ``bits_key`` for the width)."""
@@ -67,6 +73,13 @@ class QuantSpec:
                 f"{key}.scheme=codebook shares one k-means codebook per layer: it needs "
                 f"{key}.granularity=tensor and {key}.range=minmax (the quant=codebook preset sets both); "
                 f"got granularity={self.granularity!r}, range={self.range!r}"
+            )
+        if self.table_bits not in TABLE_BITS:
+            raise ValueError(f"quant.table_bits={self.table_bits!r} must be one of {TABLE_BITS}")
+        if self.table_bits != FLOAT_BITS and self.scheme != "codebook":
+            raise ValueError(
+                f"quant.table_bits={self.table_bits} sets the precision of codebook centroids: it needs "
+                f"{key}.scheme=codebook (got scheme={self.scheme!r}); leave it at 32"
             )
         if not isinstance(self.narrow_range, bool):
             raise ValueError(f"{key}.narrow_range must be true or false, got {self.narrow_range!r}")
@@ -103,7 +116,10 @@ class QuantConfig:
 
     ``first_bits`` / ``last_bits`` give the first and last quantized layer their own weight width
     (None: same as ``weight.bits``). ``overrides`` maps module-name patterns (fnmatch) to a weight
-    width (mixed precision); a pattern that matches no layer is an error.
+    width (mixed precision); a pattern that matches no layer is an error. ``bias_bits``: 32 keeps
+    biases in fp32; 16 (float16) or 8 (int8 with one fp32 scale per layer) round them as stored
+    (:mod:`qpexp.core.quant.bias`), with ``scheme=codebook`` only: the integer file and ONNX, which
+    codebook models do not have, keep float biases.
     """
 
     weight: QuantSpec = field(
@@ -116,6 +132,7 @@ class QuantConfig:
     last_bits: int | None = None
     overrides: dict[str, int] = field(default_factory=dict)
     fold_bn: bool = True
+    bias_bits: int = FLOAT_BITS
 
     def validate(self) -> None:
         if self.act.granularity == "group":  # before the act spec's own checks: one error, this one
@@ -129,8 +146,20 @@ class QuantConfig:
             raise ValueError("quant.act.scheme=codebook: codebooks share weights; activations stay linear")
         if self.act.granularity == "channel":
             raise ValueError("quant.act.granularity='channel' is not supported: activations are per-tensor")
+        self._validate_bias()
         for name, b in (("quant.first_bits", self.first_bits), ("quant.last_bits", self.last_bits)):
             if b is not None:
                 QuantSpec(bits=b).validate(name, name)
         for pat, b in self.overrides.items():
             QuantSpec(bits=b).validate("quant.overrides", f"quant.overrides[{pat!r}]")
+
+    def _validate_bias(self) -> None:
+        b = self.bias_bits
+        if isinstance(b, bool) or b not in BIAS_BITS:
+            raise ValueError(f"quant.bias_bits={b!r} must be one of {BIAS_BITS} (32: float biases)")
+        if b != FLOAT_BITS and self.weight.scheme != "codebook":
+            raise ValueError(
+                f"quant.bias_bits={b} rounds biases below fp32, which only quant.scheme=codebook models "
+                f"count: the integer file and ONNX of a {self.weight.scheme!r} model store float biases "
+                "(onnxruntime rounds them itself); leave it at 32"
+            )
