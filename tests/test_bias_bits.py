@@ -63,12 +63,16 @@ def test_layer_output_and_size_with_int8_bias():
     assert total == 14 + 96 + 56
 
 
-def test_float16_codebook_table_and_size():
+def _half_table_model():
+    """One row of weights [0.1, 1/3] under a 2-bit float16 codebook: each weight its own centroid."""
     lin = _linear([0.0])
     with torch.no_grad():
         lin.weight.copy_(torch.tensor([[0.1, 1 / 3]]))
-    model = nn.Sequential(lin)
-    quantize_(model, QuantConfig(_codebook(2, table_bits=16), QuantSpec(bits=32)))
+    return quantize_(nn.Sequential(lin), QuantConfig(_codebook(2, table_bits=16), QuantSpec(bits=32)))
+
+
+def test_float16_codebook_table_and_size():
+    model = _half_table_model()
     y = model(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))  # reads back the two weights' table entries
     half = np.array([0.1, 1 / 3], np.float32).astype(np.float16).astype(np.float32)
     assert np.array_equal(y[:, 0].detach().numpy(), half)
@@ -80,11 +84,7 @@ def test_float16_codebook_table_and_size():
 
 
 def test_centroid_gradient_passes_the_float16_rounding():
-    lin = _linear([0.0])
-    with torch.no_grad():
-        lin.weight.copy_(torch.tensor([[0.1, 1 / 3]]))
-    model = nn.Sequential(lin)
-    quantize_(model, QuantConfig(_codebook(2, table_bits=16), QuantSpec(bits=32)))
+    model = _half_table_model()
     model(torch.tensor([[1.0, 1.0]])).sum().backward()
     g = model[0].wq.centroids.grad
     assert sorted(g.tolist()) == [0.0, 1.0, 1.0]  # each used centroid gets d/dw = x = 1
