@@ -20,7 +20,9 @@ def test_committed_page_matches_its_records():
     assert rebuilt == page, "docs/results.md is stale: run `qpexp-report --results` and commit it"
 
 
-def _point(root: Path, name: str, bits: int, val: float, test: float, ratio: float, huffman=None) -> None:
+def _point(
+    root: Path, name: str, bits: int, val: float, test: float, ratio: float, huffman=None, prune_lr=None
+) -> None:
     d = root / name
     d.mkdir(parents=True)
     cfg = {
@@ -29,7 +31,7 @@ def _point(root: Path, name: str, bits: int, val: float, test: float, ratio: flo
         "model": {"channels": 25},
         "baseline": {"epochs": 150},
         "trainer": {},
-        "prune": {"ratio": 0.5, "scope": "global"},
+        "prune": {"ratio": 0.5, "scope": "global", **({"lr": prune_lr} if prune_lr else {})},
         "quant": {"bits_w": bits},
     }
     rec = {
@@ -97,3 +99,13 @@ def test_a_huffman_sweep_is_tabled_on_its_huffman_ratio(tmp_path):
     assert val_row.split(" | ")[2:4] == ["22.00x", "w5 global 0.5"]  # b: 22x Huffman-coded, within 1 pt
     rows = [x for x in text.splitlines() if x.startswith("| w")]
     assert [r.split(" | ")[4] for r in rows] == ["22.00x", "20.00x"]
+
+
+def test_budget_line_shows_every_value_a_swept_setting_took(tmp_path):
+    sweep = tmp_path / "s"
+    _point(sweep, "a", 4, 0.94, 0.93, 8.0, prune_lr=0.0003)
+    _point(sweep, "b", 4, 0.94, 0.93, 8.0, prune_lr=0.0001)
+    _point(sweep, "c", 4, 0.94, 0.93, 8.0, prune_lr=0.0003)
+    line = results.budget(sweep)
+    assert "baseline 150 epochs" in line  # one value: shown once
+    assert "at lr 0.0003 / 0.0001;" in line  # the point order, each value once

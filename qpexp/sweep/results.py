@@ -121,12 +121,15 @@ def _deployment(g: dict) -> str:
 def budget(sweep: Path) -> str:
     """The training budget the sweep's points ran with (from the first point's recorded config)."""
     rows, _ = fr.collect([sweep])
-    c = next((r for r in rows if r["point"] == "run" and r.get("config.baseline.epochs") is not None), None)
-    if c is None:
+    runs = [r for r in rows if r["point"] == "run" and r.get("config.baseline.epochs") is not None]
+    if not runs:
         return "Budget: not recorded."
+    c = runs[0]
 
     def g(k):
-        return fr._fmt(c.get(f"config.{k}"))
+        """The setting's value, or every value the sweep's points took ("3e-4 / 1e-4"), in order."""
+        seen = list(dict.fromkeys(fr._fmt(r.get(f"config.{k}")) for r in runs))
+        return " / ".join(seen)
 
     first = c.get("config.quant.first_bits")
     val = c.get("config.data.source.val_samples")
