@@ -1,7 +1,8 @@
 """Biases stored below fp32 (``quant.bias_bits``): the lever the compression papers leave out.
 
 Deep Compression and soft weight-sharing count weights and indices only; qpexp's honest count adds
-every bias at 32 bits, which is about 8% of a LeNet-300-100 pruned to 5%. A :class:`BiasQuantizer`
+every bias at 32 bits, a share of a heavily pruned model's size that grows with its sparsity (a
+record's ``size/<layer>/bias_bits`` shows it). A :class:`BiasQuantizer`
 rounds a layer's bias in its forward, so training and evaluation see the stored values:
 
 - ``bits=16``: IEEE half precision, ``b16 = float16(b)``; 16 bits per entry, no parameters;
