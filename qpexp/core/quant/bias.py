@@ -21,7 +21,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-SCALE_BITS = 32
+from qpexp.core.quant.spec import BIAS_BITS, FLOAT_BITS
+
+SCALE_BITS = FLOAT_BITS  # the int8 scale is stored as fp32, like every quantizer's scale
 
 
 class BiasQuantizer(nn.Module):
@@ -29,7 +31,7 @@ class BiasQuantizer(nn.Module):
 
     def __init__(self, bits: int):
         super().__init__()
-        if bits not in (8, 16):
+        if bits not in BIAS_BITS or bits == FLOAT_BITS:
             raise ValueError(f"quant.bias_bits={bits!r}: a bias quantizer stores 8 or 16 bits (32: none)")
         self.bits = bits
 
@@ -59,4 +61,4 @@ class BiasQuantizer(nn.Module):
 
 def make_bias_quantizer(bits: int) -> BiasQuantizer | None:
     """None for 32 (the bias stays float), else a :class:`BiasQuantizer`."""
-    return None if bits == 32 else BiasQuantizer(bits)
+    return None if bits == FLOAT_BITS else BiasQuantizer(bits)
