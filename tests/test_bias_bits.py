@@ -18,7 +18,6 @@ def _codebook(bits=2, table_bits=32):
 
 
 def _linear(bias):
-    torch.manual_seed(0)
     lin = nn.Linear(2, len(bias))
     with torch.no_grad():
         lin.weight.copy_(torch.tensor([[1.0, -1.0]] * len(bias)))  # one centroid value: exact in any table

@@ -96,11 +96,10 @@ def test_repro_config_runs_on_a_tiny_budget(exp, tmp_path):
         assert curve == sorted(curve)  # every step's model, sparser step by step
         if curve and cfg.prune.structure == "unstructured":  # the last step's model is the one kept
             assert rec[f"prune/curve/{steps}/test_acc"] == rec["prune/test_acc"]
-            # prune.compact removes dead units after the last step: more pruned, same function
-            same = (
-                rec["prune/sparsity"] >= rec[f"prune/curve/{steps}/sparsity"] if cfg.prune.compact else None
-            )
-            assert same or rec[f"prune/curve/{steps}/sparsity"] == rec["prune/sparsity"]
+            if cfg.prune.compact:  # dead units removed after the last step: more pruned, same function
+                assert rec["prune/sparsity"] >= rec[f"prune/curve/{steps}/sparsity"]
+            else:
+                assert rec[f"prune/curve/{steps}/sparsity"] == rec["prune/sparsity"]
 
 
 # -- the models the report needs: parameter counts by hand against the papers' ----------------------

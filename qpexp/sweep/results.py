@@ -119,7 +119,8 @@ def _deployment(g: dict) -> str:
 
 
 def budget(sweep: Path) -> str:
-    """The training budget the sweep's points ran with (from the first point's recorded config)."""
+    """The training budget the sweep's points ran with, from their recorded configs: every value a
+    swept setting took; the quantization description from the first point's."""
     rows, _ = fr.collect([sweep])
     runs = [r for r in rows if r["point"] == "run" and r.get("config.baseline.epochs") is not None]
     if not runs:
